@@ -1,0 +1,35 @@
+"""What one forward step tells attention: where each new token's K/V goes and what each query may see.
+
+Built once per step by the model runner and shared by every layer. Positions, block tables and the rotary
+tables are per step, never per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    # One entry per new token of the step (all sequences' tokens concatenated).
+    positions: torch.Tensor  # [N] absolute position of each new token
+    slot_mapping: torch.Tensor  # [N] flat cache slot (block * block_size + offset) of each new token
+    cos: torch.Tensor  # [N, rotary_dim] in the model dtype, already at each sequence's scale
+    sin: torch.Tensor
+    query_scale: torch.Tensor | None  # [N, 1, 1] CLEX log_scale factor of each query, or None
+    # One entry per sequence.
+    query_lens: list[int]  # new tokens per sequence
+    context_lens_host: list[int]  # tokens in the cache after the step, per sequence
+    context_lens: torch.Tensor  # [B] int32, the same on the device
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32
+    block_size: int
+    is_decode: bool  # every sequence has exactly one new token
+    backend_state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.query_lens)

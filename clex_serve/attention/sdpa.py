@@ -1,0 +1,105 @@
+"""Attention over the paged KV cache with ``torch.nn.functional.scaled_dot_product_attention``.
+
+Runs on CPU and GPU. Decode steps batch every sequence into one padded SDPA call whose key gather and mask
+are prepared once per step; prefill runs one SDPA call per sequence (a prompt is long enough that the loop
+costs nothing), causal without a mask when the whole context is new.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from clex_serve.attention.metadata import AttentionMetadata
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def context_slots(block_tables: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
+    """Flat cache slots of positions ``0..length-1`` for each row of ``block_tables`` [B, max_blocks]."""
+    offsets = torch.arange(block_size, device=block_tables.device)
+    slots = block_tables.long()[:, :, None] * block_size + offsets
+    return slots.flatten(1)[:, :length]
+
+
+def visibility_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
+                    sliding_window: int | None) -> torch.Tensor:
+    """True where a query may attend a key: causal and, with a window, ``q - k < window`` (transformers')."""
+    distance = query_positions[..., :, None] - key_positions[..., None, :]
+    mask = distance >= 0
+    if sliding_window is not None:
+        mask &= distance < sliding_window
+    return mask
+
+
+class SdpaAttentionBackend:
+    name = "sdpa"
+
+    def __init__(self, sliding_window: int | None) -> None:
+        self.sliding_window = sliding_window
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Per-step work shared by all layers: the decode gather indices and mask."""
+        if not meta.is_decode:
+            return
+        max_len = max(meta.context_lens_host)
+        slots = context_slots(meta.block_tables, meta.block_size, max_len)
+        key_positions = torch.arange(max_len, device=slots.device)
+        mask = key_positions[None, :] < meta.context_lens[:, None]
+        if self.sliding_window is not None:
+            mask &= (meta.positions[:, None] - key_positions[None, :]) < self.sliding_window
+        meta.backend_state["slots"] = slots
+        meta.backend_state["mask"] = mask[:, None, None, :]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [N, Hq, D], k/v [N, Hkv, D] (new tokens, rotated) -> [N, Hq * D]."""
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        if meta.is_decode:
+            out = self._decode(q, k_cache, v_cache, meta)
+        else:
+            out = self._prefill(q, k, v, k_cache, v_cache, meta)
+        return out.reshape(q.shape[0], -1)
+
+    def _decode(self, q, k_cache, v_cache, meta) -> torch.Tensor:
+        num_kv_heads, head_dim = k_cache.shape[-2:]
+        slots = meta.backend_state["slots"]
+        keys = k_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(1, 2)  # [B, Hkv, S, D]
+        values = v_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :], keys, values, attn_mask=meta.backend_state["mask"],
+            enable_gqa=q.shape[1] != num_kv_heads,
+        )
+        return out[:, :, 0, :]
+
+    def _prefill(self, q, k, v, k_cache, v_cache, meta) -> torch.Tensor:
+        num_kv_heads, head_dim = k_cache.shape[-2:]
+        flat_k = k_cache.view(-1, num_kv_heads, head_dim)
+        flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+        gqa = q.shape[1] != num_kv_heads
+        outputs = []
+        start = 0
+        for index, (query_len, context_len) in enumerate(zip(meta.query_lens, meta.context_lens_host)):
+            end = start + query_len
+            q_seq = q[start:end].transpose(0, 1)[None]
+            if context_len == query_len:
+                # The whole context is new: attend to the step's own keys, no cache gather.
+                k_seq, v_seq = k[start:end], v[start:end]
+            else:
+                slots = context_slots(meta.block_tables[index:index + 1], meta.block_size, context_len)[0]
+                k_seq, v_seq = flat_k[slots], flat_v[slots]
+            k_seq, v_seq = k_seq.transpose(0, 1)[None], v_seq.transpose(0, 1)[None]
+            if context_len == query_len and self.sliding_window is None:
+                out = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, is_causal=True, enable_gqa=gqa)
+            else:
+                key_positions = torch.arange(context_len, device=q.device)
+                mask = visibility_mask(meta.positions[start:end], key_positions, self.sliding_window)
+                out = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, attn_mask=mask, enable_gqa=gqa)
+            outputs.append(out[0].transpose(0, 1))
+            start = end
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]

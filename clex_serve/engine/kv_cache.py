@@ -1,0 +1,48 @@
+"""The KV cache: one preallocated pool of blocks shared by all sequences; layers hold views into it.
+
+Layout ``[layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]``: a block of one layer is
+``block_size`` consecutive token slots, which is the paged layout flash-attn reads. Keys are stored rotated
+with the scale of their sequence (see ``cache_rotation``); there is exactly one K and one V per token and
+layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from clex_serve.config import ModelConfig
+
+
+def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    element = torch.empty(0, dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * element
+
+
+class KVCachePool:
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block; give it more memory")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.tensor = torch.zeros(
+            config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads, config.head_dim,
+            dtype=dtype, device=device,
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return self.tensor.shape[0]
+
+    def keys(self, layer: int) -> torch.Tensor:
+        return self.tensor[layer, 0]
+
+    def values(self, layer: int) -> torch.Tensor:
+        return self.tensor[layer, 1]
+
+    def flat_keys(self, layer: int) -> torch.Tensor:
+        """[blocks * block_size, kv_heads, head_dim]: a key per slot."""
+        return self.tensor[layer, 0].view(-1, *self.tensor.shape[-2:])
+
+    def slot(self, block_table: list[int], position: int) -> int:
+        return block_table[position // self.block_size] * self.block_size + position % self.block_size

@@ -1,0 +1,145 @@
+"""Run one forward step (prefill or decode) for a batch of sequences against the paged KV cache.
+
+Each sequence carries its own rotary scale: the runner computes the scale its length implies, brings its
+cached keys to that scale when it changed (once, in place), builds per-token cos/sin from per-sequence
+frequency rows, and applies the CLEX log scale to queries where the config asks for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from clex_serve.attention.metadata import AttentionMetadata
+from clex_serve.attention.selector import default_block_size, get_attention_backend
+from clex_serve.engine.cache_rotation import rerotate_cached_keys
+from clex_serve.engine.kv_cache import KVCachePool
+from clex_serve.engine.loader import LoadedModel
+
+
+@dataclass
+class SequenceStep:
+    """One sequence's share of a step."""
+
+    token_ids: list[int]  # the new tokens to run
+    num_cached: int  # tokens of this sequence already in the cache; the new ones start at this position
+    block_table: list[int]  # cache blocks holding positions 0.. (enough for num_cached + new tokens)
+    cache_scale: int = 1  # the rotary scale the cached keys carry (irrelevant when num_cached == 0)
+    all_logits: bool = False  # return logits for every new token (prompt logprobs), not only the last
+
+    @property
+    def total_len(self) -> int:
+        return self.num_cached + len(self.token_ids)
+
+
+@dataclass
+class StepResult:
+    last_logits: torch.Tensor  # [B, vocab] float32: next-token logits of each sequence
+    scales: list[int]  # the scale each sequence's cache now carries
+    all_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # index -> [new tokens, vocab]
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int | None = None,
+                 attention_backend: str = "auto") -> None:
+        self.model = loaded.model
+        self.config = loaded.config
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.backend = get_attention_backend(attention_backend, self.device, self.config.sliding_window,
+                                             self.dtype)
+        self.block_size = block_size or default_block_size(self.backend)
+        self.kv_cache = KVCachePool(self.config, num_blocks, self.block_size, self.dtype, self.device)
+        for index, attention in enumerate(self.model.attention_layers()):
+            attention.k_cache = self.kv_cache.keys(index)
+            attention.v_cache = self.kv_cache.values(index)
+            attention.backend = self.backend
+        self.rope = self.model.rotary_emb
+        self._log_base = torch.log(torch.tensor(float(self.config.max_position_embeddings)))
+
+    @torch.inference_mode()
+    def execute(self, steps: list[SequenceStep]) -> StepResult:
+        if not steps:
+            raise ValueError("execute needs at least one sequence")
+        scales = [self.rope.scale_for_length(step.total_len) for step in steps]
+        for step, scale in zip(steps, scales):
+            rerotate_cached_keys(self.kv_cache, self.rope, step.block_table, step.num_cached,
+                                 step.cache_scale, scale)
+        input_ids, meta = self._prepare(steps, scales)
+        self.backend.prepare(meta)
+        hidden = self.model(input_ids, meta)
+
+        last_rows = meta.cu_seqlens_q[1:].long() - 1
+        last_logits = self.model.compute_logits(hidden[last_rows]).float()
+        all_logits = {}
+        starts = meta.cu_seqlens_q.tolist() if any(step.all_logits for step in steps) else []
+        for index, step in enumerate(steps):
+            if step.all_logits:
+                all_logits[index] = self.model.compute_logits(hidden[starts[index]:starts[index + 1]]).float()
+        return StepResult(last_logits, scales, all_logits)
+
+    def _prepare(self, steps: list[SequenceStep], scales: list[int]) -> tuple[torch.Tensor, AttentionMetadata]:
+        block_size = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        for step in steps:
+            if len(step.block_table) * block_size < step.total_len:
+                raise ValueError("block table too short for the sequence: allocate blocks before running")
+            input_ids.extend(step.token_ids)
+            table = step.block_table
+            for position in range(step.num_cached, step.total_len):
+                positions.append(position)
+                slot_mapping.append(table[position // block_size] * block_size + position % block_size)
+        query_lens = [len(step.token_ids) for step in steps]
+        context_lens = [step.total_len for step in steps]
+        max_blocks = max(len(step.block_table) for step in steps)
+        block_tables = [step.block_table + [0] * (max_blocks - len(step.block_table)) for step in steps]
+        cu_seqlens_q = [0]
+        for query_len in query_lens:
+            cu_seqlens_q.append(cu_seqlens_q[-1] + query_len)
+
+        device = self.device
+
+        def on_device(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        positions_t = on_device(positions, torch.long)
+        query_lens_t = torch.tensor(query_lens)
+        cos, sin = self._rotary_tables(positions_t, scales, query_lens_t)
+        meta = AttentionMetadata(
+            positions=positions_t,
+            slot_mapping=on_device(slot_mapping, torch.long),
+            cos=cos,
+            sin=sin,
+            query_scale=self._query_scale(context_lens, query_lens_t),
+            query_lens=query_lens,
+            context_lens_host=context_lens,
+            context_lens=on_device(context_lens, torch.int32),
+            block_tables=on_device(block_tables, torch.int32),
+            cu_seqlens_q=on_device(cu_seqlens_q, torch.int32),
+            block_size=block_size,
+            is_decode=all(query_len == 1 for query_len in query_lens),
+        )
+        return on_device(input_ids, torch.long), meta
+
+    def _rotary_tables(self, positions: torch.Tensor, scales: list[int],
+                       query_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        distinct = sorted(set(scales))
+        if len(distinct) == 1:
+            inv_freq = self.rope.inv_freq_for_scale(distinct[0])[None, :]
+        else:
+            rows = torch.stack([self.rope.inv_freq_for_scale(scale) for scale in distinct])
+            row_of_sequence = torch.tensor([distinct.index(scale) for scale in scales])
+            inv_freq = rows[row_of_sequence.repeat_interleave(query_lens).to(rows.device)]
+        cos, sin = self.rope.cos_sin(positions, inv_freq)
+        return cos.to(self.dtype), sin.to(self.dtype)
+
+    def _query_scale(self, context_lens: list[int], query_lens: torch.Tensor) -> torch.Tensor | None:
+        """CLEX log_scale: queries of a pass that leaves L tokens are multiplied by log(L) / log(L0)."""
+        if not self.config.applies_log_scale:
+            return None
+        factors = torch.log(torch.tensor(context_lens, dtype=torch.float32)) / self._log_base
+        per_token = factors.repeat_interleave(query_lens).to(self.device, self.dtype)
+        return per_token[:, None, None]

@@ -1,0 +1,42 @@
+"""Self-attention shared by every architecture: projections, rotary, CLEX log scale, paged KV cache.
+
+The module owns no cache tensors of its own: the model runner points ``k_cache``/``v_cache`` at this
+layer's views of the one preallocated pool, and the attention backend reads and writes them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clex_serve.attention.metadata import AttentionMetadata
+from clex_serve.config import ModelConfig
+from clex_serve.layers.rotary import apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+        self.backend = None  # set by the model runner
+
+    def forward(self, hidden_states: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        tokens = hidden_states.shape[0]
+        q = self.q_proj(hidden_states).view(tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(tokens, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(q, meta.cos, meta.sin)
+        k = apply_rotary(k, meta.cos, meta.sin)
+        if meta.query_scale is not None:
+            q = q * meta.query_scale
+        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta)
+        return self.o_proj(out)

@@ -1,0 +1,3 @@
+from clex_serve.models.registry import build_model
+
+__all__ = ["build_model"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from clex_serve.config import ModelConfig
+from clex_serve.config import ModelConfig, read_lenient_json
 from clex_serve.engine.model_source import resolve_model_path
 from clex_serve.engine.weights import CheckpointError, checkpoint_files, count_tensors, iterate_tensors
 from clex_serve.layers.rotary import get_rope
@@ -61,9 +61,14 @@ class LoadedModel:
 
 
 def load_model(model: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-               revision: str | None = None, show_progress: bool = True) -> LoadedModel:
+               revision: str | None = None, show_progress: bool = True,
+               config_overrides: dict | None = None) -> LoadedModel:
+    """``config_overrides`` replace keys of config.json before validation (e.g. another ``rope_scaling``
+    or ``log_scale``, as the official chat lets a flag override it)."""
     path = resolve_model_path(str(model), revision)
-    config = ModelConfig.from_file(path / "config.json")
+    raw = read_lenient_json(path / "config.json")
+    raw.update(config_overrides or {})
+    config = ModelConfig.from_dict(raw)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     files = checkpoint_files(path)

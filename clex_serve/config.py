@@ -194,7 +194,7 @@ class ModelConfig:
             norm_eps=float(raw.get("layer_norm_eps" if family == "phi" else "rms_norm_eps", 1e-5)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            partial_rotary_factor=float(raw.get("partial_rotary_factor", 1.0)),
+            partial_rotary_factor=_partial_rotary_factor(raw),
             qkv_bias=_qkv_bias(architecture, raw),
             o_bias=family == "phi" or bool(raw.get("attention_bias", False)),
             mlp_bias=family == "phi" or bool(raw.get("mlp_bias", False)),
@@ -214,6 +214,12 @@ class ModelConfig:
         return cls.from_dict(read_lenient_json(path))
 
 
+def _partial_rotary_factor(raw: dict[str, Any]) -> float:
+    """Top level in transformers 4 configs, inside ``rope_parameters`` in transformers 5 ones."""
+    nested = (raw.get("rope_parameters") or {}).get("partial_rotary_factor")
+    return float(raw.get("partial_rotary_factor") or nested or 1.0)
+
+
 def _qkv_bias(architecture: str, raw: dict[str, Any]) -> bool:
     if architecture in ("PhiForCausalLM", "Qwen2ForCausalLM"):
         return True
@@ -225,6 +231,7 @@ def _read_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     params = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
     rope_theta = float(raw.get("rope_theta") or params.pop("rope_theta", 10000.0))
     params.pop("rope_theta", None)
+    params.pop("partial_rotary_factor", None)
     rope_type = params.pop("type", None) or params.pop("rope_type", None)
     if rope_type is None and params:
         raise ValueError("config.json: rope_scaling has no 'type'")

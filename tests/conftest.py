@@ -24,7 +24,9 @@ class SingleSequence:
         self.runner = runner
         blocks_needed = -(-max_len // runner.block_size)
         # Non-contiguous, descending blocks: positions must go through the block table to be found.
-        self.block_table = list(range(runner.kv_cache.num_blocks - 1, -1, -2))[:blocks_needed]
+        num_blocks = runner.kv_cache.num_blocks
+        scattered = list(range(num_blocks - 1, -1, -2)) + list(range(num_blocks - 2, -1, -2))
+        self.block_table = scattered[:blocks_needed]
         assert len(self.block_table) == blocks_needed, "test pool too small"
         self.num_cached = 0
         self.scale = 1

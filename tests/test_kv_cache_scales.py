@@ -1,0 +1,66 @@
+"""The KV cache under CLEX scale changes: one entry per token, re-rotated once per change, never per step."""
+
+import torch
+
+import clex_serve.engine.cache_rotation as cache_rotation
+from clex_serve.engine.loader import load_model
+from clex_serve.engine.model_runner import ModelRunner
+from clex_serve.layers.rotary import apply_rotary
+from conftest import FIXTURES, SingleSequence, reference_cases
+
+
+def _runner(name: str, num_blocks: int) -> ModelRunner:
+    loaded = load_model(FIXTURES / name, dtype="float32", device="cpu", show_progress=False)
+    return ModelRunner(loaded, num_blocks=num_blocks, block_size=8)
+
+
+def test_cache_holds_one_entry_per_token_at_the_current_scale():
+    """A pool of exactly 128 slots carries a sequence from 1 to 128 tokens across t = 1, 2, 3, 4, and afterwards
+    every cached layer-0 key equals a fresh rotation of that token's key with the final scale."""
+    runner = _runner("llama", num_blocks=16)  # 16 blocks * 8 slots = 128 = the context limit
+    assert runner.kv_cache.tensor.shape[:4] == (2, 2, 16, 8)
+    tokens = reference_cases("llama")["sequence"].tolist()
+    sequence = SingleSequence(runner, 128)
+    sequence.feed(tokens[:5])
+    for token in tokens[5:]:
+        sequence.feed([token])
+    assert sequence.scale == 4
+
+    model = runner.model
+    attention = model.model.layers[0].self_attn
+    with torch.no_grad():
+        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(torch.tensor(tokens)))
+        keys = attention.k_proj(hidden).view(128, attention.num_kv_heads, attention.head_dim)
+        positions = torch.arange(128)
+        cos, sin = runner.rope.cos_sin(positions, runner.rope.inv_freq_for_scale(4)[None])
+        expected = apply_rotary(keys, cos, sin)
+    slots = [runner.kv_cache.slot(sequence.block_table, p) for p in range(128)]
+    cached = runner.kv_cache.flat_keys(0)[slots]
+    torch.testing.assert_close(cached, expected, atol=1e-5, rtol=0)
+
+
+def test_decode_rerotates_once_per_scale_change_and_rotates_only_new_tokens(monkeypatch):
+    runner = _runner("phi", num_blocks=16)
+    rerotations, rotary_rows = [], []
+    original_delta = cache_rotation._delta_rotation
+    original_cos_sin = runner.rope.cos_sin
+
+    def counting_delta(positions, old_freq, new_freq):
+        rerotations.append(len(positions))
+        return original_delta(positions, old_freq, new_freq)
+
+    def recording_cos_sin(positions, inv_freq):
+        rotary_rows.append(len(positions))
+        return original_cos_sin(positions, inv_freq)
+
+    monkeypatch.setattr(cache_rotation, "_delta_rotation", counting_delta)
+    monkeypatch.setattr(runner.rope, "cos_sin", recording_cos_sin)
+
+    tokens = reference_cases("phi")["sequence"].tolist()
+    sequence = SingleSequence(runner, 128)
+    sequence.feed(tokens[:10])
+    for token in tokens[10:]:
+        sequence.feed([token])
+    # t changes when the length reaches 33, 65 and 97: the cache (32, 64, 96 keys) is re-rotated then only.
+    assert rerotations == [32, 64, 96]
+    assert rotary_rows == [10] + [1] * (128 - 10)

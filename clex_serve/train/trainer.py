@@ -20,6 +20,9 @@ from clex_serve.train.model import rotary_of
 from clex_serve.train.positions import draw_scale, fractional_positions
 
 
+MAX_BAD_STEPS = 10
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int
@@ -31,12 +34,17 @@ class TrainConfig:
     max_factor: int = 16  # T: CLEX scales are drawn from 1..T (ignored without CLEX)
     seed: int = 0
     checkpoint_every: int = 100
+    # The CLEX projection learns at this fraction of the learning rate. The ODE integrates its output over up
+    # to T - 1 time units, so at the transformer's rate it diverges within ~50 steps (frequencies of e^37).
+    ode_lr_ratio: float = 0.01
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.learning_rate <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("learning_rate must be positive and min_lr_ratio in [0, 1]")
+        if not 0 < self.ode_lr_ratio <= 1:
+            raise ValueError(f"ode_lr_ratio must be in (0, 1], got {self.ode_lr_ratio}")
         if self.warmup_steps < 0 or self.checkpoint_every < 1 or self.max_factor < 1:
             raise ValueError("warmup_steps must be >= 0, checkpoint_every and max_factor >= 1")
 
@@ -60,10 +68,16 @@ BatchFn = Callable[[int], list[Batch]]  # step -> the batches whose mean loss th
 
 def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
     # Decay matrices only; norms and the CLEX projection (initialised to exact NTK behaviour) are not pulled to 0.
-    decay, no_decay = [], []
+    decay, no_decay, ode = [], [], []
     for name, param in model.named_parameters():
-        (decay if param.dim() >= 2 and "proj_func" not in name else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if "proj_func" in name:
+            ode.append(param)
+        else:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay, "lr_ratio": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_ratio": 1.0}]
+    if ode:
+        groups.append({"params": ode, "weight_decay": 0.0, "lr_ratio": config.ode_lr_ratio})
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-8)
 
 
@@ -79,6 +93,7 @@ class Trainer:
         self.optimizer = make_optimizer(model, config)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
+        self.bad_steps = 0
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
 
     def save_checkpoint(self) -> None:
@@ -117,7 +132,7 @@ class Trainer:
     def train_step(self) -> tuple[float, list[int]]:
         self.model.train()
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config.lr_at(self.step)
+            group["lr"] = self.config.lr_at(self.step) * group["lr_ratio"]
         batches = self.batches(self.step)
         total, scales = 0.0, []
         self.optimizer.zero_grad(set_to_none=True)
@@ -126,8 +141,16 @@ class Trainer:
             (loss / len(batches)).backward()
             total += loss.item() / len(batches)
             scales.append(scale)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if math.isfinite(total) and torch.isfinite(grad_norm):
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:  # one odd batch must not poison the weights; a run that keeps failing must stop
+            self.bad_steps += 1
+            self.log(f"step {self.step}: non-finite loss or gradient at scales {scales}, update skipped")
+            if self.bad_steps >= MAX_BAD_STEPS:
+                raise FloatingPointError(f"{MAX_BAD_STEPS} non-finite steps in a row; lower the learning rate "
+                                         "(or ode_lr_ratio) and resume from the last checkpoint")
         self.step += 1
         return total, scales
 
@@ -143,7 +166,7 @@ class Trainer:
                 loss, scales = self.train_step()
                 recent.append(loss)
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.3f}", t=scales[-1])
+                progress.set_postfix(loss=f"{loss:.3f}", t=scales[-1], refresh=False)  # keeps logs short
                 if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
                     self.save_checkpoint()
                     self.log(f"{desc}: step {self.step} mean loss {sum(recent) / len(recent):.4f} "

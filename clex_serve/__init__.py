@@ -1,0 +1,7 @@
+"""clex-serve: a serving engine for CLEX long-context language models."""
+
+from clex_serve.engine.outputs import CompletionOutput, RequestOutput
+from clex_serve.llm import LLM
+from clex_serve.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]

@@ -27,10 +27,19 @@ class SequenceStep:
     block_table: list[int]  # cache blocks holding positions 0.. (enough for num_cached + new tokens)
     cache_scale: int = 1  # the rotary scale the cached keys carry (irrelevant when num_cached == 0)
     all_logits: bool = False  # return logits for every new token (prompt logprobs), not only the last
+    # The length whose scale (and log scale) the step rotates with; None: the length after the step. A
+    # prompt computed in several chunks uses its full length, so the chunks equal one pass.
+    scale_len: int | None = None
+    # log_scale per query from its own length: replaying tokens that were decoded one at a time.
+    per_token_scale: bool = False
 
     @property
     def total_len(self) -> int:
         return self.num_cached + len(self.token_ids)
+
+    @property
+    def rotary_len(self) -> int:
+        return self.scale_len or self.total_len
 
 
 @dataclass
@@ -58,11 +67,16 @@ class ModelRunner:
         self.rope = self.model.rotary_emb
         self._log_base = torch.log(torch.tensor(float(self.config.max_position_embeddings)))
 
+    @staticmethod
+    def default_block_size(loaded: LoadedModel, attention_backend: str = "auto") -> int:
+        backend = get_attention_backend(attention_backend, loaded.device, loaded.config.sliding_window, loaded.dtype)
+        return default_block_size(backend)
+
     @torch.inference_mode()
     def execute(self, steps: list[SequenceStep]) -> StepResult:
         if not steps:
             raise ValueError("execute needs at least one sequence")
-        scales = [self.rope.scale_for_length(step.total_len) for step in steps]
+        scales = [self.rope.scale_for_length(step.rotary_len) for step in steps]
         for step, scale in zip(steps, scales):
             rerotate_cached_keys(self.kv_cache, self.rope, step.block_table, step.num_cached,
                                  step.cache_scale, scale)
@@ -113,7 +127,7 @@ class ModelRunner:
             slot_mapping=on_device(slot_mapping, torch.long),
             cos=cos,
             sin=sin,
-            query_scale=self._query_scale(context_lens, query_lens_t),
+            query_scale=self._query_scale(steps, positions_t, query_lens_t),
             query_lens=query_lens,
             context_lens_host=context_lens,
             context_lens=on_device(context_lens, torch.int32),
@@ -136,10 +150,23 @@ class ModelRunner:
         cos, sin = self.rope.cos_sin(positions, inv_freq)
         return cos.to(self.dtype), sin.to(self.dtype)
 
-    def _query_scale(self, context_lens: list[int], query_lens: torch.Tensor) -> torch.Tensor | None:
+    def _query_scale(self, steps: list[SequenceStep], positions: torch.Tensor,
+                     query_lens: torch.Tensor) -> torch.Tensor | None:
         """CLEX log_scale: queries of a pass that leaves L tokens are multiplied by log(L) / log(L0)."""
         if not self.config.applies_log_scale:
             return None
-        factors = torch.log(torch.tensor(context_lens, dtype=torch.float32)) / self._log_base
-        per_token = factors.repeat_interleave(query_lens).to(self.device, self.dtype)
-        return per_token[:, None, None]
+        lengths = torch.tensor([step.rotary_len for step in steps], dtype=torch.float32)
+        per_token = lengths.repeat_interleave(query_lens)
+        if any(step.per_token_scale for step in steps):
+            own_length = positions.cpu().float() + 1
+            replay = torch.tensor([step.per_token_scale for step in steps]).repeat_interleave(query_lens)
+            per_token = torch.where(replay, own_length, per_token)
+        factors = torch.log(per_token) / self._log_base
+        return factors.to(self.device, self.dtype)[:, None, None]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole cache blocks (all layers, K and V): copy-on-write before a shared block changes."""
+        if copies:
+            source = torch.tensor([s for s, _ in copies], device=self.device)
+            destination = torch.tensor([d for _, d in copies], device=self.device)
+            self.kv_cache.tensor[:, :, destination] = self.kv_cache.tensor[:, :, source]

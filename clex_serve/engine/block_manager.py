@@ -1,0 +1,146 @@
+"""KV cache blocks: who owns which block, which are free, and (optionally) which hold a reusable prefix.
+
+Plain Python, no tensors: the model runner moves data, this decides where it goes.
+
+Prefix caching under CLEX: a block's keys and values depend on the tokens up to it *and* on the scale of
+the pass that computed them (and, with log_scale, that pass's length). A block is therefore registered
+under a hash of (previous block's hash, its tokens, the scale key of the prompt pass), and a new prompt
+reuses it only when a fresh prefill of that prompt would run at the same scale key. When a sequence's
+scale changes its keys are re-rotated in place: its shared blocks are copied first (copy on write) and
+its registered blocks leave the prefix index, since they no longer hold what their hash says.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+from clex_serve.engine.sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        # Free blocks in the order they were freed: allocation takes the oldest, so recently freed
+        # prefix blocks stay reusable longest.
+        self._free: OrderedDict[int, None] = OrderedDict((block, None) for block in range(num_blocks))
+        self._hash_of_block: dict[int, Hashable] = {}
+        self._block_of_hash: dict[Hashable, int] = {}
+        self.prefix_hits = 0  # tokens served from the prefix cache, for metrics and tests
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---------------------------------------------------------------- allocation
+
+    def _prefix_hashes(self, seq: Sequence, cache_key: Hashable) -> list[Hashable]:
+        """Hashes of the prompt's full blocks, leaving at least one prompt token to compute (its logits)."""
+        usable = (seq.num_prompt_tokens - 1) // self.block_size
+        hashes, previous = [], None
+        for index in range(usable):
+            tokens = tuple(seq.prompt_token_ids[index * self.block_size:(index + 1) * self.block_size])
+            previous = hash((previous, tokens, cache_key))
+            hashes.append(previous)
+        return hashes
+
+    def _cached_prefix(self, seq: Sequence, cache_key: Hashable | None) -> list[int]:
+        if not self.enable_prefix_caching or cache_key is None:
+            return []
+        blocks = []
+        for block_hash in self._prefix_hashes(seq, cache_key):
+            block = self._block_of_hash.get(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def can_allocate(self, seq: Sequence, cache_key: Hashable | None = None) -> bool:
+        hits = self._cached_prefix(seq, cache_key)
+        revived = sum(1 for block in hits if self.ref_counts[block] == 0)
+        return self.blocks_for(len(seq)) - len(hits) + revived <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence, cache_key: Hashable | None = None) -> None:
+        """Blocks for every token of ``seq``; reused prefix blocks count as already computed."""
+        if seq.block_table:
+            raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
+        hits = self._cached_prefix(seq, cache_key)
+        for block in hits:
+            self._take(block)
+        seq.block_table = hits + [self._take_free() for _ in range(self.blocks_for(len(seq)) - len(hits))]
+        seq.num_cached_tokens = len(hits) * self.block_size
+        self.prefix_hits += seq.num_cached_tokens
+
+    def can_append(self, seq: Sequence, new_len: int) -> bool:
+        return self.blocks_for(new_len) - len(seq.block_table) <= self.num_free_blocks
+
+    def append(self, seq: Sequence, new_len: int) -> None:
+        while len(seq.block_table) < self.blocks_for(new_len):
+            seq.block_table.append(self._take_free())
+
+    def free(self, seq: Sequence) -> None:
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self._free[block] = None
+        seq.block_table = []
+        seq.num_cached_tokens = 0
+        seq.cache_scale = 1
+
+    def _take(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self._free[block]
+        self.ref_counts[block] += 1
+
+    def _take_free(self) -> int:
+        if not self._free:
+            raise RuntimeError("out of KV cache blocks: the scheduler should have checked")
+        block, _ = self._free.popitem(last=False)
+        self._forget(block)  # a recycled block's old contents are gone
+        self.ref_counts[block] = 1
+        return block
+
+    # ---------------------------------------------------------------- prefix index
+
+    def register_prompt_blocks(self, seq: Sequence, cache_key: Hashable | None) -> None:
+        """After the prompt pass: publish its full prompt blocks for reuse."""
+        if not self.enable_prefix_caching or cache_key is None:
+            return
+        for index, block_hash in enumerate(self._prefix_hashes(seq, cache_key)):
+            block = seq.block_table[index]
+            if block_hash in self._block_of_hash or block in self._hash_of_block:
+                continue
+            self._block_of_hash[block_hash] = block
+            self._hash_of_block[block] = block_hash
+
+    def _forget(self, block: int) -> None:
+        block_hash = self._hash_of_block.pop(block, None)
+        if block_hash is not None:
+            del self._block_of_hash[block_hash]
+
+    def prepare_rescale(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Before ``seq``'s cached keys are re-rotated in place: unshare and unpublish its blocks.
+
+        Returns (source, destination) block copies the runner must make first.
+        """
+        copies = []
+        for index in range(self.blocks_for(seq.num_cached_tokens)):
+            block = seq.block_table[index]
+            if self.ref_counts[block] > 1:
+                fresh = self._take_free()
+                self.ref_counts[block] -= 1
+                seq.block_table[index] = fresh
+                copies.append((block, fresh))
+            else:
+                self._forget(block)
+        return copies
+
+    def free_blocks_needed_for_rescale(self, seq: Sequence) -> int:
+        return sum(1 for index in range(self.blocks_for(seq.num_cached_tokens))
+                   if self.ref_counts[seq.block_table[index]] > 1)

@@ -1,0 +1,47 @@
+"""Chat prompts: the checkpoint's own template when it has one, otherwise the format its family was tuned on.
+
+The CLEX Llama chat models were tuned on Vicuna v1.1, the Mixtral chat model on a Zephyr-style format;
+neither released tokenizer carries a template.
+"""
+
+from __future__ import annotations
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+VICUNA_TEMPLATE = (
+    "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set turns = messages[1:] %}{% else %}{% set system = '" + VICUNA_SYSTEM + "' %}"
+    "{% set turns = messages %}{% endif %}"
+    "{{ system }}"
+    "{% for message in turns %}"
+    "{% if message['role'] == 'user' %}{{ ' USER: ' + message['content'] }}"
+    "{% else %}{{ ' ASSISTANT: ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
+)
+
+ZEPHYR_TEMPLATE = (
+    "{% if not messages or messages[0]['role'] != 'system' %}{{ '<|system|>\\n' + eos_token + '\\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def fallback_template(family: str) -> str:
+    return ZEPHYR_TEMPLATE if family == "mixtral" else VICUNA_TEMPLATE
+
+
+def render_chat(tokenizer, messages: list[dict], family: str, add_generation_prompt: bool = True) -> str:
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise ValueError("each message needs a role of system, user or assistant, and a content string")
+        if not isinstance(message.get("content"), str):
+            raise ValueError("message content must be a string")
+    template = getattr(tokenizer, "chat_template", None) or fallback_template(family)
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)

@@ -1,0 +1,84 @@
+"""Engine settings chosen by the user, validated once, and the KV pool size they imply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clex_serve.config import ModelConfig
+from clex_serve.engine.kv_cache import bytes_per_block
+
+GIB = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # a folder or hub id; None: the embedded demo model
+    tokenizer: str | None = None  # defaults to the model's folder
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None  # default: max_position_embeddings * max_factor under CLEX
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None  # default: max(max_model_len, 2048)
+    block_size: int | None = None  # default: 16, or 256 with flash-attn
+    kv_cache_memory_gib: float | None = None  # the KV pool in GiB; default from kv_cache_memory_fraction
+    kv_cache_memory_fraction: float = 0.9  # of free accelerator memory (CPU: of available RAM, at most 4 GiB)
+    enable_prefix_caching: bool = False
+    attention_backend: str = "auto"
+    log_scale: bool | None = None  # override the config's log_scale, as the official chat's flag does
+    seed: int = 0
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"--max-model-len must be positive, got {self.max_model_len}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
+        if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:
+            raise ValueError(f"--kv-cache-memory must be positive (GiB), got {self.kv_cache_memory_gib}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError(f"--kv-cache-memory-fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"--block-size must be positive, got {self.block_size}")
+
+    def resolved_model(self) -> str:
+        if self.model is not None:
+            return self.model
+        from clex_serve.assets import DEFAULT_MODEL_PATH
+        return str(DEFAULT_MODEL_PATH)
+
+    def resolved_max_model_len(self, config: ModelConfig) -> int:
+        return self.max_model_len or config.max_model_len
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return min(int(line.split()[1]) * 1024, 4 * GIB)
+    except OSError:
+        pass
+    return 4 * GIB
+
+
+def num_kv_blocks(engine: EngineConfig, config: ModelConfig, block_size: int, dtype: torch.dtype,
+                  device: torch.device, max_model_len: int) -> int:
+    per_block = bytes_per_block(config, block_size, dtype)
+    if engine.kv_cache_memory_gib is not None:
+        budget = int(engine.kv_cache_memory_gib * GIB)
+    else:
+        budget = int(_available_memory(device) * engine.kv_cache_memory_fraction)
+    # More than every sequence at full length is never used: cap there instead of holding memory.
+    useful = engine.max_num_seqs * (-(-max_model_len // block_size))
+    num_blocks = min(budget // per_block, useful)
+    if num_blocks < 1:
+        raise ValueError(
+            f"the KV cache budget ({budget / GIB:.3f} GiB) holds no block of {per_block} bytes; raise --kv-cache-memory"
+        )
+    return num_blocks

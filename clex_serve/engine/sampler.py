@@ -1,0 +1,110 @@
+"""Sampling for a whole batch at once: penalties, temperature, top-k, top-p, min-p, seeds, logprobs.
+
+Rows that ask for nothing special cost nothing special: each transformation runs only when some row in the
+batch needs it, and then on the whole batch. A seeded request draws its noise from its own generator, so
+it samples the same tokens whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from clex_serve.engine.sequence import Logprob, Sequence
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprobs: dict[int, Logprob] | None  # the sampled token and the top alternatives, when asked
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    for row, seq in enumerate(seqs):
+        params = seq.params
+        if not params.has_penalties:
+            continue
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
+            values = logits[row, seen]
+            logits[row, seen] = torch.where(values > 0, values / params.repetition_penalty,
+                                            values * params.repetition_penalty)
+        if (params.presence_penalty or params.frequency_penalty) and seq.num_output_tokens:
+            output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(output, minlength=logits.shape[-1]).to(logits.dtype)
+            logits[row] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return logits
+
+
+def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """top-k, top-p and min-p on temperature-scaled logits; filtered entries become -inf."""
+    top_k = [seq.params.top_k for seq in seqs]
+    top_p = [seq.params.top_p for seq in seqs]
+    min_p = [seq.params.min_p for seq in seqs]
+    device = logits.device
+    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        vocab = logits.shape[-1]
+        ranks = torch.arange(vocab, device=device)[None, :]
+        k = torch.tensor([k if k > 0 else vocab for k in top_k], device=device)[:, None]
+        remove = ranks >= k
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the mass before it already reaches top_p; the first token always stays.
+        mass_before = probs.cumsum(dim=-1) - probs
+        remove |= mass_before >= torch.tensor(top_p, device=device)[:, None]
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    if any(p > 0 for p in min_p):
+        probs = logits.softmax(dim=-1)
+        threshold = torch.tensor(min_p, device=device)[:, None] * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int]) -> list[SampledToken]:
+    """``logits`` [B, vocab] float32, raw model output for each sequence's next token."""
+    want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    logits = logits.clone()
+    if any(seq.params.has_penalties for seq in seqs):
+        logits = apply_penalties(logits, seqs)
+    for row, seq in enumerate(seqs):
+        if seq.params.min_tokens and seq.num_output_tokens < seq.params.min_tokens:
+            stops = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else eos_token_ids)
+            if stops:
+                logits[row, stops] = float("-inf")
+
+    greedy = [seq.params.greedy for seq in seqs]
+    chosen = logits.argmax(dim=-1)
+    if not all(greedy):
+        temperatures = torch.tensor([seq.params.temperature or 1.0 for seq in seqs], device=logits.device)
+        probs = _filter(logits / temperatures[:, None], seqs).softmax(dim=-1)
+        # Gumbel-style draw: argmax(p / E) with E ~ Exp(1) samples from p. Seeded rows use their own stream.
+        noise = torch.empty_like(probs).exponential_()
+        for row, seq in enumerate(seqs):
+            if seq.generator is not None and not greedy[row]:
+                noise[row] = torch.empty_like(probs[row]).exponential_(generator=seq.generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        chosen = torch.where(torch.tensor(greedy, device=logits.device), chosen, sampled)
+
+    chosen_ids = chosen.tolist()
+    results = []
+    for row, (seq, token_id) in enumerate(zip(seqs, chosen_ids)):
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs = token_logprobs(raw_logprobs[row], token_id, seq.params.logprobs)
+        results.append(SampledToken(token_id, logprobs))
+    return results
+
+
+def token_logprobs(row: torch.Tensor, token_id: int, num_top: int) -> dict[int, Logprob]:
+    """The chosen token's logprob and rank, plus the ``num_top`` most likely alternatives."""
+    chosen = float(row[token_id])
+    rank = int((row > row[token_id]).sum()) + 1
+    result = {token_id: Logprob(chosen, rank)}
+    if num_top:
+        values, indices = row.topk(num_top)
+        for position, (value, index) in enumerate(zip(values.tolist(), indices.tolist())):
+            result.setdefault(index, Logprob(value, position + 1))
+    return result

@@ -1,0 +1,167 @@
+"""Continuous batching: which sequences run in the next step, and with how many tokens each.
+
+First come, first served. Every step first admits waiting requests (prefill) while sequences, tokens and
+KV blocks allow; otherwise it decodes every running sequence by one token, preempting the most recent
+arrivals (freeing their blocks, to be recomputed later) when blocks run out. Plain Python, no tensors.
+
+Recomputing a preempted sequence must give back exactly the cache it had, and under CLEX that cache
+depends on how it was built: the prompt in one pass at the prompt's scale, then each generated token at
+the scale of the length it was decoded at. So a recompute replays those scales: the prompt pass, then one
+chunk per run of generated tokens that were decoded at the same scale (each query with its own length for
+log_scale), which equals decoding them one by one.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+from clex_serve.engine.block_manager import BlockManager
+from clex_serve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # the first position to compute (the tokens before it are cached)
+    end: int  # one past the last position to compute
+    scale_len: int | None  # the length whose scale (and log scale) every token uses; None: the chunk's end
+    per_token_scale: bool  # log scale per query from its own length (replaying decoded tokens)
+    is_prompt_pass: bool
+    samples: bool = False  # the chunk reaches the end of the sequence: its last logits pick the next token
+
+    def __post_init__(self) -> None:
+        self.samples = self.end == len(self.seq)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    is_prefill: bool
+    preempted: list[Sequence]
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 scale_for_length: Callable[[int], int],
+                 prefix_key: Callable[[Sequence], Hashable | None] = lambda seq: None) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.scale_for_length = scale_for_length
+        self.prefix_key = prefix_key
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence wherever it is and give its blocks back."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    # ------------------------------------------------------------------ scheduling
+
+    def schedule(self) -> SchedulerOutput:
+        chunks = self._schedule_prefill()
+        if chunks:
+            return SchedulerOutput(chunks, True, [])
+        return self._schedule_decode()
+
+    def _next_chunk(self, seq: Sequence) -> ScheduledChunk:
+        cached, prompt_len = seq.num_cached_tokens, seq.num_prompt_tokens
+        if cached < prompt_len:
+            return ScheduledChunk(seq, cached, prompt_len, prompt_len, False, True)
+        scale = self.scale_for_length(cached + 1)
+        end = cached + 1
+        while end < len(seq) and self.scale_for_length(end + 1) == scale:
+            end += 1
+        return ScheduledChunk(seq, cached, end, None, True, False)
+
+    def _schedule_prefill(self) -> list[ScheduledChunk]:
+        budget = self.config.max_num_batched_tokens
+        chunks = []
+        # Sequences in the middle of a recompute go first: they already hold their blocks.
+        for seq in self.running:
+            if seq.num_uncomputed_tokens > 1:
+                chunk = self._next_chunk(seq)
+                if chunk.num_tokens > budget and chunks:
+                    break
+                chunks.append(chunk)
+                budget -= chunk.num_tokens
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            key = self.prefix_key(seq) if seq.num_output_tokens == 0 else None
+            if not self.block_manager.can_allocate(seq, key):
+                break
+            self.block_manager.allocate(seq, key)
+            chunk = self._next_chunk(seq)
+            if chunk.num_tokens > budget and chunks:
+                self.block_manager.free(seq)
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(chunk)
+            budget -= chunk.num_tokens
+        return chunks
+
+    def _schedule_decode(self) -> SchedulerOutput:
+        scheduled: list[Sequence] = []
+        preempted: list[Sequence] = []
+        queue = list(self.running)
+        while queue:
+            seq = queue.pop(0)
+            while not self._can_decode(seq):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.append(seq, len(seq))
+                scheduled.append(seq)
+        chunks = [ScheduledChunk(seq, len(seq) - 1, len(seq), None, False, False) for seq in scheduled]
+        return SchedulerOutput(chunks, False, preempted)
+
+    def _can_decode(self, seq: Sequence) -> bool:
+        extra = 0
+        if seq.num_cached_tokens and self.scale_for_length(len(seq)) != seq.cache_scale:
+            extra = self.block_manager.free_blocks_needed_for_rescale(seq)
+        return self.block_manager.can_append(seq, len(seq) + 0) and (
+            self.block_manager.blocks_for(len(seq)) - len(seq.block_table) + extra
+            <= self.block_manager.num_free_blocks
+        )
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)

@@ -1,0 +1,67 @@
+"""The offline API, in vLLM's shape: ``LLM(model=...).generate(prompts, sampling_params)`` and ``.chat``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as SequenceABC
+
+from tqdm import tqdm
+
+from clex_serve.engine.chat_template import render_chat
+from clex_serve.engine.engine_config import EngineConfig
+from clex_serve.engine.llm_engine import LLMEngine
+from clex_serve.engine.outputs import RequestOutput
+from clex_serve.sampling_params import SamplingParams
+
+
+class LLM:
+    """Load a model once; generate for many prompts at once with continuous batching.
+
+    ``LLM()`` with no model loads the embedded demo model. Keyword arguments are ``EngineConfig`` fields
+    (``dtype``, ``device``, ``max_model_len``, ``kv_cache_memory_gib``, ``enable_prefix_caching``, ...).
+    """
+
+    def __init__(self, model: str | None = None, **engine_args) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        request_ids = []
+        try:
+            for prompt, params in zip(prompts, sampling_params):
+                request_ids.append(self.engine.add_request(prompt, params, f"offline-{next(self._ids)}"))
+        except ValueError:
+            for request_id in request_ids:
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = False, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt": self.render_chat(conversation, add_generation_prompt)}
+                   for conversation in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return render_chat(self.engine.tokenizer, messages, self.engine.model_config.family, add_generation_prompt)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm) as progress:
+            while len(finished) < len(request_ids):
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        progress.update(1)
+        return [finished[request_id] for request_id in request_ids]

@@ -14,8 +14,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable
+from typing import NamedTuple
 
 from clex_serve.engine.sequence import Sequence
+
+
+class PrefixKey(NamedTuple):
+    """What a prompt pass computes its cache under: the rotary scale, and its length when log_scale is on."""
+
+    scale: int
+    length: int | None
 
 
 class BlockManager:
@@ -40,7 +48,7 @@ class BlockManager:
 
     # ---------------------------------------------------------------- allocation
 
-    def _prefix_hashes(self, seq: Sequence, cache_key: Hashable) -> list[Hashable]:
+    def _prefix_hashes(self, seq: Sequence, cache_key: PrefixKey) -> list[Hashable]:
         """Hashes of the prompt's full blocks, leaving at least one prompt token to compute (its logits)."""
         usable = (seq.num_prompt_tokens - 1) // self.block_size
         hashes, previous = [], None
@@ -50,7 +58,7 @@ class BlockManager:
             hashes.append(previous)
         return hashes
 
-    def _cached_prefix(self, seq: Sequence, cache_key: Hashable | None) -> list[int]:
+    def _cached_prefix(self, seq: Sequence, cache_key: PrefixKey | None) -> list[int]:
         if not self.enable_prefix_caching or cache_key is None:
             return []
         blocks = []
@@ -61,12 +69,12 @@ class BlockManager:
             blocks.append(block)
         return blocks
 
-    def can_allocate(self, seq: Sequence, cache_key: Hashable | None = None) -> bool:
+    def can_allocate(self, seq: Sequence, cache_key: PrefixKey | None = None) -> bool:
         hits = self._cached_prefix(seq, cache_key)
         revived = sum(1 for block in hits if self.ref_counts[block] == 0)
         return self.blocks_for(len(seq)) - len(hits) + revived <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence, cache_key: Hashable | None = None) -> None:
+    def allocate(self, seq: Sequence, cache_key: PrefixKey | None = None) -> None:
         """Blocks for every token of ``seq``; reused prefix blocks count as already computed."""
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
@@ -75,6 +83,8 @@ class BlockManager:
             self._take(block)
         seq.block_table = hits + [self._take_free() for _ in range(self.blocks_for(len(seq)) - len(hits))]
         seq.num_cached_tokens = len(hits) * self.block_size
+        if hits:
+            seq.cache_scale = cache_key.scale  # the reused keys are rotated with it
         self.prefix_hits += seq.num_cached_tokens
 
     def can_append(self, seq: Sequence, new_len: int) -> bool:
@@ -108,7 +118,7 @@ class BlockManager:
 
     # ---------------------------------------------------------------- prefix index
 
-    def register_prompt_blocks(self, seq: Sequence, cache_key: Hashable | None) -> None:
+    def register_prompt_blocks(self, seq: Sequence, cache_key: PrefixKey | None) -> None:
         """After the prompt pass: publish its full prompt blocks for reuse."""
         if not self.enable_prefix_caching or cache_key is None:
             return

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from clex_serve.engine.block_manager import BlockManager
+from clex_serve.engine.block_manager import BlockManager, PrefixKey
 from clex_serve.engine.detokenizer import IncrementalDetokenizer
 from clex_serve.engine.engine_config import EngineConfig, num_kv_blocks
 from clex_serve.engine.loader import load_model
@@ -67,7 +67,7 @@ class LLMEngine:
             return None  # prompt logprobs need every prompt position's logits
         length = seq.num_prompt_tokens
         scale = self.runner.rope.scale_for_length(length)
-        return (scale, length if self.model_config.applies_log_scale else None)
+        return PrefixKey(scale, length if self.model_config.applies_log_scale else None)
 
     def tokenize(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=True)

@@ -1,0 +1,148 @@
+"""LLM.generate on the reference checkpoints: golden greedy outputs alone, in mixed batches, under
+preemption and with prefix caching; prompt logprobs; seeded sampling independent of the batch."""
+
+import pytest
+import torch
+
+from clex_serve import LLM, SamplingParams
+from conftest import REFERENCE_MODELS, reference_cases
+from engine_helpers import model_with_tokenizer
+
+GREEDY_TO_LIMIT = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True, logprobs=2)
+GREEDY_PROMPTS = (7, 35)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {name: model_with_tokenizer(name, root) for name in REFERENCE_MODELS}
+
+
+@pytest.fixture(scope="module")
+def engines(model_dirs):
+    cache = {}
+
+    def get(name, **kwargs):
+        key = (name, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = LLM(str(model_dirs[name]), dtype="float32", device="cpu", show_progress=False, **kwargs)
+        return cache[key]
+
+    return get
+
+
+def _prompt(name, length):
+    return {"prompt_token_ids": reference_cases(name)["sequence"][:length].tolist()}
+
+
+def _assert_golden_greedy(name, prompt_len, completion):
+    cases = reference_cases(name)
+    assert completion.token_ids == cases[f"greedy_from_{prompt_len}"].tolist()
+    assert completion.finish_reason == "length"
+    expected = torch.log_softmax(cases[f"greedy_logits_from_{prompt_len}"], dim=-1)
+    for position, (token, logprobs) in enumerate(zip(completion.token_ids, completion.logprobs)):
+        assert abs(logprobs[token].logprob - expected[position, token].item()) < 1e-4
+        assert logprobs[token].rank == 1
+        top = expected[position].topk(2)
+        for value, index in zip(top.values.tolist(), top.indices.tolist()):
+            assert abs(logprobs[index].logprob - value) < 1e-4
+
+
+@pytest.mark.parametrize("name", REFERENCE_MODELS)
+def test_greedy_alone_matches_golden(name, engines):
+    llm = engines(name)
+    for prompt_len in GREEDY_PROMPTS:
+        [output] = llm.generate(_prompt(name, prompt_len), GREEDY_TO_LIMIT)
+        _assert_golden_greedy(name, prompt_len, output.outputs[0])
+
+
+@pytest.mark.parametrize("name", REFERENCE_MODELS)
+def test_greedy_in_a_mixed_batch_matches_golden(name, engines):
+    """Both golden prompts plus riders of other lengths, so sequences at scales 1..4 share steps."""
+    llm = engines(name)
+    riders = [_prompt(name, 60), _prompt(name, 90), _prompt(name, 3)]
+    prompts = [_prompt(name, p) for p in GREEDY_PROMPTS] + riders
+    params = [GREEDY_TO_LIMIT] * 2 + [SamplingParams(temperature=0.7, seed=5, max_tokens=30, ignore_eos=True)] * 3
+    outputs = llm.generate(prompts, params)
+    for prompt_len, output in zip(GREEDY_PROMPTS, outputs):
+        _assert_golden_greedy(name, prompt_len, output.outputs[0])
+
+
+def test_prompt_logprobs_are_the_log_softmax_of_prefill_logits(engines):
+    name = "phi"
+    llm = engines(name)
+    cases = reference_cases(name)
+    for length in (33, 103):
+        [output] = llm.generate(_prompt(name, length), SamplingParams(max_tokens=1, prompt_logprobs=1))
+        expected = torch.log_softmax(cases[f"prefill_{length}"], dim=-1)
+        tokens = output.prompt_token_ids
+        assert output.prompt_logprobs[0] is None and len(output.prompt_logprobs) == length
+        for position in range(1, length):
+            entry = output.prompt_logprobs[position]
+            assert abs(entry[tokens[position]].logprob - expected[position - 1, tokens[position]].item()) < 1e-4
+            best = int(expected[position - 1].argmax())
+            assert abs(entry[best].logprob - expected[position - 1, best].item()) < 1e-4
+
+
+def test_seeded_request_is_reproducible_inside_a_busy_batch(engines):
+    llm = engines("mixtral")
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=40, ignore_eos=True)
+    [alone] = llm.generate(_prompt("mixtral", 20), seeded)
+    noise = SamplingParams(temperature=1.2, max_tokens=60, ignore_eos=True)
+    busy = llm.generate([_prompt("mixtral", 50), _prompt("mixtral", 20), _prompt("mixtral", 9)],
+                        [noise, seeded, noise])
+    assert busy[1].outputs[0].token_ids == alone.outputs[0].token_ids
+    other_seed = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=99, max_tokens=40, ignore_eos=True)
+    assert llm.generate(_prompt("mixtral", 20), other_seed)[0].outputs[0].token_ids != alone.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_logscale"])
+def test_tiny_kv_pool_preempts_and_keeps_greedy_outputs(name, engines):
+    # 40 blocks of 4 = 160 slots: one sequence at the 128-token limit fits, four cannot run together.
+    from clex_serve.config import ModelConfig
+    from clex_serve.engine.kv_cache import bytes_per_block
+    from conftest import FIXTURES
+
+    per_block = bytes_per_block(ModelConfig.from_file(FIXTURES / name / "config.json"), 4, torch.float32)
+    llm = engines(name, block_size=4, kv_cache_memory_gib=40 * per_block / 2**30)
+    engine = llm.engine
+    assert engine.block_manager.num_blocks == 40
+    prompts = [_prompt(name, p) for p in (7, 35, 7, 35)]
+    outputs = llm.generate(prompts, GREEDY_TO_LIMIT)
+    assert engine.scheduler.num_preemptions > 0
+    for prompt_len, output in zip((7, 35, 7, 35), outputs):
+        _assert_golden_greedy(name, prompt_len, output.outputs[0])
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_aborted_and_finished_requests_free_every_block(engines):
+    llm = engines("llama", block_size=4)
+    engine = llm.engine
+    ids = [engine.add_request(_prompt("llama", p), SamplingParams(max_tokens=50, ignore_eos=True)) for p in (5, 40, 70)]
+    for _ in range(4):
+        engine.step()
+    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
+    aborted = engine.abort_request(ids[1])
+    assert aborted.outputs[0].finish_reason == "abort"
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_logscale", "mixtral"])
+def test_prefix_caching_gives_identical_outputs(name, engines):
+    tokens = reference_cases(name)["sequence"].tolist()
+    # Shared prefixes at t = 1 (20, 28), t = 2 (40, 60, 60) and prompts straddling a boundary (30 -> 36).
+    lengths = [20, 28, 40, 60, 60, 30, 36]
+    prompts = [{"prompt_token_ids": tokens[:n]} for n in lengths]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    plain = engines(name, block_size=4).generate(prompts, params)
+    cached_llm = engines(name, block_size=4, enable_prefix_caching=True)
+    cached_llm.generate(prompts[:3], params)  # warm the prefix cache
+    hits_before = cached_llm.engine.block_manager.prefix_hits
+    cached = cached_llm.generate(prompts, params)
+    assert cached_llm.engine.block_manager.prefix_hits > hits_before
+    for a, b in zip(plain, cached):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert abs(next(iter(x.values())).logprob - next(iter(y.values())).logprob) < 1e-4

@@ -146,3 +146,70 @@ def test_prefix_caching_gives_identical_outputs(name, engines):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             assert abs(next(iter(x.values())).logprob - next(iter(y.values())).logprob) < 1e-4
+
+
+def test_stop_strings_never_reach_streamed_or_final_text(engines):
+    llm = engines("llama")
+    engine = llm.engine
+    prompt = {"prompt": "def generate(prompt"}
+    [free] = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    text = free.outputs[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert len(stop) == 3 and stop in text
+    request_id = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop]))
+    streamed = []
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            assert output.request_id == request_id
+            streamed.append(output.outputs[0].text)
+    final = streamed[-1]
+    assert final == text[:text.index(stop)]
+    assert all(stop not in piece for piece in streamed)
+    assert all(later.startswith(earlier) for earlier, later in zip(streamed, streamed[1:]))
+    assert output.outputs[0].finish_reason == "stop" and output.outputs[0].stop_reason == stop
+
+
+def test_n_samples_differ_and_eos_ends_a_sample(engines):
+    llm = engines("mixtral")
+    [output] = llm.generate(_prompt("mixtral", 10), SamplingParams(n=3, temperature=1.5, seed=7, max_tokens=20))
+    assert [c.index for c in output.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in output.outputs}) == 3
+    for completion in output.outputs:
+        eos = 2 in completion.token_ids
+        assert completion.finish_reason == ("stop" if eos else "length")
+        assert not eos or completion.token_ids[-1] == 2
+
+
+def test_too_long_prompt_is_refused_before_any_work(engines):
+    llm = engines("phi")
+    with pytest.raises(ValueError, match="reads at most 128"):
+        llm.generate({"prompt_token_ids": [5] * 128})
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_async_engine_streams_and_aborts(engines):
+    import asyncio
+
+    from clex_serve.engine.async_engine import AsyncLLMEngine
+
+    llm = engines("llama", block_size=4)
+    async_engine = AsyncLLMEngine(llm.engine)
+
+    async def scenario():
+        params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+        counts = []
+        async for output in async_engine.generate(_prompt("llama", 7), params):
+            counts.append(len(output.outputs[0].token_ids))
+        stream = async_engine.generate(_prompt("llama", 35), params)
+        for _ in range(3):
+            await stream.__anext__()
+        await stream.aclose()  # a client going away aborts its request
+        return counts
+
+    try:
+        counts = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    finally:
+        async_engine.shutdown()
+    assert counts == list(range(1, 101))
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks

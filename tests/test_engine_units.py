@@ -1,0 +1,133 @@
+"""The block manager and scheduler alone (no model, no tensors), sampling rules, streaming text."""
+
+import pytest
+import torch
+
+from clex_serve import SamplingParams
+from clex_serve.engine.block_manager import BlockManager, PrefixKey
+from clex_serve.engine.detokenizer import IncrementalDetokenizer
+from clex_serve.engine.scheduler import Scheduler, SchedulerConfig
+from clex_serve.engine.sequence import Sequence
+from clex_serve.engine.sampler import sample
+from engine_helpers import TRAINING_TEXT, byte_level_tokenizer, sentencepiece_style_tokenizer
+
+
+def _seq(seq_id, length, params=SamplingParams()):
+    return Sequence(seq_id, f"r{seq_id}", 0, list(range(1, length + 1)), params, float(seq_id))
+
+
+def clex_scale(length, window=8, max_factor=4):
+    return max(1, min(-(-length // window), max_factor))
+
+
+def test_block_manager_allocates_appends_and_frees():
+    manager = BlockManager(num_blocks=6, block_size=4)
+    a, b = _seq(0, 9), _seq(1, 4)
+    assert manager.can_allocate(a)
+    manager.allocate(a)
+    manager.allocate(b)
+    assert len(a.block_table) == 3 and len(b.block_table) == 1 and manager.num_free_blocks == 2
+    assert not set(a.block_table) & set(b.block_table)
+    manager.append(a, 13)
+    assert len(a.block_table) == 4 and manager.num_free_blocks == 1
+    assert not manager.can_allocate(_seq(2, 9))
+    manager.free(a)
+    manager.free(b)
+    assert manager.num_free_blocks == 6
+
+
+def test_prefix_blocks_are_reused_only_under_the_same_scale_key():
+    manager = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    first = _seq(0, 13)
+    manager.allocate(first, PrefixKey(2, None))
+    manager.register_prompt_blocks(first, PrefixKey(2, None))
+    first.num_cached_tokens = 13
+    same = _seq(1, 13)
+    manager.allocate(same, PrefixKey(2, None))
+    assert same.block_table[:3] == first.block_table[:3] and same.num_cached_tokens == 12
+    assert same.cache_scale == 2
+    other_scale = _seq(2, 13)
+    manager.allocate(other_scale, PrefixKey(3, None))
+    assert other_scale.num_cached_tokens == 0 and not set(other_scale.block_table) & set(first.block_table)
+    # A scale change re-rotates in place: shared blocks are copied first, owned ones leave the index.
+    copies = manager.prepare_rescale(same)
+    assert [source for source, _ in copies] == first.block_table[:3]
+    assert manager.prepare_rescale(first) == []
+    late = _seq(3, 13)
+    manager.allocate(late, PrefixKey(2, None))
+    assert late.num_cached_tokens == 0
+
+
+def test_scheduler_admits_new_requests_between_decode_steps():
+    manager = BlockManager(num_blocks=32, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), manager, clex_scale)
+    a = _seq(0, 5)
+    scheduler.add(a)
+    out = scheduler.schedule()
+    assert out.is_prefill and [c.seq for c in out.chunks] == [a]
+    a.num_cached_tokens = 5
+    a.token_ids.append(7)
+    out = scheduler.schedule()
+    assert not out.is_prefill and out.chunks[0].num_tokens == 1
+    a.num_cached_tokens = 6
+    a.token_ids.append(7)
+    b = _seq(1, 3)
+    scheduler.add(b)
+    out = scheduler.schedule()  # the newcomer is admitted at the next step
+    assert out.is_prefill and [c.seq for c in out.chunks] == [b]
+
+
+def test_scheduler_limits_sequences_and_preempts_the_newest_when_blocks_run_out():
+    manager = BlockManager(num_blocks=4, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64), manager, clex_scale)
+    seqs = [_seq(i, 4) for i in range(3)]
+    for seq in seqs:
+        scheduler.add(seq)
+    out = scheduler.schedule()
+    assert [c.seq for c in out.chunks] == seqs[:2]  # max_num_seqs
+    for seq in seqs[:2]:
+        seq.num_cached_tokens = 4
+        seq.token_ids += [9, 9, 9, 9, 9]  # pretend they grew to 9 tokens: 3 blocks each are needed
+        seq.num_cached_tokens = 8
+    out = scheduler.schedule()
+    assert out.preempted == [seqs[1]] and [c.seq for c in out.chunks] == [seqs[0]]
+    assert scheduler.waiting[0] is seqs[1] and seqs[1].block_table == []
+
+
+def test_recompute_replays_each_scale_in_its_own_chunk():
+    manager = BlockManager(num_blocks=32, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(), manager, clex_scale)
+    seq = _seq(0, 5)
+    seq.token_ids += list(range(100, 120))  # 20 generated tokens: lengths 6..25 span scales 1, 2, 3, 4
+    scheduler.add(seq)
+    chunks = []
+    while seq.num_cached_tokens < len(seq):
+        [chunk] = scheduler.schedule().chunks
+        chunks.append((chunk.start, chunk.end, chunk.is_prompt_pass, chunk.per_token_scale))
+        seq.num_cached_tokens = chunk.end
+    assert chunks == [(0, 5, True, False), (5, 8, False, True), (8, 16, False, True),
+                      (16, 24, False, True), (24, 25, False, False)]  # the last is a plain decode step
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[0.5, 3.0, 2.9, -1.0]] * 4)
+    seqs = [_seq(i, 2, p) for i, p in enumerate([
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=5.0, min_p=0.99),
+        SamplingParams(temperature=0, repetition_penalty=100.0),  # tokens 1 and 2 are in the prompt
+    ])]
+    tokens = [s.token_id for s in sample(logits, seqs, eos_token_ids=[])]
+    assert tokens == [1, 1, 1, 0]
+
+
+@pytest.mark.parametrize("make_tokenizer", [byte_level_tokenizer, sentencepiece_style_tokenizer])
+def test_incremental_detokenization_streams_exact_text(make_tokenizer):
+    tokenizer = make_tokenizer()
+    text = TRAINING_TEXT[1] + " Ünïcödé ✓ 🙂🙂 end"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    prompt, generated = ids[:3], ids[3:] + [tokenizer.eos_token_id]
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt)
+    pieces = [detokenizer.add(token) for token in generated]
+    assert "".join(pieces) == tokenizer.decode(ids[3:], skip_special_tokens=True)
+    assert all("\ufffd" not in piece for piece in pieces)

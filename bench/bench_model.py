@@ -1,0 +1,62 @@
+"""The benchmark model: a random Llama big enough that arithmetic, not Python, dominates a step.
+
+8 layers, hidden 512, 8 heads, intermediate 1408, vocab 32000 (about 58M parameters), float32, with a
+word-level tokenizer covering the vocabulary. Written once per run into a temporary folder, in two
+variants over the same weights: plain RoPE, and CLEX (base window 256, max_factor 16, a random ODE
+projection) for the cost of CLEX at scales above 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 32000
+BASE_WINDOW = 256
+MAX_FACTOR = 16
+
+
+def build(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write the plain and the CLEX variants; returns their folders."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=BASE_WINDOW,
+                         bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config)
+    plain = folder / "plain"
+    model.save_pretrained(plain)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(plain)
+
+    clex = folder / "clex"
+    clex.mkdir()
+    for file in plain.iterdir():
+        if file.name not in ("config.json", "model.safetensors"):
+            (clex / file.name).write_bytes(file.read_bytes())
+    raw = json.loads((plain / "config.json").read_text())
+    raw.pop("rope_parameters", None)
+    raw.update(rope_theta=10000.0, log_scale=False,
+               rope_scaling={"type": "clex", "max_factor": MAX_FACTOR, "param_factor": 1, "act": "silu"})
+    (clex / "config.json").write_text(json.dumps(raw, indent=2))
+    from safetensors.torch import load_file, save_file
+    weights = load_file(str(plain / "model.safetensors"))
+    head_dim = 512 // 8
+    generator = torch.Generator().manual_seed(seed + 1)
+    weights["model.clex_layer.proj_func.ode_up_proj"] = torch.randn(head_dim // 2, head_dim, generator=generator) * 0.1
+    weights["model.clex_layer.proj_func.ode_down_proj"] = torch.randn(head_dim, head_dim // 2, generator=generator) * 0.1
+    save_file(weights, str(clex / "model.safetensors"), metadata={"format": "pt"})
+    return plain, clex
+
+
+def parameter_count(folder: Path) -> int:
+    from safetensors import safe_open
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as reader:
+        return sum(reader.get_slice(name).get_shape().numel() if hasattr(reader.get_slice(name).get_shape(), "numel")
+                   else int(torch.tensor(reader.get_slice(name).get_shape()).prod()) for name in reader.keys())

@@ -8,11 +8,17 @@ from pathlib import Path
 from clex_serve.config import ModelConfig
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
     # transformers reads config.json on the way and warns about the 'clex' rope type it does not know.
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}); pass --tokenizer")
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:

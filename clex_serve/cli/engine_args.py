@@ -1,0 +1,54 @@
+"""Engine flags shared by every ``clex-serve`` command, and their translation into ``EngineConfig``."""
+
+from __future__ import annotations
+
+import argparse
+
+from clex_serve.attention.selector import BACKENDS
+from clex_serve.engine.engine_config import EngineConfig
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and engine")
+    group.add_argument("--model", help="Hugging Face folder or hub id (default: the embedded demo model)")
+    group.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the model's)")
+    group.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    group.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    group.add_argument("--max-model-len", type=positive_int,
+                       help="longest prompt + output (default: max_position_embeddings * max_factor for CLEX)")
+    group.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences batched together")
+    group.add_argument("--max-num-batched-tokens", type=positive_int, help="tokens per prefill step")
+    group.add_argument("--block-size", type=positive_int, help="KV cache block size in tokens")
+    group.add_argument("--kv-cache-memory", type=positive_float, metavar="GIB", help="KV cache size in GiB")
+    group.add_argument("--kv-cache-memory-fraction", type=positive_float, default=0.9,
+                       help="fraction of free accelerator memory for the KV cache (CPU: of RAM, at most 4 GiB)")
+    group.add_argument("--enable-prefix-caching", action="store_true", help="reuse KV blocks of shared prompt prefixes")
+    group.add_argument("--attention-backend", default="auto", choices=BACKENDS)
+    group.add_argument("--log-scale", default=None, choices=["true", "false"],
+                       help="override the checkpoint's CLEX log_scale")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, tokenizer=args.tokenizer, revision=args.revision, dtype=args.dtype,
+        device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        kv_cache_memory_gib=args.kv_cache_memory, kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+        enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend,
+        log_scale=None if args.log_scale is None else args.log_scale == "true",
+    )

@@ -1,0 +1,37 @@
+"""The ``clex-serve`` command as a user runs it: a real subprocess, its output and exit status."""
+
+import os
+import subprocess
+import sys
+
+from engine_helpers import model_with_tokenizer
+
+
+def run_cli(*args, stdin=None, env=None):
+    return subprocess.run([sys.executable, "-m", "clex_serve.cli.main", *args], input=stdin, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_generate_streams_a_completion(tmp_path):
+    folder = model_with_tokenizer("llama", tmp_path)
+    result = run_cli("generate", "--model", str(folder), "--device", "cpu", "--max-tokens", "8",
+                     stdin="CLEX scales\ndef generate\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all(lines)
+    assert "Loading weights" in result.stderr  # progress while loading
+
+
+def test_bad_flag_is_named_without_a_traceback():
+    result = run_cli("generate", "--max-num-seqs", "0")
+    assert result.returncode == 2
+    assert "argument --max-num-seqs: must be a positive integer" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_offline_hub_id_gives_one_line(tmp_path):
+    result = run_cli("generate", "--model", "DAMO-NLP-SG/CLEX-7B-Chat-16K", "--prompt", "hi",
+                     env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "DAMO-NLP-SG/CLEX-7B-Chat-16K" in line and "--model DIR" in line

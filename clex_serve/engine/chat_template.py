@@ -13,7 +13,7 @@ VICUNA_SYSTEM = (
 
 VICUNA_TEMPLATE = (
     "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-    "{% set turns = messages[1:] %}{% else %}{% set system = '" + VICUNA_SYSTEM + "' %}"
+    "{% set turns = messages[1:] %}{% else %}{% set system = \"" + VICUNA_SYSTEM + "\" %}"
     "{% set turns = messages %}{% endif %}"
     "{{ system }}"
     "{% for message in turns %}"

@@ -5,21 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clex_serve.layers.activation import get_activation
-
-
-class MixtralExpert(nn.Module):
-    """One expert, with the checkpoint's names: ``w2(act(w1(x)) * w3(x))``."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.w2 = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.w3 = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.act = get_activation(act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.act(self.w1(x)) * self.w3(x))
+from clex_serve.layers.mlp import GatedMLP
 
 
 class SparseMoE(nn.Module):
@@ -27,7 +13,8 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k = top_k
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
-        self.experts = nn.ModuleList(MixtralExpert(hidden_size, intermediate_size, act) for _ in range(num_experts))
+        # Each expert is a gated MLP; checkpoints name its projections w1 (gate), w3 (up), w2 (down).
+        self.experts = nn.ModuleList(GatedMLP(hidden_size, intermediate_size, act) for _ in range(num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)

@@ -17,7 +17,12 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
 
 
 class MixtralForCausalLM(CausalLM):
-    weight_renames = CausalLM.weight_renames + ((".block_sparse_moe.", ".mlp."),)
+    weight_renames = CausalLM.weight_renames + (
+        (".block_sparse_moe.", ".mlp."),
+        (".w1.", ".gate_proj."),
+        (".w3.", ".up_proj."),
+        (".w2.", ".down_proj."),
+    )
 
     def __init__(self, config: ModelConfig) -> None:
         layers = [MixtralDecoderLayer(config) for _ in range(config.num_hidden_layers)]

@@ -60,6 +60,8 @@ class LLM:
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm) as progress:
             while len(finished) < len(request_ids):
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError("the engine stopped with requests unfinished")  # never loop forever
                 for output in self.engine.step():
                     if output.finished:
                         finished[output.request_id] = output

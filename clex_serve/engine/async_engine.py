@@ -66,6 +66,7 @@ class AsyncLLMEngine:
 
     def _loop(self) -> None:
         while not self._stopped:
+            self._wake.clear()  # before looking for work, so a request added meanwhile wakes the wait below
             with self._lock:
                 busy = self.engine.has_unfinished_requests()
                 try:
@@ -83,7 +84,6 @@ class AsyncLLMEngine:
                     loop.call_soon_threadsafe(queue.put_nowait, output)
             if not busy:
                 self._wake.wait(timeout=0.5)
-                self._wake.clear()
 
     def _fail_all(self, error: Exception) -> None:
         for request_id, (loop, queue) in list(self._queues.items()):

@@ -3,7 +3,7 @@
     python -m clex_serve.train.build_default_model [--run-dir runs/demo] [--out clex_serve/assets/default_model]
 
 1. tokenizer and token streams from the standard library (``prepare``);
-2. pretraining with CLEX and, for the comparison, with plain RoPE: two processes side by side, one thread each;
+2. pretraining with plain RoPE (the baseline), then CLEX continued pretraining of that model (``pretrain``);
 3. the chat fine-tune of the CLEX model, exported to ``--out`` in bfloat16 (float32 copy in the run folder);
 4. the length-extrapolation evaluation, written to ``RUN_DIR/evaluation.{md,json,png}``.
 
@@ -13,8 +13,6 @@ Every stage resumes from what ``--run-dir`` already holds, so an interrupted bui
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -22,30 +20,18 @@ import torch
 from clex_serve.train.export import export_model
 from clex_serve.train.model import build_model
 from clex_serve.train.prepare import prepare, tokenizer_dir
+from clex_serve.train.pretrain import finished_weights, pretrain
 from clex_serve.train.recipe import MAX_FACTOR, Recipe
 from clex_serve.train.sft import finetune
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "default_model"
 
 
-def run_pretraining(run_dir: Path) -> None:
-    processes = [
-        subprocess.Popen([sys.executable, "-m", "clex_serve.train.pretrain", str(run_dir), "--rope", rope])
-        for rope in ("clex", "plain")
-    ]
-    codes = [process.wait() for process in processes]
-    if any(codes):
-        raise SystemExit(f"pretraining failed (exit codes {codes}); rerun the command to resume")
-
-
 def run_finetune(run_dir: Path, out: Path, recipe: Recipe) -> Path:
     shape = recipe.shape
     tokenizer, train_stream, _ = prepare(run_dir, shape.vocab_size, shape.base_len * MAX_FACTOR)
     model = build_model(shape, use_clex=True, seed=recipe.pretrain.seed)
-    pretrained = torch.load(run_dir / "clex" / "checkpoint.pt", weights_only=False)
-    if pretrained["step"] != recipe.pretrain.steps:
-        raise SystemExit("the CLEX pretraining checkpoint is unfinished; rerun the command to resume it")
-    model.load_state_dict(pretrained["model"])
+    model.load_state_dict(finished_weights(run_dir / "clex" / "checkpoint.pt", recipe.clex.steps))
     finetune(model, shape, tokenizer, train_stream, recipe.sft, recipe.sft_batch_size, recipe.sft_lm_batch_size,
              run_dir / "clex" / "sft_checkpoint.pt")
     export_model(model, shape, run_dir / "clex" / "chat", tokenizer_dir(run_dir), True, MAX_FACTOR)
@@ -71,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # sized for one thread per process; see recipe.py
     recipe = Recipe()
     prepare(args.run_dir, recipe.shape.vocab_size, recipe.shape.base_len * MAX_FACTOR)
-    run_pretraining(args.run_dir)
+    for rope in ("plain", "clex"):
+        pretrain(args.run_dir, rope, recipe)
     shipped = run_finetune(args.run_dir, args.out, recipe)
     print(f"chat model: {shipped}")
     if not args.skip_eval:

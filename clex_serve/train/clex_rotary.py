@@ -14,6 +14,22 @@ from torch import nn
 from clex_serve.layers.rotary.clex_ode import ClexODE
 
 
+class CachedNtkClexODE(ClexODE):
+    """``ClexODE`` with its NTK terms memoised by time point: they depend on ``t`` alone (no parameters), and
+    the fixed RK4 grid visits the same time points every step, so training stops recomputing them (they are
+    about half the forward cost of the solve). Same function, same floats: the solution is bit-identical."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._ntk_cache: dict[tuple[float, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _ntk_terms(self, t: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (float(t), str(device))
+        if key not in self._ntk_cache:
+            self._ntk_cache[key] = super()._ntk_terms(t, device)
+        return self._ntk_cache[key]
+
+
 class TrainingRotary(nn.Module):
     """``use_clex=False`` is plain RoPE at the given positions; with CLEX, scale ``t > 1`` rotates with
     ``exp`` of the ODE solved from 1 to ``t`` (differentiable), and ``t == 1`` with the base ``inv_freq``."""
@@ -24,7 +40,7 @@ class TrainingRotary(nn.Module):
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
         self.register_buffer("inv_freq", 1.0 / (rope_theta ** exponents), persistent=True)
         self.use_clex = use_clex
-        self.proj_func = ClexODE(head_dim, param_factor, act, time_dt) if use_clex else None
+        self.proj_func = CachedNtkClexODE(head_dim, param_factor, act, time_dt) if use_clex else None
         if self.proj_func is not None:
             self.proj_func.reset_parameters()
         self._positions: torch.Tensor | None = None

@@ -20,6 +20,7 @@ from clex_serve.train.tokenizer import BOS, EOS, VICUNA_SYSTEM
 from clex_serve.train.trainer import Batch, TrainConfig, Trainer
 
 IGNORE_INDEX = -100
+MIN_ANSWER_TOKENS = 8  # an example whose prompt leaves less room than this teaches nothing; it is dropped
 
 
 def chat_prompt(question: str) -> str:
@@ -27,15 +28,16 @@ def chat_prompt(question: str) -> str:
     return f"{BOS}{VICUNA_SYSTEM} USER: {question} ASSISTANT:"
 
 
-def encode_example(tokenizer: Tokenizer, pair: InstructionPair, max_len: int) -> tuple[list[int], list[int]]:
-    """(input ids, labels): labels are the ids on the answer and its ``</s>``, IGNORE_INDEX on the prompt."""
+def encode_example(tokenizer: Tokenizer, pair: InstructionPair,
+                   max_len: int) -> tuple[list[int], list[int]] | None:
+    """(input ids, labels): labels are the ids on the answer and its ``</s>``, IGNORE_INDEX on the prompt.
+    Answers are cut to fit ``max_len``; None when the prompt alone leaves no room for an answer."""
     prompt = tokenizer.encode(chat_prompt(pair.question), add_special_tokens=False).ids
+    if len(prompt) + MIN_ANSWER_TOKENS > max_len:
+        return None
     answer = tokenizer.encode(" " + pair.answer, add_special_tokens=False).ids
-    answer = answer[: max(max_len - len(prompt) - 1, 0)] + [tokenizer.token_to_id(EOS)]
-    ids = prompt + answer
-    if len(ids) > max_len:
-        raise ValueError(f"question too long for a {max_len}-token example: {pair.question!r}")
-    return ids, [IGNORE_INDEX] * len(prompt) + answer
+    answer = answer[: max_len - len(prompt) - 1] + [tokenizer.token_to_id(EOS)]
+    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
 
 class ChatBatches:
@@ -43,8 +45,7 @@ class ChatBatches:
 
     def __init__(self, tokenizer: Tokenizer, pairs: list[InstructionPair], batch_size: int, max_len: int,
                  seed: int) -> None:
-        encoded = [encode_example(tokenizer, pair, max_len) for pair in pairs
-                   if len(chat_prompt(pair.question)) < 4 * max_len]
+        encoded = [example for example in (encode_example(tokenizer, pair, max_len) for pair in pairs) if example]
         if len(encoded) < batch_size:
             raise ValueError(f"only {len(encoded)} chat examples for a batch of {batch_size}")
         pad = tokenizer.token_to_id(EOS)

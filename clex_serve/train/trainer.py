@@ -35,8 +35,9 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     # The CLEX projection learns at this fraction of the learning rate. The ODE integrates its output over up
-    # to T - 1 time units, so at the transformer's rate it diverges within ~50 steps (frequencies of e^37).
-    ode_lr_ratio: float = 0.01
+    # to T - 1 time units, so at the transformer's rate it diverged within 50 steps (frequencies of e^37 at
+    # t = 16, then NaN); the official fine-tunes use ~1e-5 for all weights.
+    ode_lr_ratio: float = 0.002
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -132,7 +133,7 @@ class Trainer:
     def train_step(self) -> tuple[float, list[int]]:
         self.model.train()
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config.lr_at(self.step) * group["lr_ratio"]
+            group["lr"] = self.config.lr_at(self.step) * group.get("lr_ratio", 1.0)
         batches = self.batches(self.step)
         total, scales = 0.0, []
         self.optimizer.zero_grad(set_to_none=True)
@@ -154,6 +155,16 @@ class Trainer:
         self.step += 1
         return total, scales
 
+    def _ode_summary(self) -> str:
+        """How far the learned frequencies at the largest scale moved from CLEX's NTK starting point."""
+        rotary = rotary_of(self.model)
+        if not self.use_clex or rotary.proj_func is None:
+            return ""
+        with torch.no_grad():
+            rotary.set_step(torch.zeros(1), self.config.max_factor)
+            log_freq = torch.log(rotary.scaled_inv_freq())
+        return f" | log inv_freq at t={self.config.max_factor}: [{log_freq.min():.2f}, {log_freq.max():.2f}]"
+
     def run(self, desc: str = "train") -> None:
         resumed = self.load_checkpoint()
         if resumed:
@@ -170,5 +181,6 @@ class Trainer:
                 if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
                     self.save_checkpoint()
                     self.log(f"{desc}: step {self.step} mean loss {sum(recent) / len(recent):.4f} "
-                             f"lr {self.config.lr_at(self.step - 1):.2e} elapsed {time.time() - start:.0f}s")
+                             f"lr {self.config.lr_at(self.step - 1):.2e} elapsed {time.time() - start:.0f}s"
+                             + self._ode_summary())
                     recent = []

@@ -77,6 +77,13 @@ def test_scheduler_admits_new_requests_between_decode_steps():
     assert out.is_prefill and [c.seq for c in out.chunks] == [b]
 
 
+def _run_chunks(out):
+    """What the engine does after a step: the chunk's tokens are cached and a token is sampled."""
+    for chunk in out.chunks:
+        chunk.seq.num_cached_tokens = chunk.end
+        chunk.seq.token_ids.append(9)
+
+
 def test_scheduler_limits_sequences_and_preempts_the_newest_when_blocks_run_out():
     manager = BlockManager(num_blocks=4, block_size=4)
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64), manager, clex_scale)
@@ -85,13 +92,15 @@ def test_scheduler_limits_sequences_and_preempts_the_newest_when_blocks_run_out(
         scheduler.add(seq)
     out = scheduler.schedule()
     assert [c.seq for c in out.chunks] == seqs[:2]  # max_num_seqs
-    for seq in seqs[:2]:
-        seq.num_cached_tokens = 4
-        seq.token_ids += [9, 9, 9, 9, 9]  # pretend they grew to 9 tokens: 3 blocks each are needed
-        seq.num_cached_tokens = 8
-    out = scheduler.schedule()
+    _run_chunks(out)
+    for _ in range(4):  # lengths 5..8: two blocks each, the whole pool
+        out = scheduler.schedule()
+        assert not out.is_prefill and not out.preempted and len(out.chunks) == 2
+        _run_chunks(out)
+    out = scheduler.schedule()  # length 9 needs a third block each: the newest is preempted
     assert out.preempted == [seqs[1]] and [c.seq for c in out.chunks] == [seqs[0]]
-    assert scheduler.waiting[0] is seqs[1] and seqs[1].block_table == []
+    assert scheduler.waiting[0] is seqs[1] and seqs[1].block_table == [] and seqs[1].num_cached_tokens == 0
+    assert manager.num_free_blocks == 1
 
 
 def test_recompute_replays_each_scale_in_its_own_chunk():

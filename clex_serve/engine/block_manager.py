@@ -87,9 +87,6 @@ class BlockManager:
             seq.cache_scale = cache_key.scale  # the reused keys are rotated with it
         self.prefix_hits += seq.num_cached_tokens
 
-    def can_append(self, seq: Sequence, new_len: int) -> bool:
-        return self.blocks_for(new_len) - len(seq.block_table) <= self.num_free_blocks
-
     def append(self, seq: Sequence, new_len: int) -> None:
         while len(seq.block_table) < self.blocks_for(new_len):
             seq.block_table.append(self._take_free())

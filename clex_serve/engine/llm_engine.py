@@ -15,6 +15,7 @@ from clex_serve.engine.block_manager import BlockManager, PrefixKey
 from clex_serve.engine.detokenizer import IncrementalDetokenizer
 from clex_serve.engine.engine_config import EngineConfig, num_kv_blocks
 from clex_serve.engine.loader import load_model
+from clex_serve.engine.model_source import resolve_model_path
 from clex_serve.engine.model_runner import ModelRunner, SequenceStep
 from clex_serve.engine.outputs import RequestOutput
 from clex_serve.engine.request import Request
@@ -30,13 +31,14 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.engine_config = config
         overrides = {} if config.log_scale is None else {"log_scale": config.log_scale}
-        loaded = load_model(config.resolved_model(), dtype=config.dtype, device=config.device,
-                            revision=config.revision, show_progress=config.show_progress,
-                            config_overrides=overrides)
+        model_path = resolve_model_path(config.resolved_model(), config.revision)
+        # The tokenizer first: it is cheap, and a missing one should not cost a model load to discover.
+        self.tokenizer = load_tokenizer(config.tokenizer or model_path)
+        loaded = load_model(model_path, dtype=config.dtype, device=config.device,
+                            show_progress=config.show_progress, config_overrides=overrides)
         self.model_config = loaded.config
         self.model_path = loaded.path
         self.device = loaded.device
-        self.tokenizer = load_tokenizer(config.tokenizer or loaded.path)
         self.eos_token_ids = eos_token_ids(loaded.path, self.model_config, self.tokenizer)
         self.max_model_len = config.resolved_max_model_len(self.model_config)
 

@@ -150,13 +150,11 @@ class Scheduler:
         return SchedulerOutput(chunks, False, preempted)
 
     def _can_decode(self, seq: Sequence) -> bool:
-        extra = 0
+        """Free blocks for the new token's slot and, if its scale changes, for unsharing its blocks."""
+        needed = self.block_manager.blocks_for(len(seq)) - len(seq.block_table)
         if seq.num_cached_tokens and self.scale_for_length(len(seq)) != seq.cache_scale:
-            extra = self.block_manager.free_blocks_needed_for_rescale(seq)
-        return self.block_manager.can_append(seq, len(seq) + 0) and (
-            self.block_manager.blocks_for(len(seq)) - len(seq.block_table) + extra
-            <= self.block_manager.num_free_blocks
-        )
+            needed += self.block_manager.free_blocks_needed_for_rescale(seq)
+        return needed <= self.block_manager.num_free_blocks
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

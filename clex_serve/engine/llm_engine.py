@@ -27,6 +27,10 @@ from clex_serve.engine.tokenizer import eos_token_ids, load_tokenizer
 from clex_serve.sampling_params import SamplingParams
 
 
+# Rows of prompt logits materialised at once when computing prompt logprobs.
+_PROMPT_LOGPROB_ROWS = 256
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.engine_config = config
@@ -148,8 +152,8 @@ class LLMEngine:
             if chunk.is_prompt_pass:
                 if seq.num_output_tokens == 0:
                     self.block_manager.register_prompt_blocks(seq, self._prefix_key(seq))
-                if row in result.all_logits:
-                    self._set_prompt_logprobs(seq, result.all_logits[row])
+                if row in result.all_hidden:
+                    self._set_prompt_logprobs(seq, result.all_hidden[row], result.compute_logits)
             if chunk.samples:
                 sampling_rows.append(row)
                 sampling_seqs.append(seq)
@@ -186,16 +190,18 @@ class LLMEngine:
             per_token_scale=chunk.per_token_scale,
         )
 
-    def _set_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _set_prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, compute_logits) -> None:
+        """Logprob of each prompt token given the tokens before it, in row chunks to bound memory."""
         request = self.requests[seq.request_id]
         num_top = seq.params.prompt_logprobs
-        logprobs = torch.log_softmax(logits, dim=-1)
-        # logits row i predicts prompt token i + 1 (only the tokens computed in this pass are covered)
-        start = seq.num_cached_tokens - logits.shape[0]
-        entries: list = [None] * (start + 1)
-        for row in range(logits.shape[0] - 1):
-            entries.append(token_logprobs(logprobs[row], seq.token_ids[start + row + 1], num_top))
-        request.prompt_logprobs = entries[:seq.num_prompt_tokens]
+        entries: list = [None]  # the first prompt token has no context
+        for start in range(0, hidden.shape[0] - 1, _PROMPT_LOGPROB_ROWS):
+            end = min(start + _PROMPT_LOGPROB_ROWS, hidden.shape[0] - 1)
+            logprobs = torch.log_softmax(compute_logits(hidden[start:end]).float(), dim=-1).cpu()
+            for row in range(end - start):
+                # row start + r predicts prompt token start + r + 1
+                entries.append(token_logprobs(logprobs[row], seq.token_ids[start + row + 1], num_top))
+        request.prompt_logprobs = entries
 
     def _append_token(self, seq: Sequence, token_id: int, logprobs) -> None:
         request = self.requests[seq.request_id]

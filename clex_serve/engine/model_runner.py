@@ -7,6 +7,7 @@ frequency rows, and applies the CLEX log scale to queries where the config asks 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -46,7 +47,15 @@ class SequenceStep:
 class StepResult:
     last_logits: torch.Tensor  # [B, vocab] float32: next-token logits of each sequence
     scales: list[int]  # the scale each sequence's cache now carries
-    all_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # index -> [new tokens, vocab]
+    # index -> [new tokens, hidden] final hidden states, for sequences that asked for every token's logits.
+    # Kept as hidden states because [tokens, vocab] logits of a long prompt do not fit in memory at once.
+    all_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    compute_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def all_logits(self) -> dict[int, torch.Tensor]:
+        """index -> [new tokens, vocab] float32 logits (materialised whole: for short sequences)."""
+        return {index: self.compute_logits(hidden).float() for index, hidden in self.all_hidden.items()}
 
 
 class ModelRunner:
@@ -86,12 +95,12 @@ class ModelRunner:
 
         last_rows = meta.cu_seqlens_q[1:].long() - 1
         last_logits = self.model.compute_logits(hidden[last_rows]).float()
-        all_logits = {}
+        all_hidden = {}
         starts = meta.cu_seqlens_q.tolist() if any(step.all_logits for step in steps) else []
         for index, step in enumerate(steps):
             if step.all_logits:
-                all_logits[index] = self.model.compute_logits(hidden[starts[index]:starts[index + 1]]).float()
-        return StepResult(last_logits, scales, all_logits)
+                all_hidden[index] = hidden[starts[index]:starts[index + 1]]
+        return StepResult(last_logits, scales, all_hidden, self.model.compute_logits)
 
     def _prepare(self, steps: list[SequenceStep], scales: list[int]) -> tuple[torch.Tensor, AttentionMetadata]:
         block_size = self.block_size

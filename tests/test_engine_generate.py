@@ -213,3 +213,19 @@ def test_async_engine_streams_and_aborts(engines):
     assert counts == list(range(1, 101))
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("name", ["llama_logscale", "phi"])
+def test_chunked_prompts_equal_one_pass(name, engines):
+    """With 16 batched tokens per step, prompts run in chunks at the full prompt's scale: golden greedy
+    outputs, and prompt logprobs equal to the one-pass prefill logits."""
+    llm = engines(name, max_num_batched_tokens=16, block_size=4)
+    outputs = llm.generate([_prompt(name, p) for p in GREEDY_PROMPTS], GREEDY_TO_LIMIT)
+    for prompt_len, output in zip(GREEDY_PROMPTS, outputs):
+        _assert_golden_greedy(name, prompt_len, output.outputs[0])
+    [output] = llm.generate(_prompt(name, 65), SamplingParams(max_tokens=1, prompt_logprobs=0))
+    expected = torch.log_softmax(reference_cases(name)["prefill_65"], dim=-1)
+    assert len(output.prompt_logprobs) == 65
+    for position in range(1, 65):
+        token = output.prompt_token_ids[position]
+        assert abs(output.prompt_logprobs[position][token].logprob - expected[position - 1, token].item()) < 1e-4

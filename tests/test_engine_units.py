@@ -140,3 +140,18 @@ def test_incremental_detokenization_streams_exact_text(make_tokenizer):
     pieces = [detokenizer.add(token) for token in generated]
     assert "".join(pieces) == tokenizer.decode(ids[3:], skip_special_tokens=True)
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_long_prompt_is_chunked_at_the_full_prompts_scale():
+    manager = BlockManager(num_blocks=32, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=4), manager, clex_scale)
+    seq = _seq(0, 10)
+    scheduler.add(seq)
+    chunks = []
+    while scheduler.needs_prefill(seq):
+        [chunk] = scheduler.schedule().chunks
+        chunks.append((chunk.start, chunk.end, chunk.scale_len, chunk.samples))
+        seq.num_cached_tokens = chunk.end
+        if chunk.samples:
+            seq.token_ids.append(9)
+    assert chunks == [(0, 4, 10, False), (4, 8, 10, False), (8, 10, 10, True)]

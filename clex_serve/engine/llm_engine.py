@@ -149,11 +149,10 @@ class LLMEngine:
             seq = chunk.seq
             seq.num_cached_tokens = chunk.end
             seq.cache_scale = result.scales[row]
-            if chunk.is_prompt_pass:
-                if seq.num_output_tokens == 0:
-                    self.block_manager.register_prompt_blocks(seq, self._prefix_key(seq))
-                if row in result.all_hidden:
-                    self._set_prompt_logprobs(seq, result.all_hidden[row], result.compute_logits)
+            if row in result.all_hidden:
+                self._add_prompt_logprobs(seq, chunk.start, result.all_hidden[row], result.compute_logits)
+            if chunk.is_prompt_pass and chunk.end == seq.num_prompt_tokens and seq.num_output_tokens == 0:
+                self.block_manager.register_prompt_blocks(seq, self._prefix_key(seq))
             if chunk.samples:
                 sampling_rows.append(row)
                 sampling_seqs.append(seq)
@@ -190,18 +189,19 @@ class LLMEngine:
             per_token_scale=chunk.per_token_scale,
         )
 
-    def _set_prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, compute_logits) -> None:
-        """Logprob of each prompt token given the tokens before it, in row chunks to bound memory."""
+    def _add_prompt_logprobs(self, seq: Sequence, start: int, hidden: torch.Tensor, compute_logits) -> None:
+        """Logprob of each prompt token given the tokens before it, for a prompt chunk starting at ``start``;
+        in row pieces so that a long prompt never materialises [tokens, vocab] logits at once."""
         request = self.requests[seq.request_id]
-        num_top = seq.params.prompt_logprobs
-        entries: list = [None]  # the first prompt token has no context
-        for start in range(0, hidden.shape[0] - 1, _PROMPT_LOGPROB_ROWS):
-            end = min(start + _PROMPT_LOGPROB_ROWS, hidden.shape[0] - 1)
-            logprobs = torch.log_softmax(compute_logits(hidden[start:end]).float(), dim=-1).cpu()
-            for row in range(end - start):
-                # row start + r predicts prompt token start + r + 1
-                entries.append(token_logprobs(logprobs[row], seq.token_ids[start + row + 1], num_top))
-        request.prompt_logprobs = entries
+        if start == 0:
+            request.prompt_logprobs = [None]  # the first prompt token has no context
+        rows = min(hidden.shape[0], seq.num_prompt_tokens - 1 - start)  # the last prompt row predicts output
+        for offset in range(0, rows, _PROMPT_LOGPROB_ROWS):
+            end = min(offset + _PROMPT_LOGPROB_ROWS, rows)
+            logprobs = torch.log_softmax(compute_logits(hidden[offset:end]).float(), dim=-1).cpu()
+            for row in range(end - offset):
+                target = seq.token_ids[start + offset + row + 1]
+                request.prompt_logprobs.append(token_logprobs(logprobs[row], target, seq.params.prompt_logprobs))
 
     def _append_token(self, seq: Sequence, token_id: int, logprobs) -> None:
         request = self.requests[seq.request_id]

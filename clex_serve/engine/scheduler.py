@@ -24,7 +24,7 @@ from clex_serve.engine.sequence import Sequence, SequenceStatus
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int = 8192  # longer prompts are computed in chunks of this size
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -93,42 +93,47 @@ class Scheduler:
             return SchedulerOutput(chunks, True, [])
         return self._schedule_decode()
 
-    def _next_chunk(self, seq: Sequence) -> ScheduledChunk:
+    @staticmethod
+    def needs_prefill(seq: Sequence) -> bool:
+        """Part of the prompt, or more than the last sampled token, is not in the cache yet."""
+        return seq.num_cached_tokens < seq.num_prompt_tokens or seq.num_uncomputed_tokens > 1
+
+    def _next_chunk(self, seq: Sequence, budget: int) -> ScheduledChunk:
+        """The next piece of ``seq`` to compute, at most ``budget`` tokens (at least one).
+
+        Prompt chunks all rotate with the full prompt's scale, so a chunked prompt equals one pass.
+        """
         cached, prompt_len = seq.num_cached_tokens, seq.num_prompt_tokens
+        limit = cached + max(budget, 1)
         if cached < prompt_len:
-            return ScheduledChunk(seq, cached, prompt_len, prompt_len, False, True)
+            return ScheduledChunk(seq, cached, min(prompt_len, limit), prompt_len, False, True)
         scale = self.scale_for_length(cached + 1)
         end = cached + 1
-        while end < len(seq) and self.scale_for_length(end + 1) == scale:
+        while end < min(len(seq), limit) and self.scale_for_length(end + 1) == scale:
             end += 1
         return ScheduledChunk(seq, cached, end, None, True, False)
 
     def _schedule_prefill(self) -> list[ScheduledChunk]:
         budget = self.config.max_num_batched_tokens
         chunks = []
-        # Sequences in the middle of a recompute go first: they already hold their blocks.
+        # Sequences part-way through a chunked prompt or a recompute go first: they hold their blocks.
         for seq in self.running:
-            if seq.num_uncomputed_tokens > 1:
-                chunk = self._next_chunk(seq)
-                if chunk.num_tokens > budget and chunks:
-                    break
-                chunks.append(chunk)
-                budget -= chunk.num_tokens
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            if budget <= 0:
+                break
+            if self.needs_prefill(seq):
+                chunks.append(self._next_chunk(seq, budget))
+                budget -= chunks[-1].num_tokens
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             key = self.prefix_key(seq) if seq.num_output_tokens == 0 else None
             if not self.block_manager.can_allocate(seq, key):
                 break
             self.block_manager.allocate(seq, key)
-            chunk = self._next_chunk(seq)
-            if chunk.num_tokens > budget and chunks:
-                self.block_manager.free(seq)
-                break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            chunks.append(chunk)
-            budget -= chunk.num_tokens
+            chunks.append(self._next_chunk(seq, budget))
+            budget -= chunks[-1].num_tokens
         return chunks
 
     def _schedule_decode(self) -> SchedulerOutput:

@@ -72,6 +72,7 @@ def export_model(model, shape: ModelShape, folder: Path, tokenizer_folder: Path,
     folder.mkdir(parents=True, exist_ok=True)
     save_file(checkpoint_tensors(model, use_clex, SAVE_DTYPES[dtype]), str(folder / "model.safetensors"),
               metadata={"format": "pt"})
+    (folder / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the shipped copy must be readable
     (folder / "config.json").write_text(json.dumps(hf_config(shape, use_clex, max_factor, dtype), indent=2) + "\n")
     context_limit = shape.base_len * (max_factor if use_clex else 1)
     generation = {"bos_token_id": shape.bos_token_id, "eos_token_id": shape.eos_token_id,

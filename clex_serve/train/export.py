@@ -81,12 +81,14 @@ def export_model(model, shape: ModelShape, folder: Path, tokenizer_folder: Path,
     for name in TOKENIZER_FILES:
         if (Path(tokenizer_folder) / name).exists():
             shutil.copyfile(Path(tokenizer_folder) / name, folder / name)
-    _set_tokenizer_max_length(folder / "tokenizer_config.json", context_limit)
+    _finish_tokenizer_config(folder / "tokenizer_config.json", context_limit)
     return folder
 
 
-def _set_tokenizer_max_length(path: Path, max_length: int) -> None:
+def _finish_tokenizer_config(path: Path, max_length: int) -> None:
     if path.exists():
         config = json.loads(path.read_text())
         config["model_max_length"] = max_length
+        # transformers 5 writes its own class name, which transformers 4 does not know; both load this one.
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

@@ -5,6 +5,7 @@
 (a) single-stream decode tokens/s: clex-serve vs transformers ``generate`` on the plain model (t = 1);
 (b) CLEX decode at lengths where t > 1 vs the same engine with CLEX replaced by plain RoPE;
 (c) output tokens/s at 1, 4 and 16 concurrent requests; (d) mean time to first token at each.
+(a) and (b) are medians of three alternating runs.
 Prints a table of the measurements and the ratios.
 """
 
@@ -43,7 +44,19 @@ def engine_decode_rate(llm: LLM, prompt_len: int, new_tokens: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def transformers_decode_rate(folder: Path, prompt_len: int, new_tokens: int) -> float:
+ROUNDS = 3  # each rate is the median of this many runs, alternating with its baseline
+
+
+def median_rates(first, second) -> tuple[float, float]:
+    """Median of ROUNDS alternating runs of two measurements, so that drift hits both alike."""
+    a, b = [], []
+    for _ in range(ROUNDS):
+        a.append(first())
+        b.append(second())
+    return sorted(a)[ROUNDS // 2], sorted(b)[ROUNDS // 2]
+
+
+def transformers_decoder(folder: Path, prompt_len: int, new_tokens: int):
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -58,7 +71,7 @@ def transformers_decode_rate(folder: Path, prompt_len: int, new_tokens: int) -> 
 
     run(4)  # warm up
     # Subtract a one-token generate (prefill and setup) so that both sides count decode steps only.
-    return (new_tokens - 1) / (run(new_tokens) - run(1))
+    return lambda: (new_tokens - 1) / (run(new_tokens) - run(1))
 
 
 def concurrency_run(llm: LLM, streams: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
@@ -96,16 +109,16 @@ def main() -> None:
         rows = []
 
         plain_llm = LLM(str(plain), **engine_args)
-        ours = engine_decode_rate(plain_llm, 32, args.new_tokens)
-        theirs = transformers_decode_rate(plain, 32, args.new_tokens)
+        ours, theirs = median_rates(lambda: engine_decode_rate(plain_llm, 32, args.new_tokens),
+                                    transformers_decoder(plain, 32, args.new_tokens))
         rows.append(("(a) single-stream decode, t = 1", f"{ours:.1f} tok/s", f"transformers {theirs:.1f} tok/s",
                      ours / theirs))
 
         clex_llm = LLM(str(clex), **engine_args)
         # Prompts of 3 base windows: every decode step runs at t = 4 (lengths 769..)
         prompt_len = 3 * BASE_WINDOW + 1
-        clex_rate = engine_decode_rate(clex_llm, prompt_len, args.new_tokens)
-        rope_rate = engine_decode_rate(plain_llm, prompt_len, args.new_tokens)
+        clex_rate, rope_rate = median_rates(lambda: engine_decode_rate(clex_llm, prompt_len, args.new_tokens),
+                                            lambda: engine_decode_rate(plain_llm, prompt_len, args.new_tokens))
         rows.append((f"(b) decode from {prompt_len} tokens (CLEX t = 4)", f"{clex_rate:.1f} tok/s",
                      f"plain RoPE {rope_rate:.1f} tok/s", clex_rate / rope_rate))
 

@@ -129,7 +129,7 @@ def main() -> None:
             rows.append((f"(c/d) {streams} concurrent streams, CLEX", f"{rate:.1f} out tok/s",
                          f"TTFT {ttft * 1000:.0f} ms", rate / throughput[1]))
 
-    print(f"\n| measurement | clex-serve | baseline | ratio |\n| --- | --- | --- | --- |")
+    print("\n| measurement | clex-serve | baseline | ratio |\n| --- | --- | --- | --- |")
     for name, ours_text, base_text, ratio in rows:
         print(f"| {name} | {ours_text} | {base_text} | {ratio:.2f} |")
     print("\nratios: (a) clex-serve / transformers; (b) CLEX / plain RoPE; (c) throughput / 1-stream throughput")

@@ -29,19 +29,31 @@ class ClexODE(nn.Module):
         self.ode_up_proj = nn.Parameter(torch.zeros(rotary_dim // 2, param_factor * rotary_dim))
         self.ode_down_proj = nn.Parameter(torch.zeros(param_factor * rotary_dim, rotary_dim // 2))
         self.act = _ACTIVATIONS[act]()
+        self._constant_cache: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def reset_parameters(self) -> None:
         """The official initialisation: the ODE starts as pure NTK scaling (down projection zero)."""
         nn.init.kaiming_uniform_(self.ode_up_proj, a=5 ** 0.5)
         nn.init.zeros_(self.ode_down_proj)
 
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The parts of the NTK terms that do not depend on t, computed once per device. They are the same
+        float32 values the full expressions compute at every call, so the solution stays bit-identical."""
+        cached = self._constant_cache.get(device)
+        if cached is None:
+            dim = self.rotary_dim
+            index = torch.arange(0, dim, 2, dtype=torch.float32, device=device)
+            cached = (index / dim, -2 * index / (dim - 2) * 1, NTK_BASE ** (index / dim), index / (dim - 2) + 1)
+            self._constant_cache[device] = cached
+        return cached
+
     def _ntk_terms(self, t: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         dim = self.rotary_dim
+        exponents, d_numerator, base_powers, d_exponents = self._constants(device)
         alpha = 1 if t < 1 else 2 * t - 1
         ntk_base = NTK_BASE * alpha ** (dim / (dim - 2))
-        index = torch.arange(0, dim, 2, dtype=torch.float32, device=device)
-        ntk_inv_freq = 1.0 / (ntk_base ** (index / dim))
-        d_ntk_inv_freq = -2 * index / (dim - 2) * 1 / (NTK_BASE ** (index / dim) * (alpha ** (index / (dim - 2) + 1)))
+        ntk_inv_freq = 1.0 / (ntk_base ** exponents)
+        d_ntk_inv_freq = d_numerator / (base_powers * (alpha ** d_exponents))
         return d_ntk_inv_freq, ntk_inv_freq
 
     def forward(self, t: torch.Tensor, log_inv_freq: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,6 @@ class SamplingParams:
     logprobs: int | None = None  # top alternatives returned per generated token (the sampled one always)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Accept lists and single strings the way vLLM does, then freeze them as tuples.

@@ -45,7 +45,7 @@ def test_llm_chat_generates_from_the_rendered_prompt(tmp_path):
 
 
 def _seq(params, prompt=(5, 6), output=()):
-    seq = Sequence(0, "r", 0, list(prompt), params, 0.0)
+    seq = Sequence(0, "r", 0, list(prompt), params)
     seq.token_ids += list(output)
     return seq
 

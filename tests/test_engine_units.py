@@ -13,7 +13,7 @@ from engine_helpers import TRAINING_TEXT, byte_level_tokenizer, sentencepiece_st
 
 
 def _seq(seq_id, length, params=SamplingParams()):
-    return Sequence(seq_id, f"r{seq_id}", 0, list(range(1, length + 1)), params, float(seq_id))
+    return Sequence(seq_id, f"r{seq_id}", 0, list(range(1, length + 1)), params)
 
 
 def clex_scale(length, window=8, max_factor=4):

@@ -97,7 +97,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         seqs, detokenizers = [], []
         for index in range(params.n):
-            seq = Sequence(next(self._seq_ids), request_id, index, list(token_ids), params, time.monotonic())
+            seq = Sequence(next(self._seq_ids), request_id, index, list(token_ids), params)
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
             seqs.append(seq)

@@ -30,7 +30,6 @@ class Sequence:
     index: int  # which of the request's n outputs
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival: float
     token_ids: list[int] = field(default_factory=list)  # prompt + generated
     status: SequenceStatus = SequenceStatus.WAITING
     # KV cache state: the block manager owns the blocks, the runner fills them.

@@ -11,17 +11,29 @@ from clex_serve.config import ModelConfig
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
+def _declared_class(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
+
+
 def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    # transformers reads config.json on the way and warns about the 'clex' rope type it does not know.
     folder = Path(path)
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}); pass --tokenizer")
+    # transformers reads config.json on the way and warns about the 'clex' rope type it does not know.
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
+        if folder.is_dir() and _declared_class(folder) == "PreTrainedTokenizerFast":
+            # The class AutoTokenizer would pick, without the seconds AutoTokenizer spends importing and
+            # resolving configs: this keeps the embedded model's start-up short.
+            from transformers import PreTrainedTokenizerFast
+            return PreTrainedTokenizerFast.from_pretrained(str(folder))
+        from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot load a tokenizer from {path}: {str(error).splitlines()[0]}") from None

@@ -19,7 +19,10 @@ class DecoderModel(nn.Module):
 
     def __init__(self, config: ModelConfig, layers: list[nn.Module], norm: nn.Module) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Given an uninitialised weight, Embedding skips its random init: the checkpoint fills it anyway, and on
+        # the meta device that init alone would cost seconds of imports at start-up.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.rotary_emb = get_rope(config)

@@ -46,7 +46,9 @@ class RotaryEmbedding(nn.Module):
 
     def _base_inv_freq(self, base: float | None = None) -> torch.Tensor:
         base = self.base if base is None else base
-        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64).float() / self.rotary_dim
+        # Always computed on the CPU in float32 (then moved): also under the loader's meta-device context,
+        # where the power would go through slow Python decompositions.
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64, device="cpu").float() / self.rotary_dim
         return 1.0 / (base ** exponents)
 
     def _compute_inv_freq(self) -> torch.Tensor:

@@ -5,7 +5,7 @@
 (a) single-stream decode tokens/s: clex-serve vs transformers ``generate`` on the plain model (t = 1);
 (b) CLEX decode at lengths where t > 1 vs the same engine with CLEX replaced by plain RoPE;
 (c) output tokens/s at 1, 4 and 16 concurrent requests; (d) mean time to first token at each.
-(a) and (b) are medians of three alternating runs.
+(a) and (b) are medians of five alternating runs.
 Prints a table of the measurements and the ratios.
 """
 
@@ -44,7 +44,7 @@ def engine_decode_rate(llm: LLM, prompt_len: int, new_tokens: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-ROUNDS = 3  # each rate is the median of this many runs, alternating with its baseline
+ROUNDS = 5  # each rate is the median of this many runs, alternating with its baseline
 
 
 def median_rates(first, second) -> tuple[float, float]:

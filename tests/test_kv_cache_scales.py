@@ -30,7 +30,8 @@ def test_cache_holds_one_entry_per_token_at_the_current_scale():
     attention = model.model.layers[0].self_attn
     with torch.no_grad():
         hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(torch.tensor(tokens)))
-        keys = attention.k_proj(hidden).view(128, attention.num_kv_heads, attention.head_dim)
+        _, keys, _ = attention.qkv_proj.forward_split(hidden)
+        keys = keys.reshape(128, attention.num_kv_heads, attention.head_dim)
         positions = torch.arange(128)
         cos, sin = runner.rope.cos_sin(positions, runner.rope.inv_freq_for_scale(4)[None])
         expected = apply_rotary(keys, cos, sin)

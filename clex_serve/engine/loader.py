@@ -17,6 +17,7 @@ from tqdm import tqdm
 from clex_serve.config import ModelConfig, read_lenient_json
 from clex_serve.engine.model_source import resolve_model_path
 from clex_serve.engine.weights import CheckpointError, checkpoint_files, count_tensors, iterate_tensors
+from clex_serve.layers.linear import PackedLinear
 from clex_serve.layers.rotary import get_rope
 from clex_serve.models import build_model
 from clex_serve.models.base import CausalLM
@@ -90,6 +91,12 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "auto", device: str
 def _expected_tensors(module: CausalLM) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Every tensor the checkpoint must or may provide, by name, and the names that are optional."""
     tensors = dict(module.named_parameters(remove_duplicate=False))
+    for name, layer in module.named_modules():
+        if isinstance(layer, PackedLinear):  # the checkpoint names the packed projections apart
+            for suffix in ("weight", "bias"):
+                tensors.pop(f"{name}.{suffix}", None)
+            parent = name.rsplit(".", 1)[0]
+            tensors.update({f"{parent}.{shard}": view for shard, view in layer.checkpoint_tensors().items()})
     optional = set()
     if module.config.is_clex:  # CLEX checkpoints store inv_freq, and the official code rotates with it
         tensors["model.rotary_emb.inv_freq"] = module.rotary_emb.inv_freq

@@ -11,6 +11,7 @@ from torch import nn
 
 from clex_serve.attention.metadata import AttentionMetadata
 from clex_serve.config import ModelConfig
+from clex_serve.layers.linear import PackedLinear
 from clex_serve.layers.rotary import apply_rotary
 
 
@@ -21,9 +22,11 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = PackedLinear(
+            hidden, {"q_proj": self.num_heads * self.head_dim, "k_proj": kv_size, "v_proj": kv_size},
+            bias=config.qkv_bias,
+        )
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -31,9 +34,10 @@ class Attention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         tokens = hidden_states.shape[0]
-        q = self.q_proj(hidden_states).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden_states).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden_states).view(tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj.forward_split(hidden_states)
+        q = q.reshape(tokens, self.num_heads, self.head_dim)
+        k = k.reshape(tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
         q = apply_rotary(q, meta.cos, meta.sin)
         k = apply_rotary(k, meta.cos, meta.sin)
         if meta.query_scale is not None:

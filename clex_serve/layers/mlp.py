@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from clex_serve.layers.activation import get_activation
+from clex_serve.layers.linear import PackedLinear
 
 
 class GatedMLP(nn.Module):
@@ -13,13 +14,14 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.gate_up_proj = PackedLinear(hidden_size, {"gate_proj": intermediate_size, "up_proj": intermediate_size},
+                                         bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act = get_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj.forward_split(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 class PhiMLP(nn.Module):

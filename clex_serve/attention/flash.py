@@ -16,6 +16,7 @@ FLASH_BLOCK_SIZE = 256
 
 class FlashAttentionBackend:
     name = "flash-attn"
+    supports_cuda_graphs = True  # decode reads cache_seqlens and block tables on the device
 
     def __init__(self, sliding_window: int | None) -> None:
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache

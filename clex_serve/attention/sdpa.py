@@ -39,6 +39,8 @@ def visibility_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
 
 class SdpaAttentionBackend:
     name = "sdpa"
+    # Its decode sizes the key gather by the longest context of the step, a host value: not capturable.
+    supports_cuda_graphs = False
 
     def __init__(self, sliding_window: int | None) -> None:
         self.sliding_window = sliding_window

@@ -3,7 +3,8 @@
 Layout ``[layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]``: a block of one layer is
 ``block_size`` consecutive token slots, which is the paged layout flash-attn reads. Keys are stored rotated
 with the scale of their sequence (see ``cache_rotation``); there is exactly one K and one V per token and
-layer.
+layer. One block more than the block manager hands out is kept as the padding block: rows that pad a
+CUDA graph's batch write their K/V there and read only it, so they never touch a sequence's blocks.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ class KVCachePool:
                  device: torch.device) -> None:
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block; give it more memory")
-        self.num_blocks = num_blocks
+        self.num_blocks = num_blocks  # usable blocks, 0 .. num_blocks - 1
+        self.padding_block = num_blocks
         self.block_size = block_size
         self.tensor = torch.zeros(
-            config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads, config.head_dim,
+            config.num_hidden_layers, 2, num_blocks + 1, block_size, config.num_key_value_heads, config.head_dim,
             dtype=dtype, device=device,
         )
 

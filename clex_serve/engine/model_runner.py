@@ -2,7 +2,8 @@
 
 Each sequence carries its own rotary scale: the runner computes the scale its length implies, brings its
 cached keys to that scale when it changed (once, in place), builds per-token cos/sin from per-sequence
-frequency rows, and applies the CLEX log scale to queries where the config asks for it.
+frequency rows, and applies the CLEX log scale to queries where the config asks for it. On CUDA, decode
+steps replay captured graphs (``cuda_graphs``); prefill and re-rotation stay eager.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from clex_serve.attention.metadata import AttentionMetadata
 from clex_serve.attention.selector import default_block_size, get_attention_backend
 from clex_serve.engine.cache_rotation import rerotate_cached_keys
+from clex_serve.engine.cuda_graphs import DecodeCudaGraphs
 from clex_serve.engine.kv_cache import KVCachePool
 from clex_serve.engine.loader import LoadedModel
 
@@ -42,6 +44,12 @@ class SequenceStep:
     def rotary_len(self) -> int:
         return self.scale_len or self.total_len
 
+    @property
+    def is_plain_decode(self) -> bool:
+        """One new token rotated at its own length: the step a captured decode graph computes."""
+        return (len(self.token_ids) == 1 and not self.all_logits and not self.per_token_scale
+                and self.rotary_len == self.total_len)
+
 
 @dataclass
 class StepResult:
@@ -60,7 +68,10 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int | None = None,
-                 attention_backend: str = "auto") -> None:
+                 attention_backend: str = "auto", max_num_seqs: int = 64, max_model_len: int | None = None,
+                 enforce_eager: bool = False) -> None:
+        """``max_num_seqs`` and ``max_model_len`` size the CUDA graphs' buffers; ``enforce_eager`` turns the
+        graphs off (vLLM's flag)."""
         self.model = loaded.model
         self.config = loaded.config
         self.device = loaded.device
@@ -75,6 +86,30 @@ class ModelRunner:
             attention.backend = self.backend
         self.rope = self.model.rotary_emb
         self._log_base = torch.log(torch.tensor(float(self.config.max_position_embeddings)))
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len or self.config.max_model_len
+        self.decode_graphs: DecodeCudaGraphs | None = None
+        if not enforce_eager and self.device.type == "cuda" and self.cuda_graphs_supported():
+            self.enable_decode_graphs()
+
+    def cuda_graphs_supported(self) -> bool:
+        return (self.backend.supports_cuda_graphs and self.model.supports_cuda_graphs
+                and self.rope.scale_table() is not None)
+
+    def enable_decode_graphs(self, capture: bool = True) -> None:
+        """Route decode steps through ``DecodeCudaGraphs``; without ``capture`` its buffered computation runs
+        eagerly (how CPU tests check it)."""
+        if not self.cuda_graphs_supported():
+            raise ValueError(f"decode graphs need a capturable attention backend (not {self.backend.name}), a "
+                             f"model without host-side routing, and a rope with a finite scale table")
+        self.decode_graphs = DecodeCudaGraphs(
+            self.model, self.backend, self.rope.scale_table(), self.kv_cache.padding_block, self.block_size,
+            max_batch_size=self.max_num_seqs, max_blocks_per_sequence=-(-self.max_model_len // self.block_size),
+            dtype=self.dtype,
+            log_scale_divisor=float(self._log_base) if self.config.applies_log_scale else None,
+        )
+        if capture:
+            self.decode_graphs.capture()
 
     @staticmethod
     def default_block_size(loaded: LoadedModel, attention_backend: str = "auto") -> int:
@@ -89,6 +124,9 @@ class ModelRunner:
         for step, scale in zip(steps, scales):
             rerotate_cached_keys(self.kv_cache, self.rope, step.block_table, step.num_cached,
                                  step.cache_scale, scale)
+        graphs = self.decode_graphs
+        if graphs is not None and len(steps) <= graphs.max_batch_size and all(s.is_plain_decode for s in steps):
+            return StepResult(self._run_decode_graph(steps, scales), scales, {}, self.model.compute_logits)
         input_ids, meta = self._prepare(steps, scales)
         self.backend.prepare(meta)
         hidden = self.model(input_ids, meta)
@@ -101,6 +139,15 @@ class ModelRunner:
             if step.all_logits:
                 all_hidden[index] = hidden[starts[index]:starts[index + 1]]
         return StepResult(last_logits, scales, all_hidden, self.model.compute_logits)
+
+    def _run_decode_graph(self, steps: list[SequenceStep], scales: list[int]) -> torch.Tensor:
+        for step in steps:
+            if len(step.block_table) * self.block_size < step.total_len:
+                raise ValueError("block table too short for the sequence: allocate blocks before running")
+        positions = [step.num_cached for step in steps]
+        slots = [self.kv_cache.slot(step.block_table, step.num_cached) for step in steps]
+        return self.decode_graphs.run([step.token_ids[0] for step in steps], positions, slots, scales,
+                                      [step.block_table for step in steps])
 
     def _prepare(self, steps: list[SequenceStep], scales: list[int]) -> tuple[torch.Tensor, AttentionMetadata]:
         block_size = self.block_size

@@ -38,6 +38,8 @@ class CausalLM(nn.Module):
     # (checkpoint prefix, our prefix) pairs applied to weight names at load time.
     weight_renames: tuple[tuple[str, str], ...] = (("model.clex_layer.", "model.rotary_emb."),)
     lm_head_bias = False
+    # A decode step makes no host-side decision that depends on the data, so it can be a CUDA graph.
+    supports_cuda_graphs = True
 
     def __init__(self, config: ModelConfig, model: DecoderModel) -> None:
         super().__init__()

@@ -23,6 +23,8 @@ class MixtralForCausalLM(CausalLM):
         (".w3.", ".up_proj."),
         (".w2.", ".down_proj."),
     )
+    # The experts a step runs are chosen on the host (SparseMoE loops over the routed ones): decode stays eager.
+    supports_cuda_graphs = False
 
     def __init__(self, config: ModelConfig) -> None:
         layers = [MixtralDecoderLayer(config) for _ in range(config.num_hidden_layers)]

@@ -62,6 +62,12 @@ class RotaryEmbedding(nn.Module):
         """Inverse frequencies [rotary_dim / 2], float32, for ``scale``."""
         return self.inv_freq
 
+    def scale_table(self) -> torch.Tensor | None:
+        """Every scale's inverse frequencies, row ``scale - 1`` for ``scale``, or None when the scales are
+        unbounded. A CUDA graph gathers each sequence's row from this table on the device, so a scale change
+        needs no recapture."""
+        return self.inv_freq[None, :]
+
     def finalize(self) -> None:
         """Called once after the weights are loaded, for schemes that derive tables from them."""
 

@@ -35,6 +35,9 @@ class ClexRotaryEmbedding(RotaryEmbedding):
     def inv_freq_for_scale(self, scale: int) -> torch.Tensor:
         return self.scaled_inv_freq[scale - 1]
 
+    def scale_table(self) -> torch.Tensor:
+        return self.scaled_inv_freq
+
     @torch.no_grad()
     def finalize(self) -> None:
         # Solved in float32 whatever the model's dtype: that is where the official numbers come from.

@@ -40,6 +40,9 @@ class DynamicNTKRotaryEmbedding(RotaryEmbedding):
     def scale_for_length(self, seq_len: int) -> int:
         return max(seq_len, self.max_position_embeddings)
 
+    def scale_table(self) -> None:
+        return None  # one scale per length: no finite table
+
     def inv_freq_for_scale(self, scale: int) -> torch.Tensor:
         if scale <= self.max_position_embeddings:
             return self.inv_freq

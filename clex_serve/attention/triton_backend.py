@@ -1,0 +1,39 @@
+"""Attention for CUDA without flash-attn: SDPA for prefill, a paged Triton kernel for decode.
+
+Prefill is one long matrix product per sequence, which PyTorch's SDPA (flash or memory-efficient kernels)
+already runs near the hardware's limits. Decode reads the cache through the block tables with
+``triton_decode.paged_decode_attention``, without gathering keys into a copy first, and uses no host value
+that changes per step, so it can run inside a captured CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from clex_serve.attention.metadata import AttentionMetadata
+from clex_serve.attention.sdpa import SdpaAttentionBackend, write_kv
+from clex_serve.attention.triton_decode import num_splits_for, paged_decode_attention
+
+
+class TritonAttentionBackend(SdpaAttentionBackend):
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def __init__(self, sliding_window: int | None, num_multiprocessors: int) -> None:
+        super().__init__(sliding_window)
+        self.num_multiprocessors = num_multiprocessors
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Decode needs nothing per step beyond the metadata tensors; prefill is SDPA's."""
+        if not meta.is_decode:
+            super().prepare(meta)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if not meta.is_decode:
+            return super().forward(q, k, v, k_cache, v_cache, meta)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        num_splits = num_splits_for(q.shape[0], k_cache.shape[-2], self.num_multiprocessors)
+        out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, num_splits,
+                                     self.sliding_window)
+        return out.reshape(q.shape[0], -1)

@@ -18,7 +18,8 @@ def test_cache_holds_one_entry_per_token_at_the_current_scale():
     """A pool of exactly 128 slots carries a sequence from 1 to 128 tokens across t = 1, 2, 3, 4, and afterwards
     every cached layer-0 key equals a fresh rotation of that token's key with the final scale."""
     runner = _runner("llama", num_blocks=16)  # 16 blocks * 8 slots = 128 = the context limit
-    assert runner.kv_cache.tensor.shape[:4] == (2, 2, 16, 8)
+    assert runner.kv_cache.num_blocks == 16
+    assert runner.kv_cache.tensor.shape[:4] == (2, 2, 16 + 1, 8)  # and the padding block, which no sequence uses
     tokens = reference_cases("llama")["sequence"].tolist()
     sequence = SingleSequence(runner, 128)
     sequence.feed(tokens[:5])

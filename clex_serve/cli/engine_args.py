@@ -6,6 +6,7 @@ import argparse
 
 from clex_serve.attention.selector import BACKENDS
 from clex_serve.engine.engine_config import EngineConfig
+from clex_serve.engine.loader import LOAD_FORMATS
 
 
 def positive_int(text: str) -> int:
@@ -35,8 +36,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=positive_int, help="tokens per prefill step")
     group.add_argument("--block-size", type=positive_int, help="KV cache block size in tokens")
     group.add_argument("--kv-cache-memory", type=positive_float, metavar="GIB", help="KV cache size in GiB")
+    group.add_argument("--gpu-memory-utilization", type=positive_float, default=0.9,
+                       help="CUDA: fraction of the GPU's memory for weights, activations and KV cache together; "
+                            "the KV cache gets what a profiling step leaves")
     group.add_argument("--kv-cache-memory-fraction", type=positive_float, default=0.9,
-                       help="fraction of free accelerator memory for the KV cache (CPU: of RAM, at most 4 GiB)")
+                       help="CPU: fraction of available RAM for the KV cache (at most 4 GiB)")
+    group.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode eagerly, without CUDA graphs")
+    group.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
+                       help="dummy: random weights from config.json alone, for benchmarks")
     group.add_argument("--enable-prefix-caching", action="store_true", help="reuse KV blocks of shared prompt prefixes")
     group.add_argument("--attention-backend", default="auto", choices=BACKENDS)
     group.add_argument("--log-scale", default=None, choices=["true", "false"],
@@ -49,6 +56,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         kv_cache_memory_gib=args.kv_cache_memory, kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+        load_format=args.load_format,
         enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend,
         log_scale=None if args.log_scale is None else args.log_scale == "true",
     )

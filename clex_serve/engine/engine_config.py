@@ -24,8 +24,12 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None  # default: max(max_model_len, 2048)
     block_size: int | None = None  # default: 16, or 256 with flash-attn
-    kv_cache_memory_gib: float | None = None  # the KV pool in GiB; default from kv_cache_memory_fraction
-    kv_cache_memory_fraction: float = 0.9  # of free accelerator memory (CPU: of available RAM, at most 4 GiB)
+    kv_cache_memory_gib: float | None = None  # the KV pool in GiB; default: sized from the memory left
+    # CUDA: the fraction of the GPU's memory the engine may hold in all (weights, activations, KV pool).
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_fraction: float = 0.9  # CPU: of available RAM for the KV pool, at most 4 GiB
+    enforce_eager: bool = False  # no CUDA graphs for decode
+    load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
     enable_prefix_caching: bool = False
     attention_backend: str = "auto"
     log_scale: bool | None = None  # override the config's log_scale, as the official chat's flag does
@@ -39,6 +43,8 @@ class EngineConfig:
             raise ValueError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
         if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:
             raise ValueError(f"--kv-cache-memory must be positive (GiB), got {self.kv_cache_memory_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError(f"--kv-cache-memory-fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
         if self.block_size is not None and self.block_size < 1:
@@ -54,10 +60,7 @@ class EngineConfig:
         return self.max_model_len or config.max_model_len
 
 
-def _available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
+def _available_ram() -> int:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -67,16 +70,34 @@ def _available_memory(device: torch.device) -> int:
     return 4 * GIB
 
 
+def _gpu_budget(engine: EngineConfig, device: torch.device, activation_bytes: int) -> int:
+    """What ``gpu_memory_utilization`` of the card leaves for the KV pool after what is already held (weights,
+    CUDA context, other processes) and the measured activation peak."""
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    budget = int(total * engine.gpu_memory_utilization) - (total - free) - activation_bytes
+    if budget <= 0:
+        raise ValueError(
+            f"no GPU memory is left for the KV cache: {engine.gpu_memory_utilization:.2f} of {total / GIB:.1f} GiB, "
+            f"{(total - free) / GIB:.1f} GiB already in use and {activation_bytes / GIB:.2f} GiB for activations; "
+            f"raise gpu_memory_utilization or lower max_num_batched_tokens"
+        )
+    return budget
+
+
 def num_kv_blocks(engine: EngineConfig, config: ModelConfig, block_size: int, dtype: torch.dtype,
-                  device: torch.device, max_model_len: int) -> int:
+                  device: torch.device, max_model_len: int, activation_bytes: int = 0) -> int:
+    """``activation_bytes``: the measured activation peak (CUDA), kept out of the pool."""
     per_block = bytes_per_block(config, block_size, dtype)
     if engine.kv_cache_memory_gib is not None:
         budget = int(engine.kv_cache_memory_gib * GIB)
+    elif device.type == "cuda":
+        budget = _gpu_budget(engine, device, activation_bytes)
     else:
-        budget = int(_available_memory(device) * engine.kv_cache_memory_fraction)
+        budget = int(_available_ram() * engine.kv_cache_memory_fraction)
     # More than every sequence at full length is never used: cap there instead of holding memory.
     useful = engine.max_num_seqs * (-(-max_model_len // block_size))
-    num_blocks = min(budget // per_block, useful)
+    num_blocks = min(budget // per_block - 1, useful)  # one block of the budget is the pool's padding block
     if num_blocks < 1:
         raise ValueError(
             f"the KV cache budget ({budget / GIB:.3f} GiB) holds no block of {per_block} bytes; raise --kv-cache-memory"

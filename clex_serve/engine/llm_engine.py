@@ -15,6 +15,7 @@ from clex_serve.engine.block_manager import BlockManager, PrefixKey
 from clex_serve.engine.detokenizer import IncrementalDetokenizer
 from clex_serve.engine.engine_config import EngineConfig, num_kv_blocks
 from clex_serve.engine.loader import load_model
+from clex_serve.engine.memory_profile import peak_step_memory
 from clex_serve.engine.model_source import resolve_model_path
 from clex_serve.engine.model_runner import ModelRunner, SequenceStep
 from clex_serve.engine.outputs import RequestOutput
@@ -39,7 +40,8 @@ class LLMEngine:
         # The tokenizer first: it is cheap, and a missing one should not cost a model load to discover.
         self.tokenizer = load_tokenizer(config.tokenizer or model_path)
         loaded = load_model(model_path, dtype=config.dtype, device=config.device,
-                            show_progress=config.show_progress, config_overrides=overrides)
+                            show_progress=config.show_progress, config_overrides=overrides,
+                            load_format=config.load_format, seed=config.seed)
         self.model_config = loaded.config
         self.model_path = loaded.path
         self.device = loaded.device
@@ -47,18 +49,25 @@ class LLMEngine:
         self.max_model_len = config.resolved_max_model_len(self.model_config)
 
         block_size = config.block_size or ModelRunner.default_block_size(loaded, config.attention_backend)
+        max_num_batched_tokens = config.max_num_batched_tokens or max(self.max_model_len, 2048)
+        activation_bytes = 0
+        if loaded.device.type == "cuda" and config.kv_cache_memory_gib is None:
+            activation_bytes = peak_step_memory(loaded, block_size, config.attention_backend,
+                                                min(max_num_batched_tokens, self.max_model_len), config.max_num_seqs)
         num_blocks = num_kv_blocks(config, self.model_config, block_size, loaded.dtype, loaded.device,
-                                   self.max_model_len)
+                                   self.max_model_len, activation_bytes)
         if num_blocks * block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * block_size} tokens, less than one sequence of "
                 f"--max-model-len {self.max_model_len}; raise --kv-cache-memory or lower --max-model-len"
             )
-        self.runner = ModelRunner(loaded, num_blocks, block_size, config.attention_backend)
+        self.runner = ModelRunner(loaded, num_blocks, block_size, config.attention_backend,
+                                  max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+                                  enforce_eager=config.enforce_eager)
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         rope = self.runner.rope
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens or max(self.max_model_len, 2048)),
+            SchedulerConfig(config.max_num_seqs, max_num_batched_tokens),
             self.block_manager, rope.scale_for_length, self._prefix_key,
         )
         self.requests: dict[str, Request] = {}

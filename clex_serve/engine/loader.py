@@ -61,18 +61,24 @@ class LoadedModel:
     device: torch.device
 
 
+LOAD_FORMATS = ("auto", "dummy")
+
+
 def load_model(model: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
                revision: str | None = None, show_progress: bool = True,
-               config_overrides: dict | None = None) -> LoadedModel:
+               config_overrides: dict | None = None, load_format: str = "auto", seed: int = 0) -> LoadedModel:
     """``config_overrides`` replace keys of config.json before validation (e.g. another ``rope_scaling``
-    or ``log_scale``, as the official chat lets a flag override it)."""
+    or ``log_scale``, as the official chat lets a flag override it). ``load_format="dummy"`` (vLLM's name)
+    reads only config.json and fills the weights with seeded random values: for benchmarks and profiling."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
     path = resolve_model_path(str(model), revision)
     raw = read_lenient_json(path / "config.json")
     raw.update(config_overrides or {})
     config = ModelConfig.from_dict(raw)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    files = checkpoint_files(path)
+    files = checkpoint_files(path) if load_format == "auto" else []
 
     with torch.device("meta"):
         module = build_model(config)
@@ -82,10 +88,19 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "auto", device: str
     if config.tie_word_embeddings:
         module.lm_head.weight = module.model.embed_tokens.weight
 
-    _fill_weights(module, files, show_progress)
+    if load_format == "dummy":
+        _fill_random(module, seed)
+    else:
+        _fill_weights(module, files, show_progress)
     module.rotary_emb.finalize()
     module.eval().requires_grad_(False)
     return LoadedModel(module, config, path, dtype, device)
+
+
+def checkpoint_tensors(module: CausalLM) -> dict[str, torch.Tensor]:
+    """The model's tensors under their checkpoint names (views into packed projections): what a
+    transformers model of the same architecture holds, for copying weights between the two."""
+    return _expected_tensors(module)[0]
 
 
 def _expected_tensors(module: CausalLM) -> tuple[dict[str, torch.Tensor], set[str]]:
@@ -110,6 +125,20 @@ def _rename(module: CausalLM, name: str) -> str:
     for old, new in module.weight_renames:
         name = name.replace(old, new)
     return name
+
+
+@torch.no_grad()
+def _fill_random(module: CausalLM, seed: int) -> None:
+    """Matrices ~ N(0, 0.02) as transformers initialises them, norm weights 1, biases 0; the optional
+    tensors (a CLEX checkpoint's ``inv_freq``) keep the values computed from the config."""
+    expected, optional = _expected_tensors(module)
+    generator = torch.Generator(device=module.lm_head.weight.device).manual_seed(seed)
+    for name in sorted(set(expected) - optional):
+        tensor = expected[name]
+        if tensor.dim() >= 2:
+            tensor.normal_(0.0, 0.02, generator=generator)
+        else:
+            tensor.fill_(1.0 if "norm" in name else 0.0)
 
 
 def _fill_weights(module: CausalLM, files: list[Path], show_progress: bool) -> None:

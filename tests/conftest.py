@@ -1,14 +1,22 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's CPU interpreter here; must be set before triton is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from clex_serve.engine.loader import load_model
 from clex_serve.engine.model_runner import ModelRunner, SequenceStep
 
 FIXTURES = Path(__file__).parent / "fixtures" / "clex_reference"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# Parity tests run on every device this machine has; float32 on each, with the same bounds.
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 MANIFEST = json.loads((FIXTURES / "MANIFEST.json").read_text())
 REFERENCE_MODELS = sorted(MANIFEST["models"])
 
@@ -41,13 +49,15 @@ class SingleSequence:
 
 @pytest.fixture(scope="session")
 def reference_runner():
-    """name -> a float32 CPU runner over that reference checkpoint (loaded once per session)."""
+    """name -> a runner over that reference checkpoint (float32 on the CPU unless asked; loaded once per
+    session). On CUDA its decode steps replay CUDA graphs."""
     runners = {}
 
-    def get(name: str, block_size: int = 4) -> ModelRunner:
-        if (name, block_size) not in runners:
-            loaded = load_model(FIXTURES / name, dtype="float32", device="cpu", show_progress=False)
-            runners[name, block_size] = ModelRunner(loaded, num_blocks=96, block_size=block_size)
-        return runners[name, block_size]
+    def get(name: str, block_size: int = 4, device: str = "cpu", dtype: str = "float32") -> ModelRunner:
+        key = (name, block_size, device, dtype)
+        if key not in runners:
+            loaded = load_model(FIXTURES / name, dtype=dtype, device=device, show_progress=False)
+            runners[key] = ModelRunner(loaded, num_blocks=96, block_size=block_size, max_num_seqs=8)
+        return runners[key]
 
     return get

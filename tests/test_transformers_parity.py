@@ -12,7 +12,7 @@ import transformers
 
 from clex_serve.engine.loader import load_model
 from clex_serve.engine.model_runner import ModelRunner
-from conftest import FIXTURES, REFERENCE_MODELS, SingleSequence, reference_cases
+from conftest import DEVICES, FIXTURES, REFERENCE_MODELS, SingleSequence, reference_cases
 
 TOLERANCE = 1e-4
 SEQ_LEN = 48
@@ -51,26 +51,27 @@ def _reference_logits(model, tokens):
         return model(torch.tensor([tokens])).logits[0].float()
 
 
-def _ours(tmp_path, **overrides):
-    loaded = load_model(tmp_path, dtype="float32", device="cpu", show_progress=False, config_overrides=overrides)
-    return ModelRunner(loaded, num_blocks=64, block_size=4)
+def _ours(tmp_path, device="cpu", **overrides):
+    loaded = load_model(tmp_path, dtype="float32", device=device, show_progress=False, config_overrides=overrides)
+    return ModelRunner(loaded, num_blocks=64, block_size=4, max_num_seqs=4)
 
 
 def _prefill_and_decode(runner, tokens, prefill_len):
     sequence = SingleSequence(runner, len(tokens))
     first = sequence.feed(tokens[:prefill_len], all_logits=True)
-    rows = [first.all_logits[0]]
+    rows = [first.all_logits[0].cpu()]
     for token in tokens[prefill_len:-1]:
-        rows.append(sequence.feed([token]).last_logits)
+        rows.append(sequence.feed([token]).last_logits.cpu())
     return torch.cat(rows)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_prefill_and_cached_decode_match_transformers(case, tmp_path):
+def test_prefill_and_cached_decode_match_transformers(case, device, tmp_path):
     reference = _build_reference(case, tmp_path)
     tokens = torch.randint(0, COMMON["vocab_size"], (SEQ_LEN,), generator=torch.Generator().manual_seed(7)).tolist()
     expected = _reference_logits(reference, tokens)
-    ours = _prefill_and_decode(_ours(tmp_path), tokens, PREFILL_LEN)
+    ours = _prefill_and_decode(_ours(tmp_path, device), tokens, PREFILL_LEN)
     assert ours.shape == expected[:-1].shape
     torch.testing.assert_close(ours, expected[:-1], atol=TOLERANCE, rtol=0)
 
@@ -82,19 +83,22 @@ def test_prefill_and_cached_decode_match_transformers(case, tmp_path):
     {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 16},
 ])
-def test_scaled_rope_prefill_matches_transformers(rope_scaling, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_scaled_rope_prefill_matches_transformers(rope_scaling, device, tmp_path):
     """One pass longer than the base window, where each scaling scheme actually changes the frequencies."""
     reference = _build_reference("llama", tmp_path, max_position_embeddings=16,
                                  rope_parameters={"rope_theta": 10000.0, **rope_scaling})
     assert json.loads((tmp_path / "config.json").read_text())["rope_parameters"]["rope_type"] == rope_scaling["rope_type"]
     tokens = torch.randint(0, COMMON["vocab_size"], (SEQ_LEN,), generator=torch.Generator().manual_seed(3)).tolist()
     expected = _reference_logits(reference, tokens)
-    sequence = SingleSequence(_ours(tmp_path), SEQ_LEN)
-    torch.testing.assert_close(sequence.feed(tokens, all_logits=True).all_logits[0], expected, atol=TOLERANCE, rtol=0)
+    sequence = SingleSequence(_ours(tmp_path, device), SEQ_LEN)
+    ours = sequence.feed(tokens, all_logits=True).all_logits[0].cpu()
+    torch.testing.assert_close(ours, expected, atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", REFERENCE_MODELS)
-def test_clex_checkpoint_within_base_window_is_the_plain_model(name, tmp_path):
+def test_clex_checkpoint_within_base_window_is_the_plain_model(name, device, tmp_path):
     """The CLEX fixtures with their CLEX keys dropped, run by transformers, give our CLEX logits at t = 1."""
     from safetensors.torch import load_file, save_file
 
@@ -108,7 +112,7 @@ def test_clex_checkpoint_within_base_window_is_the_plain_model(name, tmp_path):
 
     tokens = reference_cases(name)["sequence"][:32].tolist()  # L0 = 32: the whole window at t = 1
     expected = _reference_logits(reference, tokens)
-    loaded = load_model(FIXTURES / name, dtype="float32", device="cpu", show_progress=False,
+    loaded = load_model(FIXTURES / name, dtype="float32", device=device, show_progress=False,
                         config_overrides={"log_scale": False})
-    ours = _prefill_and_decode(ModelRunner(loaded, num_blocks=32, block_size=4), tokens + [0], 12)
+    ours = _prefill_and_decode(ModelRunner(loaded, num_blocks=32, block_size=4, max_num_seqs=4), tokens + [0], 12)
     torch.testing.assert_close(ours, expected, atol=TOLERANCE, rtol=0)

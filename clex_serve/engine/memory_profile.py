@@ -40,6 +40,7 @@ def peak_step_memory(loaded: LoadedModel, block_size: int, attention_backend: st
         torch.cuda.synchronize(device)
         peaks.append(torch.cuda.max_memory_allocated(device) - before)
         del logits
+    runner.release_kv_cache()
     del runner
     torch.cuda.empty_cache()
     return sum(peaks)

@@ -80,10 +80,7 @@ class ModelRunner:
                                              self.dtype)
         self.block_size = block_size or default_block_size(self.backend)
         self.kv_cache = KVCachePool(self.config, num_blocks, self.block_size, self.dtype, self.device)
-        for index, attention in enumerate(self.model.attention_layers()):
-            attention.k_cache = self.kv_cache.keys(index)
-            attention.v_cache = self.kv_cache.values(index)
-            attention.backend = self.backend
+        self._bind_to_model()
         self.rope = self.model.rotary_emb
         self._log_base = torch.log(torch.tensor(float(self.config.max_position_embeddings)))
         self.max_num_seqs = max_num_seqs
@@ -91,6 +88,24 @@ class ModelRunner:
         self.decode_graphs: DecodeCudaGraphs | None = None
         if not enforce_eager and self.device.type == "cuda" and self.cuda_graphs_supported():
             self.enable_decode_graphs()
+
+    def _bind_to_model(self) -> None:
+        """Point the model's attention layers at this runner's pool and backend. Done again whenever another
+        runner over the same model (the profiling one, a test's second runner) ran last; captured graphs keep
+        the addresses they were captured with."""
+        for index, attention in enumerate(self.model.attention_layers()):
+            attention.k_cache = self.kv_cache.keys(index)
+            attention.v_cache = self.kv_cache.values(index)
+            attention.backend = self.backend
+        self.model.bound_runner = self
+
+    def release_kv_cache(self) -> None:
+        """Point the attention layers away from this runner's pool, so that the pool can be freed."""
+        for attention in self.model.attention_layers():
+            attention.k_cache = attention.v_cache = torch.empty(0)
+        self.kv_cache = None
+        self.decode_graphs = None
+        self.model.bound_runner = None
 
     def cuda_graphs_supported(self) -> bool:
         return (self.backend.supports_cuda_graphs and self.model.supports_cuda_graphs
@@ -120,6 +135,8 @@ class ModelRunner:
     def execute(self, steps: list[SequenceStep]) -> StepResult:
         if not steps:
             raise ValueError("execute needs at least one sequence")
+        if getattr(self.model, "bound_runner", None) is not self:
+            self._bind_to_model()
         scales = [self.rope.scale_for_length(step.rotary_len) for step in steps]
         for step, scale in zip(steps, scales):
             rerotate_cached_keys(self.kv_cache, self.rope, step.block_table, step.num_cached,
@@ -146,8 +163,9 @@ class ModelRunner:
                 raise ValueError("block table too short for the sequence: allocate blocks before running")
         positions = [step.num_cached for step in steps]
         slots = [self.kv_cache.slot(step.block_table, step.num_cached) for step in steps]
-        return self.decode_graphs.run([step.token_ids[0] for step in steps], positions, slots, scales,
-                                      [step.block_table for step in steps])
+        logits = self.decode_graphs.run([step.token_ids[0] for step in steps], positions, slots, scales,
+                                        [step.block_table for step in steps])
+        return logits.clone()  # the graph's output buffer is overwritten by the next replay
 
     def _prepare(self, steps: list[SequenceStep], scales: list[int]) -> tuple[torch.Tensor, AttentionMetadata]:
         block_size = self.block_size

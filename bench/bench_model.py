@@ -29,11 +29,7 @@ def build(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     model = LlamaForCausalLM(config)
     plain = folder / "plain"
     model.save_pretrained(plain)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(plain)
+    write_tokenizer(plain)
 
     clex = folder / "clex"
     clex.mkdir()
@@ -53,6 +49,16 @@ def build(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     weights["model.clex_layer.proj_func.ode_down_proj"] = torch.randn(head_dim, head_dim // 2, generator=generator) * 0.1
     save_file(weights, str(clex / "model.safetensors"), metadata={"format": "pt"})
     return plain, clex
+
+
+def write_tokenizer(folder: Path, vocab_size: int = VOCAB) -> None:
+    """A word-level tokenizer over ``w3 .. w{vocab_size - 1}`` (benchmarks feed token ids; the engine still
+    loads a tokenizer)."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
 
 
 def parameter_count(folder: Path) -> int:

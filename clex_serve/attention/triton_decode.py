@@ -21,6 +21,7 @@ import triton.language as tl
 # enough bytes in flight per program while short contexts still waste little.
 TILE = 64
 MAX_SPLITS = 32
+_NO_WINDOW = 1 << 30
 
 
 @triton.jit
@@ -39,9 +40,8 @@ def _split_kernel(
     split = tl.program_id(2)
 
     context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
-    first = 0
-    if sliding_window > 0:  # the query (position context_len - 1) sees the last `sliding_window` keys
-        first = tl.maximum(context_len - sliding_window, 0)
+    # The query (position context_len - 1) sees the last `sliding_window` keys; no window is passed as 2**30.
+    first = tl.maximum(context_len - sliding_window, 0)
     per_split = tl.cdiv(tl.cdiv(context_len - first, NUM_SPLITS), TILE_N) * TILE_N
     start = first + split * per_split
     end = tl.minimum(start + per_split, context_len)
@@ -139,7 +139,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q)
     _split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, partial_out, partial_lse,
-        scale if scale is not None else head_dim ** -0.5, sliding_window or 0,
+        scale if scale is not None else head_dim ** -0.5, sliding_window or _NO_WINDOW,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),

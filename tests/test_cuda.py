@@ -24,7 +24,7 @@ def test_bfloat16_greedy_tokens_equal_float32_where_the_margin_exceeds_the_noise
     golden = cases[f"decode_from_{prompt_len}"]
     sequence = SingleSequence(reference_runner(name, device="cuda", dtype="bfloat16"), max_len=128)
     rows = [sequence.feed(tokens[:prompt_len]).last_logits[0].cpu()]
-    rows += [sequence.feed([token]).last_logits[0].cpu() for token in tokens[prompt_len:127]]
+    rows += [sequence.feed([token]).last_logits[0].cpu() for token in tokens[prompt_len:128]]
     ours = torch.stack(rows)
     assert ours.shape == golden.shape and torch.isfinite(ours).all()
 

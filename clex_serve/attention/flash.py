@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from clex_serve.attention.metadata import AttentionMetadata
-from clex_serve.attention.sdpa import write_kv
+from clex_serve.attention.sdpa import rotate_queries_and_keys, write_kv
 
 FLASH_BLOCK_SIZE = 256
 
@@ -34,6 +34,7 @@ class FlashAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k = rotate_queries_and_keys(q, k, meta)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if meta.is_decode:
             out = self._with_kvcache(

@@ -11,6 +11,17 @@ import torch
 import torch.nn.functional as F
 
 from clex_serve.attention.metadata import AttentionMetadata
+from clex_serve.layers.rotary import apply_rotary
+
+
+def rotate_queries_and_keys(q: torch.Tensor, k: torch.Tensor,
+                            meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k with the step's tables; multiply queries by the CLEX log scale where it applies."""
+    q = apply_rotary(q, meta.cos, meta.sin)
+    k = apply_rotary(k, meta.cos, meta.sin)
+    if meta.query_scale is not None:
+        q = q * meta.query_scale
+    return q, k
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -60,7 +71,8 @@ class SdpaAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q [N, Hq, D], k/v [N, Hkv, D] (new tokens, rotated) -> [N, Hq * D]."""
+        """q [N, Hq, D], k/v [N, Hkv, D] (new tokens, not yet rotated) -> [N, Hq * D]."""
+        q, k = rotate_queries_and_keys(q, k, meta)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if meta.is_decode:
             out = self._decode(q, k_cache, v_cache, meta)

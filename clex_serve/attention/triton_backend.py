@@ -3,7 +3,8 @@
 Prefill is one long matrix product per sequence, which PyTorch's SDPA (flash or memory-efficient kernels)
 already runs near the hardware's limits. Decode reads the cache through the block tables with
 ``triton_decode.paged_decode_attention``, without gathering keys into a copy first, and uses no host value
-that changes per step, so it can run inside a captured CUDA graph.
+that changes per step, so it can run inside a captured CUDA graph. Before it, one fused kernel rotates the
+queries and keys and writes K/V into the cache (``kernels.rotary_cache``).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from clex_serve.attention.metadata import AttentionMetadata
-from clex_serve.attention.sdpa import SdpaAttentionBackend, write_kv
+from clex_serve.attention.sdpa import SdpaAttentionBackend
 from clex_serve.attention.triton_decode import num_splits_for, paged_decode_attention
+from clex_serve.kernels.rotary_cache import rotate_and_cache
 
 
 class TritonAttentionBackend(SdpaAttentionBackend):
@@ -32,7 +34,7 @@ class TritonAttentionBackend(SdpaAttentionBackend):
                 v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if not meta.is_decode:
             return super().forward(q, k, v, k_cache, v_cache, meta)
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        q = rotate_and_cache(q, k, v, meta.cos, meta.sin, meta.query_scale, meta.slot_mapping, k_cache, v_cache)
         num_splits = num_splits_for(q.shape[0], k_cache.shape[-2], self.num_multiprocessors)
         out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, num_splits,
                                      self.sliding_window)

@@ -1,7 +1,9 @@
 """Self-attention shared by every architecture: projections, rotary, CLEX log scale, paged KV cache.
 
 The module owns no cache tensors of its own: the model runner points ``k_cache``/``v_cache`` at this
-layer's views of the one preallocated pool, and the attention backend reads and writes them.
+layer's views of the one preallocated pool, and the attention backend reads and writes them. The backend
+also applies the rotary tables and the log scale of ``meta`` (``rotate_queries_and_keys``), so that a CUDA
+backend can do it in the same kernel that writes the cache.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from torch import nn
 from clex_serve.attention.metadata import AttentionMetadata
 from clex_serve.config import ModelConfig
 from clex_serve.layers.linear import PackedLinear
-from clex_serve.layers.rotary import apply_rotary
 
 
 class Attention(nn.Module):
@@ -38,9 +39,5 @@ class Attention(nn.Module):
         q = q.reshape(tokens, self.num_heads, self.head_dim)
         k = k.reshape(tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
-        q = apply_rotary(q, meta.cos, meta.sin)
-        k = apply_rotary(k, meta.cos, meta.sin)
-        if meta.query_scale is not None:
-            q = q * meta.query_scale
         out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta)
         return self.o_proj(out)

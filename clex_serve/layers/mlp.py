@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clex_serve.kernels import use_triton_kernels
 from clex_serve.layers.activation import get_activation
 from clex_serve.layers.linear import PackedLinear
 
@@ -18,8 +19,13 @@ class GatedMLP(nn.Module):
                                          bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act = get_activation(act)
+        self.is_silu = act in ("silu", "swish")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_silu and use_triton_kernels(x) and x.dim() == 2:
+            from clex_serve.kernels.silu_and_mul import silu_and_mul
+
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj.forward_split(x)
         return self.down_proj(self.act(gate) * up)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clex_serve.kernels import use_triton_kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
@@ -12,7 +14,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)`` (one kernel on CUDA)."""
+        if use_triton_kernels(x):
+            from clex_serve.kernels.rms_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
+            return self._normalise(x), x
+        return self._normalise(x)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and cast back before the weight, as the Llama reference does.
         input_dtype = x.dtype
         x = x.float()

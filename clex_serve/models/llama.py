@@ -22,8 +22,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(self, hidden_states: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), meta)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        attention_out = self.self_attn(self.input_layernorm(hidden_states), meta)
+        normed, hidden_states = self.post_attention_layernorm(attention_out, residual=hidden_states)
+        return hidden_states + self.mlp(normed)
 
 
 class LlamaForCausalLM(CausalLM):

@@ -99,6 +99,21 @@ def decode_rate(llm: LLM, context: int, new_tokens: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
+def graph_replay_ms(llm: LLM, replays: int = 30) -> float | None:
+    """GPU time of one batch-1 decode forward alone: the bucket-1 graph replayed on the last step's inputs
+    (the engine step around it adds scheduling, sampling and output processing on the host)."""
+    graphs = llm.engine.runner.decode_graphs
+    if graphs is None:
+        return None
+    graphs.graphs[1].replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(replays):
+        graphs.graphs[1].replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / replays * 1000
+
+
 def bytes_per_token(llm: LLM, mean_context: float) -> float:
     """What one decode step must read at least: every weight once (the embedding: one row) and the cache."""
     model = llm.engine.runner.model
@@ -236,13 +251,14 @@ def main() -> None:
             for _ in range(args.rounds):
                 clex_rates.append(decode_rate(clex, context, args.new_tokens))
                 plain_rates.append(decode_rate(plain, context, args.new_tokens))
+            replay = graph_replay_ms(clex)
             mean_context = context - args.new_tokens / 2
             bound = bandwidth / bytes_per_token(clex, mean_context)
             graphs, clex.engine.runner.decode_graphs = clex.engine.runner.decode_graphs, None
             eager = decode_rate(clex, context, args.new_tokens)
             clex.engine.runner.decode_graphs = graphs
             decode[context] = dict(clex=statistics.median(clex_rates), plain=statistics.median(plain_rates),
-                                   eager=eager, bound=bound, clex_rounds=clex_rates, plain_rounds=plain_rates)
+                                   eager=eager, bound=bound, replay_ms=replay, clex_rounds=clex_rates, plain_rounds=plain_rates)
             print(f"context {context}: {decode[context]}", flush=True)
         results["decode"] = decode
 
@@ -272,6 +288,9 @@ def main() -> None:
               f"{row['plain']:.1f} tok/s | {row['clex'] / row['plain']:.3f} |")
         print(f"| batch-1 decode at {context} tokens, graphs vs eager | {row['clex']:.1f} tok/s | "
               f"{row['eager']:.1f} tok/s | {row['clex'] / row['eager']:.2f} |")
+        if row["replay_ms"] is not None:
+            print(f"| batch-1 forward alone at {context} tokens (graph replay) | {row['replay_ms']:.2f} ms | "
+                  f"engine step {1000 / row['clex']:.2f} ms | {row['replay_ms'] * row['clex'] / 1000:.2f} |")
     first = decode[contexts[0]]
     print(f"| single stream at {contexts[0]}, plain RoPE vs transformers generate | {first['plain']:.1f} tok/s | "
           f"{hf_rate:.1f} tok/s | {first['plain'] / hf_rate:.2f} |")

@@ -58,7 +58,7 @@ def _rotary_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, query_scale_ptr,
             if is_query:
                 passed = (passed.to(tl.float32) * tl.load(query_scale_ptr + token).to(tl.float32)).to(dtype)
         tl.store(target + ROTARY_DIM + rest, passed.to(dtype), mask=rest_mask)
-    if not is_query:
+    if head >= NUM_HEADS:  # a KV head: its value goes beside its key
         dims = tl.arange(0, HALF_PAD * 2)
         dims_mask = dims < HEAD_DIM
         value = tl.load(v_ptr + token * stride_v + kv_head * HEAD_DIM + dims, mask=dims_mask, other=0.0)

@@ -114,6 +114,32 @@ def graph_replay_ms(llm: LLM, replays: int = 30) -> float | None:
     return (time.perf_counter() - start) / replays * 1000
 
 
+def kernel_profile(llm: LLM, context: int, steps: int = 4) -> str:
+    """The GPU kernels of eager batch-1 decode steps at ``context`` tokens, by total time (torch.profiler):
+    where a forward's time goes, kernel by kernel (graphs replay the same kernels without launch gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = llm.engine
+    runner = engine.runner
+    engine.add_request({"prompt_token_ids": prompt_ids(context - steps - 1, 2, engine.model_config.vocab_size)},
+                       SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True))
+    engine.step()
+    graphs, runner.decode_graphs = runner.decode_graphs, None
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+            while engine.has_unfinished_requests():
+                engine.step()
+    finally:
+        runner.decode_graphs = graphs
+    averages = profiler.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            return averages.table(sort_by=key, row_limit=18, max_name_column_width=70)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return "(no profile)"
+
+
 def bytes_per_token(llm: LLM, mean_context: float) -> float:
     """What one decode step must read at least: every weight once (the embedding: one row) and the cache."""
     model = llm.engine.runner.model
@@ -261,6 +287,12 @@ def main() -> None:
                                    eager=eager, bound=bound, replay_ms=replay, clex_rounds=clex_rates, plain_rounds=plain_rates)
             print(f"context {context}: {decode[context]}", flush=True)
         results["decode"] = decode
+
+        if device.type == "cuda":
+            try:
+                print(f"\neager batch-1 decode kernels at {contexts[0]} tokens:\n{kernel_profile(clex, contexts[0])}", flush=True)
+            except Exception as error:  # a diagnostic: the measurements above and below stand without it
+                print(f"(kernel profile failed: {error!r})", flush=True)
 
         hf_rate = transformers_rate(plain, shape, contexts[0], args.new_tokens, args.rounds)
         results["transformers"] = hf_rate

@@ -15,9 +15,11 @@ pytestmark = requires_cuda
 
 @pytest.mark.parametrize("name", REFERENCE_MODELS)
 def test_bfloat16_greedy_tokens_equal_float32_where_the_margin_exceeds_the_noise(name, reference_runner):
-    """Teacher-forced decoding across every scale change in bfloat16 (prefill by SDPA, decode in CUDA graphs):
-    wherever the golden float32 logits put their top token ahead of the second by more than twice the
-    largest bfloat16 error seen in the run, bfloat16 picks the same token."""
+    """Teacher-forced decoding across every scale change in bfloat16 (prefill by SDPA, decode in CUDA graphs,
+    eager for Mixtral) against the golden float32 logits. bfloat16's noise is measured as the 90th percentile
+    over positions of the largest logit error at a position; wherever the golden top token leads the second
+    by more than twice that, bfloat16 must pick the same token. (With the maximum error as the noise the
+    check could not fail; with a percentile, the positions of largest error are the ones it tests.)"""
     cases = reference_cases(name)
     tokens = cases["sequence"].tolist()
     prompt_len = min(int(key.rsplit("_", 1)[1]) for key in cases if key.startswith("decode_from_"))
@@ -28,12 +30,15 @@ def test_bfloat16_greedy_tokens_equal_float32_where_the_margin_exceeds_the_noise
     ours = torch.stack(rows)
     assert ours.shape == golden.shape and torch.isfinite(ours).all()
 
-    noise = (ours - golden).abs().max().item()
+    error = (ours - golden).abs().amax(dim=-1)
+    noise = error.quantile(0.9).item()
     top2 = golden.topk(2, dim=-1).values
     decided = (top2[:, 0] - top2[:, 1]) > 2 * noise
-    assert noise < 0.1 * golden.abs().max().item(), f"bfloat16 error {noise} is not noise"
+    agree = ours.argmax(-1) == golden.argmax(-1)
+    print(f"{name}: bfloat16 noise {noise:.4f} (largest error {error.max():.4f}), {int(decided.sum())} of "
+          f"{len(golden)} positions decided, greedy agreement {int(agree.sum())} of {len(golden)} overall")
     assert decided.sum() >= len(golden) // 4, "too few positions are decided to test anything"
-    assert torch.equal(ours.argmax(-1)[decided], golden.argmax(-1)[decided])
+    assert agree[decided].all(), f"bfloat16 changes a decided token at positions {(~agree & decided).nonzero().flatten().tolist()}"
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])

@@ -109,9 +109,10 @@ def _merge_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_out_seq, str
 
 
 def num_splits_for(batch_size: int, num_kv_heads: int, num_multiprocessors: int) -> int:
-    """Context splits per (sequence, KV head): enough programs for about four per multiprocessor."""
+    """Context splits per (sequence, KV head): enough programs for about two per multiprocessor. (On an
+    H200 at 16K tokens, batch 1, 32 KV heads: 16 splits 81 us per layer, 32 splits 85, 8 splits 94.)"""
     programs = batch_size * num_kv_heads
-    wanted = -(-4 * num_multiprocessors // programs)
+    wanted = -(-2 * num_multiprocessors // programs)
     return min(MAX_SPLITS, triton.next_power_of_2(wanted))
 
 

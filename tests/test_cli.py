@@ -35,3 +35,23 @@ def test_offline_hub_id_gives_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
     assert "DAMO-NLP-SG/CLEX-7B-Chat-16K" in line and "--model DIR" in line
+
+
+def test_gpu_flags_reach_the_engine_config():
+    import argparse
+
+    from clex_serve.cli.engine_args import add_engine_args, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    config = engine_config_from_args(parser.parse_args(
+        ["--enforce-eager", "--gpu-memory-utilization", "0.5", "--load-format", "dummy"]))
+    assert config.enforce_eager and config.gpu_memory_utilization == 0.5 and config.load_format == "dummy"
+    defaults = engine_config_from_args(parser.parse_args([]))
+    assert not defaults.enforce_eager and defaults.gpu_memory_utilization == 0.9 and defaults.load_format == "auto"
+
+
+def test_gpu_memory_utilization_above_one_is_refused_in_one_line():
+    result = run_cli("generate", "--gpu-memory-utilization", "1.5", "--prompt", "hi")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "gpu-memory-utilization" in result.stderr and len(result.stderr.strip().splitlines()) == 1

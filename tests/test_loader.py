@@ -102,3 +102,37 @@ def test_hub_id_offline_names_the_id_and_the_way_out(tmp_path, monkeypatch):
 def test_not_a_folder_nor_hub_id(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no such folder"):
         load_model(str(tmp_path / "missing" / "model" / "dir"), show_progress=False)
+
+
+def test_dummy_load_format_fills_every_weight_from_the_config_alone(tmp_path):
+    """``load_format="dummy"`` needs only config.json, fills each matrix with seeded N(0, 0.02) (the same seed
+    gives the same weights), keeps CLEX's inv_freq from the config, and names the tensors as transformers
+    does (the GPU benchmark copies them into a transformers model by these names)."""
+    import shutil
+
+    import transformers
+
+    from clex_serve.engine.loader import checkpoint_tensors
+
+    shutil.copy(FIXTURES / "llama" / "config.json", tmp_path / "config.json")
+    first = load_model(tmp_path, load_format="dummy", dtype="float32", device="cpu", show_progress=False, seed=3)
+    again = load_model(tmp_path, load_format="dummy", dtype="float32", device="cpu", show_progress=False, seed=3)
+    ours = checkpoint_tensors(first.model)
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, checkpoint_tensors(again.model)[name]), name
+    qkv = first.model.model.layers[0].self_attn.qkv_proj.weight
+    assert 0.015 < qkv.std().item() < 0.025 and qkv.unique().numel() > 1000
+    assert torch.equal(first.model.model.norm.weight, torch.ones_like(first.model.model.norm.weight))
+    reference = load_model(FIXTURES / "llama", dtype="float32", device="cpu", show_progress=False)
+    torch.testing.assert_close(first.model.rotary_emb.scaled_inv_freq[0], reference.model.rotary_emb.scaled_inv_freq[0])
+
+    raw = json.loads((FIXTURES / "llama" / "config.json").read_text())
+    config = transformers.LlamaConfig(**{k: v for k, v in raw.items() if k not in ("rope_scaling", "log_scale")})
+    theirs = {name for name, _ in transformers.LlamaForCausalLM(config).named_parameters()}
+    assert theirs == set(ours) - {"model.rotary_emb.inv_freq", "model.rotary_emb.proj_func.ode_up_proj",
+                                  "model.rotary_emb.proj_func.ode_down_proj"}
+
+
+def test_unknown_load_format_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="load format 'npz'"):
+        load_model(FIXTURES / "llama", load_format="npz", device="cpu", show_progress=False)

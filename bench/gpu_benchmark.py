@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_model import write_tokenizer  # noqa: E402
+from decode_benchmark import concurrency_run  # noqa: E402
 
 from clex_serve import LLM, SamplingParams  # noqa: E402
 from clex_serve.engine.loader import checkpoint_tensors  # noqa: E402
@@ -150,24 +151,6 @@ def bytes_per_token(llm: LLM, mean_context: float) -> float:
         weights -= (config.vocab_size - 1) * config.hidden_size * element
     kv = mean_context * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * element
     return weights + kv
-
-
-def concurrency(llm: LLM, streams: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
-    """(output tokens/s, mean time to first token in s) for ``streams`` requests arriving together."""
-    engine = llm.engine
-    vocab = engine.model_config.vocab_size
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    start = time.monotonic()
-    for index in range(streams):
-        engine.add_request({"prompt_token_ids": prompt_ids(prompt_len, 100 + index, vocab)}, params)
-    first_tokens, produced = [], 0
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if len(output.outputs[0].token_ids) == 1:
-                first_tokens.append(output.metrics["first_token"] - output.metrics["arrival"])
-            if output.finished:
-                produced += len(output.outputs[0].token_ids)
-    return produced / (time.monotonic() - start), sum(first_tokens) / len(first_tokens)
 
 
 def transformers_rate(llm: LLM, shape: dict, context: int, new_tokens: int, rounds: int) -> float:
@@ -304,7 +287,7 @@ def main() -> None:
 
         throughput = {}
         for count in streams:
-            throughput[count] = concurrency(clex, count, 128, 128)
+            throughput[count] = concurrency_run(clex, count, 128, 128)
             print(f"{count} streams: {throughput[count][0]:.0f} out tok/s, TTFT {throughput[count][1] * 1000:.0f} ms",
                   flush=True)
         results["throughput"] = throughput

@@ -44,3 +44,22 @@ def model_with_tokenizer(name: str, folder: Path) -> Path:
     shutil.copytree(FIXTURES / name, folder, ignore=shutil.ignore_patterns("cases.safetensors"))
     byte_level_tokenizer().save_pretrained(folder)
     return folder
+
+
+def batched_decode_logits(runner, tokens: list[int], prompt_lens: list[int], steps: int):
+    """Prefill each ``tokens[:p]`` in one step, then decode ``steps`` teacher-forced tokens for all together,
+    on interleaved block tables. Returns (logits [steps, sequences, vocab] on the CPU, final scales)."""
+    import torch
+
+    from clex_serve.engine.model_runner import SequenceStep
+
+    count = len(prompt_lens)
+    tables = [list(range(i, runner.kv_cache.num_blocks, count)) for i in range(count)]
+    scales = [runner.rope.scale_for_length(p) for p in prompt_lens]
+    runner.execute([SequenceStep(tokens[:p], 0, tables[i]) for i, p in enumerate(prompt_lens)])
+    lengths, logits = list(prompt_lens), []
+    for _ in range(steps):
+        result = runner.execute([SequenceStep([tokens[n]], n, tables[i], scales[i]) for i, n in enumerate(lengths)])
+        logits.append(result.last_logits.cpu())
+        scales, lengths = result.scales, [n + 1 for n in lengths]
+    return torch.stack(logits), scales

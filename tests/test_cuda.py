@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from clex_serve.engine.loader import load_model
-from clex_serve.engine.model_runner import ModelRunner, SequenceStep
+from clex_serve.engine.model_runner import ModelRunner
 from attention_helpers import reference_attention
+from engine_helpers import batched_decode_logits
 from conftest import FIXTURES, REFERENCE_MODELS, SingleSequence, reference_cases, requires_cuda
 
 pytestmark = requires_cuda
@@ -53,21 +54,10 @@ def test_cuda_graph_decode_equals_eager_decode(dtype, tolerance):
     assert graphed.decode_graphs is not None and 4 in graphed.decode_graphs.graphs
     assert eager.decode_graphs is None
 
-    def run(runner):
-        prompt_lens = [25, 40, 90]
-        tables = [list(range(i, 96, 3)) for i in range(3)]
-        scales = [runner.rope.scale_for_length(p) for p in prompt_lens]
-        runner.execute([SequenceStep(tokens[:p], 0, tables[i]) for i, p in enumerate(prompt_lens)])
-        lengths, logits = list(prompt_lens), []
-        for _ in range(12):
-            result = runner.execute([SequenceStep([tokens[n]], n, tables[i], scales[i])
-                                     for i, n in enumerate(lengths)])
-            logits.append(result.last_logits.cpu())
-            scales, lengths = result.scales, [n + 1 for n in lengths]
-        assert scales == [2, 2, 4]  # the first sequence crossed from 1 to 2
-        return torch.stack(logits)
-
-    torch.testing.assert_close(run(graphed), run(eager), atol=tolerance, rtol=0)
+    ours, scales = batched_decode_logits(graphed, tokens, [25, 40, 90], steps=12)
+    assert scales == [2, 2, 4]  # the first sequence crossed from 1 to 2
+    expected, _ = batched_decode_logits(eager, tokens, [25, 40, 90], steps=12)
+    torch.testing.assert_close(ours, expected, atol=tolerance, rtol=0)
 
 
 @pytest.mark.parametrize("window", [None, 1000])

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from clex_serve.engine.loader import load_model
-from clex_serve.engine.model_runner import ModelRunner, SequenceStep
+from clex_serve.engine.model_runner import ModelRunner
 from attention_helpers import reference_attention
+from engine_helpers import batched_decode_logits
 from conftest import FIXTURES, reference_cases
 
 triton = pytest.importorskip("triton")
@@ -50,22 +51,10 @@ def test_decode_graph_computation_equals_the_eager_sdpa_path(monkeypatch):
     if graphed.decode_graphs is None:
         graphed.enable_decode_graphs(capture=False)
 
-    def run(runner):
-        prompt_lens = [30, 62, 90]
-        tables = [list(range(i, 96, 3)) for i in range(3)]
-        scales = [runner.rope.scale_for_length(p) for p in prompt_lens]
-        runner.execute([SequenceStep(tokens[:p], 0, tables[i]) for i, p in enumerate(prompt_lens)])
-        lengths, logits = list(prompt_lens), []
-        for _ in range(5):
-            result = runner.execute([SequenceStep([tokens[n]], n, tables[i], scales[i])
-                                     for i, n in enumerate(lengths)])
-            logits.append(result.last_logits.cpu())
-            scales, lengths = result.scales, [n + 1 for n in lengths]
-        assert scales == [2, 3, 3]
-        return torch.stack(logits)
-
-    expected = run(eager)
+    expected, _ = batched_decode_logits(eager, tokens, [30, 62, 90], steps=5)
     if DEVICE == "cpu":
         for module in ("clex_serve.layers.norm", "clex_serve.layers.mlp"):
             monkeypatch.setattr(f"{module}.use_triton_kernels", lambda tensor: True)
-    torch.testing.assert_close(run(graphed), expected, atol=1e-5, rtol=0)
+    ours, scales = batched_decode_logits(graphed, tokens, [30, 62, 90], steps=5)
+    assert scales == [2, 3, 3]
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)

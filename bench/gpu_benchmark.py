@@ -34,7 +34,7 @@ from bench_model import write_tokenizer  # noqa: E402
 from decode_benchmark import concurrency_run  # noqa: E402
 
 from clex_serve import LLM, SamplingParams  # noqa: E402
-from clex_serve.engine.loader import checkpoint_tensors  # noqa: E402
+from clex_serve.loading.loader import checkpoint_tensors  # noqa: E402
 
 SHAPE_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)

@@ -6,7 +6,7 @@ import itertools
 
 from tqdm import tqdm
 
-from clex_serve.engine.chat_template import render_chat
+from clex_serve.text.chat_template import render_chat
 from clex_serve.engine.engine_config import EngineConfig
 from clex_serve.engine.llm_engine import LLMEngine
 from clex_serve.engine.outputs import RequestOutput

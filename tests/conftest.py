@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
     # Triton kernels run in Triton's CPU interpreter here; must be set before triton is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from clex_serve.engine.loader import load_model
+from clex_serve.loading.loader import load_model
 from clex_serve.engine.model_runner import ModelRunner, SequenceStep
 
 FIXTURES = Path(__file__).parent / "fixtures" / "clex_reference"

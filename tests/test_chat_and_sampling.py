@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from clex_serve import LLM, SamplingParams
-from clex_serve.engine.chat_template import VICUNA_SYSTEM, render_chat
+from clex_serve.text.chat_template import VICUNA_SYSTEM, render_chat
 from clex_serve.engine.sampler import sample
 from clex_serve.engine.sequence import Sequence
 from engine_helpers import byte_level_tokenizer, model_with_tokenizer

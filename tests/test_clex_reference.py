@@ -79,7 +79,7 @@ def test_batch_of_sequences_at_different_scales(device, reference_runner):
     """Four prompts at scales 1, 2, 3 and 4 share one prefill step and 25 decode steps; each sequence gets
     the logits it gets alone, and the two with golden references match them. The first crosses from scale 1
     to 2 during the decode steps (on CUDA, between replays of the same captured graph)."""
-    from clex_serve.engine.loader import load_model
+    from clex_serve.loading.loader import load_model
     from clex_serve.engine.model_runner import ModelRunner, SequenceStep
 
     name = "llama_logscale"

@@ -5,7 +5,7 @@ tests, parametrized by device. Everything here skips without a CUDA device."""
 import pytest
 import torch
 
-from clex_serve.engine.loader import load_model
+from clex_serve.loading.loader import load_model
 from clex_serve.engine.model_runner import ModelRunner
 from attention_helpers import reference_attention
 from engine_helpers import batched_decode_logits

@@ -5,7 +5,7 @@ import torch
 
 from clex_serve import SamplingParams
 from clex_serve.engine.block_manager import BlockManager, PrefixKey
-from clex_serve.engine.detokenizer import IncrementalDetokenizer
+from clex_serve.text.detokenizer import IncrementalDetokenizer
 from clex_serve.engine.scheduler import Scheduler, SchedulerConfig
 from clex_serve.engine.sequence import Sequence
 from clex_serve.engine.sampler import sample

@@ -3,7 +3,7 @@
 import torch
 
 import clex_serve.engine.cache_rotation as cache_rotation
-from clex_serve.engine.loader import load_model
+from clex_serve.loading.loader import load_model
 from clex_serve.engine.model_runner import ModelRunner
 from clex_serve.layers.rotary import apply_rotary
 from conftest import FIXTURES, SingleSequence, reference_cases

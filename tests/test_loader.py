@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from clex_serve.engine.loader import load_model
-from clex_serve.engine.model_source import ModelNotFoundError
-from clex_serve.engine.weights import CheckpointError
+from clex_serve.loading.loader import load_model
+from clex_serve.loading.model_source import ModelNotFoundError
+from clex_serve.loading.weights import CheckpointError
 from conftest import FIXTURES
 
 
@@ -112,7 +112,7 @@ def test_dummy_load_format_fills_every_weight_from_the_config_alone(tmp_path):
 
     import transformers
 
-    from clex_serve.engine.loader import checkpoint_tensors
+    from clex_serve.loading.loader import checkpoint_tensors
 
     shutil.copy(FIXTURES / "llama" / "config.json", tmp_path / "config.json")
     first = load_model(tmp_path, load_format="dummy", dtype="float32", device="cpu", show_progress=False, seed=3)

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoTokenizer
 
 from clex_serve.assets import DEFAULT_MODEL_PATH
-from clex_serve.engine.loader import load_model
+from clex_serve.loading.loader import load_model
 from clex_serve.engine.model_runner import ModelRunner, SequenceStep
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from clex_serve.engine.loader import load_model
+from clex_serve.loading.loader import load_model
 from clex_serve.engine.model_runner import ModelRunner
 from conftest import DEVICES, FIXTURES, REFERENCE_MODELS, SingleSequence, reference_cases
 

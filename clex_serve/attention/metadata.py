@@ -12,6 +12,19 @@ from typing import Any
 import torch
 
 
+def cache_slot(block_table, position, block_size: int):
+    """The flat cache slot of ``position``: its block (looked up in the block table) times ``block_size``,
+    plus its offset in the block. The one place this arithmetic lives. Takes a list and an int, a 1-D
+    table tensor with positions of any shape, or a [B, max_blocks] table with [B, L] positions (each row's
+    positions in its own table)."""
+    block_index = position // block_size
+    if isinstance(block_table, torch.Tensor) and block_table.dim() == 2:
+        blocks = block_table.gather(1, block_index)
+    else:
+        blocks = block_table[block_index]
+    return blocks * block_size + position % block_size
+
+
 @dataclass
 class AttentionMetadata:
     # One entry per new token of the step (all sequences' tokens concatenated).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clex_serve.attention.metadata import AttentionMetadata
+from clex_serve.attention.metadata import AttentionMetadata, cache_slot
 from clex_serve.layers.rotary import apply_rotary
 
 
@@ -33,9 +33,8 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 def context_slots(block_tables: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
     """Flat cache slots of positions ``0..length-1`` for each row of ``block_tables`` [B, max_blocks]."""
-    offsets = torch.arange(block_size, device=block_tables.device)
-    slots = block_tables.long()[:, :, None] * block_size + offsets
-    return slots.flatten(1)[:, :length]
+    positions = torch.arange(length, device=block_tables.device).expand(block_tables.shape[0], length)
+    return cache_slot(block_tables.long(), positions, block_size)
 
 
 def visibility_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,

@@ -6,7 +6,7 @@ import argparse
 
 from clex_serve.attention.selector import BACKENDS
 from clex_serve.engine.engine_config import EngineConfig
-from clex_serve.engine.loader import LOAD_FORMATS
+from clex_serve.loading.loader import LOAD_FORMATS
 
 
 def positive_int(text: str) -> int:

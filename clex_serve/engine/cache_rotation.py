@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from clex_serve.attention.metadata import cache_slot
 from clex_serve.engine.kv_cache import KVCachePool
 from clex_serve.layers.rotary import RotaryEmbedding
 from clex_serve.layers.rotary.base import rotate_half
@@ -28,7 +29,7 @@ def rerotate_cached_keys(pool: KVCachePool, rope: RotaryEmbedding, block_table: 
     blocks = torch.tensor(block_table, dtype=torch.long, device=device)
     for start in range(0, num_cached, _CHUNK):
         positions = torch.arange(start, min(start + _CHUNK, num_cached), device=device)
-        slots = blocks[positions // pool.block_size] * pool.block_size + positions % pool.block_size
+        slots = cache_slot(blocks, positions, pool.block_size)
         cos_delta, sin_delta = _delta_rotation(positions, old_freq, new_freq)
         for layer in range(pool.num_layers):
             flat = pool.flat_keys(layer)

@@ -29,7 +29,8 @@ def capture_batch_sizes(max_batch_size: int) -> list[int]:
 
 
 class DecodeCudaGraphs:
-    def __init__(self, model: CausalLM, backend, scale_table: torch.Tensor, padding_block: int, block_size: int,
+    def __init__(self, model: CausalLM, backend, scale_table: torch.Tensor, padding_block: int, padding_slot: int,
+                 block_size: int,
                  max_batch_size: int, max_blocks_per_sequence: int, dtype: torch.dtype,
                  log_scale_divisor: float | None) -> None:
         """``scale_table`` [num_scales, rotary_dim / 2]: row ``scale - 1`` holds that scale's inverse
@@ -38,6 +39,7 @@ class DecodeCudaGraphs:
         self.backend = backend
         self.scale_table = scale_table
         self.padding_block = padding_block
+        self.padding_slot = padding_slot
         self.block_size = block_size
         self.dtype = dtype
         self.log_scale_divisor = log_scale_divisor
@@ -137,7 +139,7 @@ class DecodeCudaGraphs:
             return
         self.input_ids[start:end] = 0
         self.positions[start:end] = 0
-        self.slot_mapping[start:end] = self.padding_block * self.block_size
+        self.slot_mapping[start:end] = self.padding_slot
         self.context_lens[start:end] = 1
         self.scale_rows[start:end] = 0
         self.block_tables[start:end, 0] = self.padding_block

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from clex_serve.attention.metadata import cache_slot
 from clex_serve.config import ModelConfig
 
 
@@ -47,4 +48,8 @@ class KVCachePool:
         return self.tensor[layer, 0].view(-1, *self.tensor.shape[-2:])
 
     def slot(self, block_table: list[int], position: int) -> int:
-        return block_table[position // self.block_size] * self.block_size + position % self.block_size
+        return cache_slot(block_table, position, self.block_size)
+
+    @property
+    def padding_slot(self) -> int:
+        return cache_slot([self.padding_block], 0, self.block_size)

@@ -12,19 +12,19 @@ import time
 import torch
 
 from clex_serve.engine.block_manager import BlockManager, PrefixKey
-from clex_serve.engine.detokenizer import IncrementalDetokenizer
+from clex_serve.text.detokenizer import IncrementalDetokenizer
 from clex_serve.engine.engine_config import EngineConfig, num_kv_blocks
-from clex_serve.engine.loader import load_model
+from clex_serve.loading.loader import load_model
 from clex_serve.engine.memory_profile import peak_step_memory
-from clex_serve.engine.model_source import resolve_model_path
+from clex_serve.loading.model_source import resolve_model_path
 from clex_serve.engine.model_runner import ModelRunner, SequenceStep
 from clex_serve.engine.outputs import RequestOutput
 from clex_serve.engine.request import Request
 from clex_serve.engine.sampler import sample, token_logprobs
 from clex_serve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from clex_serve.engine.sequence import Sequence
-from clex_serve.engine.stop_checker import check_stop_strings, check_stop_tokens
-from clex_serve.engine.tokenizer import eos_token_ids, load_tokenizer
+from clex_serve.text.stop_checker import check_stop_strings, check_stop_tokens
+from clex_serve.text.tokenizer import eos_token_ids, load_tokenizer
 from clex_serve.sampling_params import SamplingParams
 
 

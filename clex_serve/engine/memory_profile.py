@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from clex_serve.engine.loader import LoadedModel
+from clex_serve.loading.loader import LoadedModel
 
 
 def peak_step_memory(loaded: LoadedModel, block_size: int, attention_backend: str, max_prefill_tokens: int,

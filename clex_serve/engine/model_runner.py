@@ -18,7 +18,7 @@ from clex_serve.attention.selector import default_block_size, get_attention_back
 from clex_serve.engine.cache_rotation import rerotate_cached_keys
 from clex_serve.engine.cuda_graphs import DecodeCudaGraphs
 from clex_serve.engine.kv_cache import KVCachePool
-from clex_serve.engine.loader import LoadedModel
+from clex_serve.loading.loader import LoadedModel
 
 
 @dataclass
@@ -118,7 +118,8 @@ class ModelRunner:
             raise ValueError(f"decode graphs need a capturable attention backend (not {self.backend.name}), a "
                              f"model without host-side routing, and a rope with a finite scale table")
         self.decode_graphs = DecodeCudaGraphs(
-            self.model, self.backend, self.rope.scale_table(), self.kv_cache.padding_block, self.block_size,
+            self.model, self.backend, self.rope.scale_table(), self.kv_cache.padding_block,
+            self.kv_cache.padding_slot, self.block_size,
             max_batch_size=self.max_num_seqs, max_blocks_per_sequence=-(-self.max_model_len // self.block_size),
             dtype=self.dtype,
             log_scale_divisor=float(self._log_base) if self.config.applies_log_scale else None,
@@ -176,10 +177,9 @@ class ModelRunner:
             if len(step.block_table) * block_size < step.total_len:
                 raise ValueError("block table too short for the sequence: allocate blocks before running")
             input_ids.extend(step.token_ids)
-            table = step.block_table
             for position in range(step.num_cached, step.total_len):
                 positions.append(position)
-                slot_mapping.append(table[position // block_size] * block_size + position % block_size)
+                slot_mapping.append(self.kv_cache.slot(step.block_table, position))
         query_lens = [len(step.token_ids) for step in steps]
         context_lens = [step.total_len for step in steps]
         max_blocks = max(len(step.block_table) for step in steps)

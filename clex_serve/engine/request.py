@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from clex_serve.engine.detokenizer import IncrementalDetokenizer
+from clex_serve.text.detokenizer import IncrementalDetokenizer
 from clex_serve.engine.outputs import CompletionOutput, RequestOutput
 from clex_serve.engine.sequence import Logprob, Sequence
-from clex_serve.engine.stop_checker import visible_text
+from clex_serve.text.stop_checker import visible_text
 from clex_serve.sampling_params import SamplingParams
 
 

@@ -7,6 +7,6 @@ Stages (``python -m clex_serve.train.build_default_model`` runs them all, from s
 - ``pretrain``: causal-LM pretraining of a small Llama with plain RoPE, then CLEX continued pretraining of it
   (``trainer`` runs the loop, ``positions`` and ``clex_rotary`` implement CLEX's training procedure);
 - ``sft``: a short chat fine-tune on question/answer pairs made from stdlib docstrings (``instructions``);
-- ``export``: the Hugging Face folder that ``clex_serve.engine.loader.load_model`` reads;
+- ``export``: the Hugging Face folder that ``clex_serve.loading.loader.load_model`` reads;
 - ``evaluate``: held-out perplexity at 1x..16x the training length, computed with the engine.
 """

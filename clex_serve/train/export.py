@@ -1,4 +1,4 @@
-"""Write a trained model as a Hugging Face folder that ``clex_serve.engine.loader.load_model`` reads.
+"""Write a trained model as a Hugging Face folder that ``clex_serve.loading.loader.load_model`` reads.
 
 The layout is the one of the released CLEX-Llama checkpoints: HF Llama weight names, the CLEX projection and
 ``inv_freq`` under ``model.clex_layer.``, and ``rope_scaling`` of type ``clex`` in config.json. The CLEX

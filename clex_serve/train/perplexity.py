@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from clex_serve.engine.loader import load_model
+from clex_serve.loading.loader import load_model
 from clex_serve.engine.model_runner import ModelRunner, SequenceStep
 
 BLOCK_SIZE = 16

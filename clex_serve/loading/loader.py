@@ -15,8 +15,8 @@ import torch
 from tqdm import tqdm
 
 from clex_serve.config import ModelConfig, read_lenient_json
-from clex_serve.engine.model_source import resolve_model_path
-from clex_serve.engine.weights import CheckpointError, checkpoint_files, count_tensors, iterate_tensors
+from clex_serve.loading.model_source import resolve_model_path
+from clex_serve.loading.weights import CheckpointError, checkpoint_files, count_tensors, iterate_tensors
 from clex_serve.layers.linear import PackedLinear
 from clex_serve.layers.rotary import get_rope
 from clex_serve.models import build_model

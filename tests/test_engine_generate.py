@@ -230,3 +230,39 @@ def test_chunked_prompts_equal_one_pass(name, engines):
     for position in range(1, 65):
         token = output.prompt_token_ids[position]
         assert abs(output.prompt_logprobs[position][token].logprob - expected[position - 1, token].item()) < 1e-4
+
+
+def test_copy_on_write_blocks_are_reserved_when_planned(engines, monkeypatch):
+    """Prefix caching on a pool cut so that at one step two sequences sharing eight prompt blocks cross from
+    scale 2 to 3 together (each must copy the shared blocks before re-rotating) while a third needs a new
+    block: the first sequence's copies are taken as its chunk is planned, the third is preempted instead
+    of the step running out of blocks, and every output is the golden greedy one."""
+    from clex_serve.config import ModelConfig
+    from clex_serve.engine.kv_cache import bytes_per_block
+    from conftest import FIXTURES
+
+    name = "llama"
+    per_block = bytes_per_block(ModelConfig.from_file(FIXTURES / name / "config.json"), 4, torch.float32)
+    # 43 usable blocks: 10 are free when the shared sequences reach 65 tokens (the padding block on top).
+    llm = engines(name, block_size=4, kv_cache_memory_gib=44 * per_block / 2**30, enable_prefix_caching=True)
+    engine = llm.engine
+    assert engine.block_manager.num_blocks == 43
+    copies = []
+    original_copy = engine.runner.copy_blocks
+    monkeypatch.setattr(engine.runner, "copy_blocks", lambda pairs: (copies.extend(pairs), original_copy(pairs)))
+    preemptions = engine.scheduler.num_preemptions
+
+    engine.add_request(_prompt(name, 35), GREEDY_TO_LIMIT, "first")
+    finished = {output.request_id: output for output in engine.step() if output.finished}
+    engine.add_request(_prompt(name, 35), GREEDY_TO_LIMIT, "shares-the-prefix")
+    engine.add_request(_prompt(name, 7), GREEDY_TO_LIMIT, "needs-a-block")
+    for _ in range(1000):
+        if not engine.has_unfinished_requests():
+            break
+        finished.update({output.request_id: output for output in engine.step() if output.finished})
+    assert engine.block_manager.prefix_hits >= 32
+    assert len(copies) >= 8 and engine.scheduler.num_preemptions > preemptions
+    _assert_golden_greedy(name, 35, finished["first"].outputs[0])
+    _assert_golden_greedy(name, 35, finished["shares-the-prefix"].outputs[0])
+    _assert_golden_greedy(name, 7, finished["needs-a-block"].outputs[0])
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

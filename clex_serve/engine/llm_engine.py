@@ -68,7 +68,7 @@ class LLMEngine:
         rope = self.runner.rope
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max_num_batched_tokens),
-            self.block_manager, rope.scale_for_length, self._prefix_key,
+            self.block_manager, rope.scale_for_length, self._prefix_key, rope.cache_follows_scale,
         )
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -150,14 +150,14 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.chunks:
             return []
-        steps = [self._sequence_step(chunk) for chunk in batch.chunks]
-        result = self.runner.execute(steps)
+        self.runner.copy_blocks(batch.block_copies)
+        result = self.runner.execute([self._sequence_step(chunk) for chunk in batch.chunks])
 
         sampling_rows, sampling_seqs = [], []
         for row, chunk in enumerate(batch.chunks):
             seq = chunk.seq
             seq.num_cached_tokens = chunk.end
-            seq.cache_scale = result.scales[row]
+            seq.cache_scale = chunk.scale
             if row in result.all_hidden:
                 self._add_prompt_logprobs(seq, chunk.start, result.all_hidden[row], result.compute_logits)
             if chunk.is_prompt_pass and chunk.end == seq.num_prompt_tokens and seq.num_output_tokens == 0:
@@ -182,17 +182,16 @@ class LLMEngine:
         return outputs
 
     def _sequence_step(self, chunk: ScheduledChunk) -> SequenceStep:
+        """The runner's view of a planned chunk."""
         seq = chunk.seq
-        new_scale = self.runner.rope.scale_for_length(chunk.scale_len or chunk.end)
-        if seq.num_cached_tokens and new_scale != seq.cache_scale:
-            self.runner.copy_blocks(self.block_manager.prepare_rescale(seq))
         want_prompt_logits = (chunk.is_prompt_pass and seq.params.prompt_logprobs is not None
                               and seq.index == 0 and seq.num_output_tokens == 0)
         return SequenceStep(
             token_ids=seq.token_ids[chunk.start:chunk.end],
             num_cached=seq.num_cached_tokens,
             block_table=seq.block_table,
-            cache_scale=seq.cache_scale,
+            cache_scale=chunk.rescale_from or chunk.scale,
+            scale=chunk.scale,
             all_logits=want_prompt_logits,
             scale_len=chunk.scale_len,
             per_token_scale=chunk.per_token_scale,

@@ -35,6 +35,10 @@ class SequenceStep:
     scale_len: int | None = None
     # log_scale per query from its own length: replaying tokens that were decoded one at a time.
     per_token_scale: bool = False
+    # The scale to rotate with, as the scheduler planned it; the cached keys are re-rotated from
+    # ``cache_scale`` first when the two differ. None (direct use: tests, evaluation, profiling): the scale
+    # of ``rotary_len``.
+    scale: int | None = None
 
     @property
     def total_len(self) -> int:
@@ -138,10 +142,12 @@ class ModelRunner:
             raise ValueError("execute needs at least one sequence")
         if getattr(self.model, "bound_runner", None) is not self:
             self._bind_to_model()
-        scales = [self.rope.scale_for_length(step.rotary_len) for step in steps]
-        for step, scale in zip(steps, scales):
-            rerotate_cached_keys(self.kv_cache, self.rope, step.block_table, step.num_cached,
-                                 step.cache_scale, scale)
+        scales = [step.scale if step.scale is not None else self.rope.scale_for_length(step.rotary_len)
+                  for step in steps]
+        if self.rope.cache_follows_scale:
+            for step, scale in zip(steps, scales):
+                rerotate_cached_keys(self.kv_cache, self.rope, step.block_table, step.num_cached,
+                                     step.cache_scale, scale)
         graphs = self.decode_graphs
         if graphs is not None and len(steps) <= graphs.max_batch_size and all(s.is_plain_decode for s in steps):
             return StepResult(self._run_decode_graph(steps, scales), scales, {}, self.model.compute_logits)

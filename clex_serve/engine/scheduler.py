@@ -9,13 +9,18 @@ depends on how it was built: the prompt in one pass at the prompt's scale, then 
 the scale of the length it was decoded at. So a recompute replays those scales: the prompt pass, then one
 chunk per run of generated tokens that were decoded at the same scale (each query with its own length for
 log_scale), which equals decoding them one by one.
+
+The scheduler is the one owner of each step's plan: which sequences run, the scale each chunk rotates with,
+and, when that scale differs from the one a sequence's cached keys carry, the copy-on-write block copies
+its re-rotation needs. Those blocks are taken when the chunk is planned, before the next sequence is
+considered, so what was counted is what is reserved. The runner only executes the plan.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from clex_serve.engine.block_manager import BlockManager
 from clex_serve.engine.sequence import Sequence, SequenceStatus
@@ -42,6 +47,8 @@ class ScheduledChunk:
     per_token_scale: bool  # log scale per query from its own length (replaying decoded tokens)
     is_prompt_pass: bool
     samples: bool = False  # the chunk reaches the end of the sequence: its last logits pick the next token
+    scale: int = 1  # the rotary scale this chunk rotates with (set when the chunk is planned)
+    rescale_from: int | None = None  # the scale the cached keys carry, when they must be re-rotated first
 
     def __post_init__(self) -> None:
         self.samples = self.end == len(self.seq)
@@ -56,15 +63,22 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk]
     is_prefill: bool
     preempted: list[Sequence]
+    # (source, destination) KV blocks to copy before any re-rotation of this step: copy on write of
+    # prefix-shared blocks whose sequence changes scale. Their destinations are already reserved.
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
                  scale_for_length: Callable[[int], int],
-                 prefix_key: Callable[[Sequence], Hashable | None] = lambda seq: None) -> None:
+                 prefix_key: Callable[[Sequence], Hashable | None] = lambda seq: None,
+                 cache_follows_scale: bool = True) -> None:
+        """``cache_follows_scale``: cached keys are re-rotated when their sequence's scale changes (CLEX);
+        False where keys keep the rotation they were written with (dynamic NTK, as in transformers)."""
         self.config = config
         self.block_manager = block_manager
         self.scale_for_length = scale_for_length
+        self.cache_follows_scale = cache_follows_scale
         self.prefix_key = prefix_key
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -88,10 +102,30 @@ class Scheduler:
     # ------------------------------------------------------------------ scheduling
 
     def schedule(self) -> SchedulerOutput:
-        chunks = self._schedule_prefill()
+        copies: list[tuple[int, int]] = []
+        chunks = self._schedule_prefill(copies)
         if chunks:
-            return SchedulerOutput(chunks, True, [])
+            return SchedulerOutput(chunks, True, [], copies)
         return self._schedule_decode()
+
+    def _needs_rescale(self, seq: Sequence, scale: int) -> bool:
+        return self.cache_follows_scale and seq.num_cached_tokens > 0 and scale != seq.cache_scale
+
+    def _blocks_to_rescale(self, seq: Sequence, scale: int) -> int:
+        """Free blocks a chunk of ``seq`` at ``scale`` takes for copy on write before re-rotating."""
+        if not self._needs_rescale(seq, scale):
+            return 0
+        return self.block_manager.free_blocks_needed_for_rescale(seq)
+
+    def _plan(self, chunk: ScheduledChunk, copies: list[tuple[int, int]]) -> ScheduledChunk:
+        """Fix the chunk's scale; when the cached keys must follow it, reserve and record their block copies
+        now (the caller has checked that the free blocks suffice)."""
+        seq = chunk.seq
+        chunk.scale = self.scale_for_length(chunk.scale_len or chunk.end)
+        if self._needs_rescale(seq, chunk.scale):
+            chunk.rescale_from = seq.cache_scale
+            copies.extend(self.block_manager.prepare_rescale(seq))
+        return chunk
 
     @staticmethod
     def needs_prefill(seq: Sequence) -> bool:
@@ -113,7 +147,7 @@ class Scheduler:
             end += 1
         return ScheduledChunk(seq, cached, end, None, True, False)
 
-    def _schedule_prefill(self) -> list[ScheduledChunk]:
+    def _schedule_prefill(self, copies: list[tuple[int, int]]) -> list[ScheduledChunk]:
         budget = self.config.max_num_batched_tokens
         chunks = []
         # Sequences part-way through a chunked prompt or a recompute go first: they hold their blocks.
@@ -121,8 +155,12 @@ class Scheduler:
             if budget <= 0:
                 break
             if self.needs_prefill(seq):
-                chunks.append(self._next_chunk(seq, budget))
-                budget -= chunks[-1].num_tokens
+                chunk = self._next_chunk(seq, budget)
+                scale = self.scale_for_length(chunk.scale_len or chunk.end)
+                if self._blocks_to_rescale(seq, scale) > self.block_manager.num_free_blocks:
+                    continue  # its copy on write must wait for blocks; it keeps the ones it holds
+                chunks.append(self._plan(chunk, copies))
+                budget -= chunk.num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             key = self.prefix_key(seq) if seq.num_output_tokens == 0 else None
@@ -132,12 +170,13 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            chunks.append(self._next_chunk(seq, budget))
+            chunks.append(self._plan(self._next_chunk(seq, budget), copies))  # nothing cached to re-rotate
             budget -= chunks[-1].num_tokens
         return chunks
 
     def _schedule_decode(self) -> SchedulerOutput:
-        scheduled: list[Sequence] = []
+        chunks: list[ScheduledChunk] = []
+        copies: list[tuple[int, int]] = []
         preempted: list[Sequence] = []
         queue = list(self.running)
         while queue:
@@ -150,15 +189,13 @@ class Scheduler:
                     break
             else:
                 self.block_manager.append(seq, len(seq))
-                scheduled.append(seq)
-        chunks = [ScheduledChunk(seq, len(seq) - 1, len(seq), None, False, False) for seq in scheduled]
-        return SchedulerOutput(chunks, False, preempted)
+                chunks.append(self._plan(ScheduledChunk(seq, len(seq) - 1, len(seq), None, False, False), copies))
+        return SchedulerOutput(chunks, False, preempted, copies)
 
     def _can_decode(self, seq: Sequence) -> bool:
         """Free blocks for the new token's slot and, if its scale changes, for unsharing its blocks."""
         needed = self.block_manager.blocks_for(len(seq)) - len(seq.block_table)
-        if seq.num_cached_tokens and self.scale_for_length(len(seq)) != seq.cache_scale:
-            needed += self.block_manager.free_blocks_needed_for_rescale(seq)
+        needed += self._blocks_to_rescale(seq, self.scale_for_length(len(seq)))
         return needed <= self.block_manager.num_free_blocks
 
     def _preempt(self, seq: Sequence) -> None:

@@ -4,6 +4,10 @@ Frequencies may depend on the length of the sequence they rotate (CLEX's scale `
 subclass maps a sequence length to an integer *scale* and a scale to its inverse frequencies; the engine
 keeps the scale each sequence's cached keys were rotated with and re-rotates them when it changes.
 Schemes whose frequencies do not depend on length have the single scale 1.
+
+Two ways to treat cached keys when the scale changes: CLEX re-rotates them (``cache_follows_scale``, as
+its official code rotates every key with the current scale at every step); dynamic NTK leaves each key
+with the frequencies it was written with, as transformers and vLLM do.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class RotaryEmbedding(nn.Module):
     """Plain RoPE: ``inv_freq[i] = base ** (-2i / d)``, one scale for every length."""
+
+    cache_follows_scale = True  # cached keys are re-rotated to a sequence's new scale
 
     def __init__(self, rotary_dim: int, base: float, max_position_embeddings: int) -> None:
         super().__init__()

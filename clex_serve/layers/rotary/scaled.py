@@ -28,9 +28,12 @@ class LinearScalingRotaryEmbedding(RotaryEmbedding):
 class DynamicNTKRotaryEmbedding(RotaryEmbedding):
     """NTK-aware base growth with the length: ``base * (factor * L / L0 - (factor - 1)) ** (d / (d - 2))``.
 
-    The scale is the length itself (at least ``L0``), so past ``L0`` every step is a new scale and the cached
-    keys follow it: consistent rotations, at the price of re-rotating the cache on each such step.
+    The scale is the length itself (at least ``L0``): each pass rotates its new tokens with the frequencies
+    of the length it leaves, and cached keys keep the rotation they were written with (transformers' and
+    vLLM's behaviour; a decode step costs nothing extra).
     """
+
+    cache_follows_scale = False
 
     def __init__(self, rotary_dim: int, base: float, max_position_embeddings: int, scaling: RopeScaling) -> None:
         self.factor = scaling.factor

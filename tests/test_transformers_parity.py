@@ -116,3 +116,24 @@ def test_clex_checkpoint_within_base_window_is_the_plain_model(name, device, tmp
                         config_overrides={"log_scale": False})
     ours = _prefill_and_decode(ModelRunner(loaded, num_blocks=32, block_size=4, max_num_seqs=4), tokens + [0], 12)
     torch.testing.assert_close(ours, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_dynamic_ntk_cached_decode_matches_transformers_cache(tmp_path):
+    """Past its base window dynamic NTK rotates each new token with the frequencies of the length it makes,
+    and cached keys keep theirs: teacher-forced decoding equals transformers' forward with its KV cache."""
+    reference = _build_reference("llama", tmp_path, max_position_embeddings=16,
+                                 rope_parameters={"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 4.0})
+    tokens = torch.randint(0, COMMON["vocab_size"], (SEQ_LEN,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        out = reference(torch.tensor([tokens[:PREFILL_LEN]]), use_cache=True)
+        expected, cache = [out.logits[0, -1]], out.past_key_values
+        for token in tokens[PREFILL_LEN:-1]:
+            out = reference(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            expected.append(out.logits[0, -1])
+            cache = out.past_key_values
+    runner = _ours(tmp_path)
+    assert not runner.rope.cache_follows_scale
+    sequence = SingleSequence(runner, SEQ_LEN)
+    ours = [sequence.feed(tokens[:PREFILL_LEN]).last_logits[0]]
+    ours += [sequence.feed([token]).last_logits[0] for token in tokens[PREFILL_LEN:-1]]
+    torch.testing.assert_close(torch.stack(ours), torch.stack(expected).float(), atol=TOLERANCE, rtol=0)

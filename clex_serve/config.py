@@ -24,6 +24,22 @@ ROPE_TYPES = ("default", "clex", "linear", "dynamic", "yarn", "llama3")
 CLEX_ACTIVATIONS = ("silu", "tanh")
 
 
+def typed(value: Any, kind: type, name: str) -> Any:
+    """``value`` as an int or a float, or a one-line error naming the config key it came from."""
+    wanted = "an integer" if kind is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"config.json: {name} must be {wanted}, got {value!r}")
+    try:
+        number = float(value)
+        if kind is int:
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        return number
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"config.json: {name} must be {wanted}, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """The ``rope_scaling`` block: its type plus the type's own parameters, kept verbatim."""
@@ -36,20 +52,20 @@ class RopeScaling:
 
     @property
     def factor(self) -> float:
-        return float(self.params.get("factor", 1.0))
+        return typed(self.params.get("factor", 1.0), float, "rope_scaling.factor")
 
     # CLEX parameters, with the defaults the official code applies when a released config omits them.
     @property
     def max_factor(self) -> int:
-        return int(self.params["max_factor"])
+        return typed(self.params["max_factor"], int, "rope_scaling.max_factor")
 
     @property
     def param_factor(self) -> int:
-        return int(self.params.get("param_factor", 1))
+        return typed(self.params.get("param_factor", 1), int, "rope_scaling.param_factor")
 
     @property
     def time_dt(self) -> float:
-        return float(self.params.get("time_dt", 0.01))
+        return typed(self.params.get("time_dt", 0.01), float, "rope_scaling.time_dt")
 
     @property
     def act(self) -> str:
@@ -159,7 +175,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(raw, dict):
+            raise ValueError(f"config.json must hold a JSON object, got {type(raw).__name__}")
         architectures = raw.get("architectures") or []
+        if isinstance(architectures, str):
+            architectures = [architectures]
         if not architectures:
             raise ValueError("config.json names no 'architectures'; clex-serve needs one, e.g. LlamaForCausalLM")
         architecture = architectures[0]
@@ -169,40 +189,49 @@ class ModelConfig:
                 f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
             )
         family = SUPPORTED_ARCHITECTURES[architecture]
-        try:
-            hidden_size = int(raw["hidden_size"])
-            num_heads = int(raw["num_attention_heads"])
-            values = dict(
-                architecture=architecture,
-                vocab_size=int(raw["vocab_size"]),
-                hidden_size=hidden_size,
-                intermediate_size=int(raw.get("intermediate_size") or 4 * hidden_size),
-                num_hidden_layers=int(raw["num_hidden_layers"]),
-                num_attention_heads=num_heads,
-                num_key_value_heads=int(raw.get("num_key_value_heads") or num_heads),
-                max_position_embeddings=int(raw["max_position_embeddings"]),
-            )
-        except KeyError as missing:
-            raise ValueError(f"config.json lacks the required key {missing.args[0]!r}") from None
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "max_position_embeddings"):
+            if key not in raw:
+                raise ValueError(f"config.json lacks the required key {key!r}")
+
+        def integer(key: str, default: Any = None) -> int:
+            return typed(raw.get(key) or default, int, key)
+
+        def number(key: str, default: float) -> float:
+            value = raw.get(key)
+            return typed(default if value is None else value, float, key)
+
+        hidden_size = integer("hidden_size")
+        num_heads = integer("num_attention_heads")
+        values = dict(
+            architecture=architecture,
+            vocab_size=integer("vocab_size"),
+            hidden_size=hidden_size,
+            intermediate_size=integer("intermediate_size", 4 * hidden_size),
+            num_hidden_layers=integer("num_hidden_layers"),
+            num_attention_heads=num_heads,
+            num_key_value_heads=integer("num_key_value_heads", num_heads),
+            max_position_embeddings=integer("max_position_embeddings"),
+        )
         rope_theta, rope_scaling = _read_rope(raw)
         sliding_window = raw.get("sliding_window")
         if architecture == "Qwen2ForCausalLM" and not raw.get("use_sliding_window", False):
             sliding_window = None  # Qwen2 configs carry a window they do not use unless asked
         values.update(
-            head_dim=int(raw.get("head_dim") or 0),
+            head_dim=integer("head_dim", 0),
             hidden_act=str(raw.get("hidden_act", "gelu_new" if family == "phi" else "silu")),
-            norm_eps=float(raw.get("layer_norm_eps" if family == "phi" else "rms_norm_eps", 1e-5)),
+            norm_eps=number("layer_norm_eps" if family == "phi" else "rms_norm_eps", 1e-5),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             partial_rotary_factor=_partial_rotary_factor(raw),
             qkv_bias=_qkv_bias(architecture, raw),
             o_bias=family == "phi" or bool(raw.get("attention_bias", False)),
             mlp_bias=family == "phi" or bool(raw.get("mlp_bias", False)),
-            sliding_window=int(sliding_window) if sliding_window else None,
+            sliding_window=typed(sliding_window, int, "sliding_window") if sliding_window else None,
             log_scale=bool(raw.get("log_scale", False)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            num_local_experts=int(raw.get("num_local_experts", 0)),
-            num_experts_per_tok=int(raw.get("num_experts_per_tok", 0)),
+            num_local_experts=integer("num_local_experts", 0),
+            num_experts_per_tok=integer("num_experts_per_tok", 0),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=raw.get("eos_token_id"),
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
@@ -217,7 +246,7 @@ class ModelConfig:
 def _partial_rotary_factor(raw: dict[str, Any]) -> float:
     """Top level in transformers 4 configs, inside ``rope_parameters`` in transformers 5 ones."""
     nested = (raw.get("rope_parameters") or {}).get("partial_rotary_factor")
-    return float(raw.get("partial_rotary_factor") or nested or 1.0)
+    return typed(raw.get("partial_rotary_factor") or nested or 1.0, float, "partial_rotary_factor")
 
 
 def _qkv_bias(architecture: str, raw: dict[str, Any]) -> bool:
@@ -228,8 +257,11 @@ def _qkv_bias(architecture: str, raw: dict[str, Any]) -> bool:
 
 def _read_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     """rope_theta and rope_scaling, from the transformers 4 keys or the transformers 5 ``rope_parameters``."""
-    params = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
-    rope_theta = float(raw.get("rope_theta") or params.pop("rope_theta", 10000.0))
+    params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"config.json: rope_scaling must be an object, got {params!r}")
+    params = dict(params)
+    rope_theta = typed(raw.get("rope_theta") or params.pop("rope_theta", 10000.0), float, "rope_theta")
     params.pop("rope_theta", None)
     params.pop("partial_rotary_factor", None)
     rope_type = params.pop("type", None) or params.pop("rope_type", None)
@@ -244,13 +276,15 @@ _TRAILING_COMMA = re.compile(r",(\s*[}\]])")
 
 
 def read_lenient_json(path: str | Path) -> dict[str, Any]:
-    """Parse a config.json, tolerating the trailing commas some released CLEX configs carry."""
+    """Parse a config.json (a JSON object), tolerating the trailing commas some released CLEX configs carry."""
     text = Path(path).read_text(encoding="utf-8")
     try:
-        return json.loads(text)
+        raw = json.loads(text)
     except json.JSONDecodeError:
-        pass
-    try:
-        return json.loads(_TRAILING_COMMA.sub(r"\1", text))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        try:
+            raw = json.loads(_TRAILING_COMMA.sub(r"\1", text))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got a JSON {type(raw).__name__}")
+    return raw

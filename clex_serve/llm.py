@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from tqdm import tqdm
 
-from clex_serve.text.chat_template import render_chat
+from clex_serve.text.chat_template import chat_prompt, render_chat
 from clex_serve.engine.engine_config import EngineConfig
 from clex_serve.engine.llm_engine import LLMEngine
 from clex_serve.engine.outputs import RequestOutput
-from clex_serve.sampling_params import SamplingParams
+from clex_serve.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -35,20 +36,19 @@ class LLM:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
+        # Every prompt is checked before any is admitted; the offline API returns whole outputs at the end.
+        processed = [self.engine.process_inputs(prompt, params) for prompt, params in zip(prompts, sampling_params)]
         request_ids = []
-        try:
-            for prompt, params in zip(prompts, sampling_params):
-                request_ids.append(self.engine.add_request(prompt, params, f"offline-{next(self._ids)}"))
-        except ValueError:
-            for request_id in request_ids:
-                self.engine.abort_request(request_id)
-            raise
+        for item in processed:
+            item.params = dataclasses.replace(item.params, output_kind=RequestOutputKind.FINAL_ONLY)
+            request_ids.append(self.engine.add_processed_request(item, f"offline-{next(self._ids)}"))
         return self._run(request_ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = False, add_generation_prompt: bool = True) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt": self.render_chat(conversation, add_generation_prompt)}
+        family = self.engine.model_config.family
+        prompts = [chat_prompt(self.engine.tokenizer, conversation, family, add_generation_prompt)
                    for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 

@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+import enum
+import math
 from dataclasses import dataclass
+
+# The type each field must have (bool is refused where a number is expected: True is not a temperature).
+_INTEGERS = ("n", "top_k", "min_tokens")
+_OPTIONAL_INTEGERS = ("seed", "max_tokens", "logprobs", "prompt_logprobs")
+_NUMBERS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+_FLAGS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class RequestOutputKind(enum.Enum):
+    """What each output of a request carries (vLLM's names)."""
+
+    CUMULATIVE = 0  # everything generated so far
+    DELTA = 1  # only what is new since the previous output: what streaming consumers want
+    FINAL_ONLY = 2  # one output, when the request finishes
 
 
 @dataclass(frozen=True)
@@ -25,16 +45,45 @@ class SamplingParams:
     logprobs: int | None = None  # top alternatives returned per generated token (the sampled one always)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
+        self._check_types()
         # Accept lists and single strings the way vLLM does, then freeze them as tuples.
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         self._validate()
+
+    def _check_types(self) -> None:
+        """Every field has its type, and every number is finite: a request cannot fail later, mid-batch."""
+        for name in _INTEGERS:
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in _OPTIONAL_INTEGERS:
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                raise ValueError(f"{name} must be an integer or None, got {value!r}")
+        for name in _NUMBERS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+        stop = self.stop
+        if not (isinstance(stop, str) or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop))
+                or stop is None):
+            raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+        ids = self.stop_token_ids
+        if not (ids is None or (isinstance(ids, (list, tuple)) and all(_is_int(t) for t in ids))):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {ids!r}")
 
     def _validate(self) -> None:
         checks = [
@@ -52,6 +101,9 @@ class SamplingParams:
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
              f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
             (all(self.stop), "stop strings must not be empty"),
+            (all(t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be non-negative, got {list(self.stop_token_ids)}"),
+            (self.max_tokens is None or self.min_tokens <= self.max_tokens,
+             f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"),
         ]
         for ok, message in checks:
             if not ok:

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from clex_serve import LLM, SamplingParams
-from clex_serve.text.chat_template import VICUNA_SYSTEM, render_chat
-from clex_serve.engine.sampler import sample
+from clex_serve.engine.sampler import Sampler
 from clex_serve.engine.sequence import Sequence
+from clex_serve.text.chat_template import VICUNA_SYSTEM, VICUNA_TEMPLATE, render_chat
 from engine_helpers import byte_level_tokenizer, model_with_tokenizer
 
 MESSAGES = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
@@ -15,12 +15,12 @@ MESSAGES = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 
 
 def test_llama_chat_falls_back_to_vicuna():
     text = render_chat(byte_level_tokenizer(), MESSAGES, "llama")
-    assert text == f"{VICUNA_SYSTEM} USER: Hi ASSISTANT: Hello.</s> USER: What is CLEX? ASSISTANT:"
+    assert text == f"<s>{VICUNA_SYSTEM} USER: Hi ASSISTANT: Hello.</s> USER: What is CLEX? ASSISTANT:"
 
 
 def test_mixtral_chat_falls_back_to_zephyr():
     text = render_chat(byte_level_tokenizer(), MESSAGES[:1], "mixtral")
-    assert text == "<|system|>\n</s>\n<|user|>\nHi</s>\n<|assistant|>\n"
+    assert text == "<s><|system|>\n</s>\n<|user|>\nHi</s>\n<|assistant|>\n"
 
 
 def test_checkpoint_template_wins():
@@ -36,12 +36,23 @@ def test_bad_message_is_refused():
 
 def test_llm_chat_generates_from_the_rendered_prompt(tmp_path):
     llm = LLM(str(model_with_tokenizer("llama", tmp_path)), dtype="float32", device="cpu", show_progress=False,
-              max_model_len=512)  # the tiny tokenizer spends many tokens on the system line
+              max_model_len=512, allow_long_max_model_len=True)  # the tiny tokenizer spends many tokens on the system line
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     [chat] = llm.chat(MESSAGES, params)
-    [plain] = llm.generate(llm.render_chat(MESSAGES), params)
+    # The prompt ids are transformers' own tokenization of the conversation: one BOS, from the template.
+    expected = llm.get_tokenizer().apply_chat_template(MESSAGES, chat_template=VICUNA_TEMPLATE, tokenize=True,
+                                                       add_generation_prompt=True)
+    expected = list(expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected)
+    assert chat.prompt_token_ids == expected
+    bos = llm.get_tokenizer().bos_token_id
+    assert chat.prompt_token_ids[0] == bos and chat.prompt_token_ids[1] != bos
+    [plain] = llm.generate({"prompt_token_ids": expected}, params)
     assert chat.prompt.endswith("ASSISTANT:")
     assert chat.outputs[0].token_ids == plain.outputs[0].token_ids and len(chat.outputs[0].token_ids) == 5
+
+
+def sample(logits, seqs, eos_token_ids):
+    return Sampler(logits.shape[-1], torch.device("cpu")).sample(logits, seqs, eos_token_ids)
 
 
 def _seq(params, prompt=(5, 6), output=()):

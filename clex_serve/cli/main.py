@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from clex_serve.cli.engine_args import add_engine_args, engine_config_from_args, positive_int
-from clex_serve.sampling_params import SamplingParams
+from clex_serve.sampling_params import RequestOutputKind, SamplingParams
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,21 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--temperature", type=float, default=0.0)
     sampling.add_argument("--top-p", type=float, default=1.0)
     sampling.add_argument("--top-k", type=int, default=0)
-    sampling.add_argument("--seed", type=int)
     sampling.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     return parser
 
 
 def _stream(engine, prompt: str, params: SamplingParams) -> None:
     request_id = engine.add_request(prompt, params)
-    shown = 0
     while engine.has_unfinished_requests():
         for output in engine.step():
             if output.request_id == request_id:
-                text = output.outputs[0].text
-                sys.stdout.write(text[shown:])
+                sys.stdout.write(output.outputs[0].text)  # a delta: only the new text
                 sys.stdout.flush()
-                shown = len(text)
     sys.stdout.write("\n")
 
 
@@ -48,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, seed=args.seed, stop=args.stop)
+                                top_k=args.top_k, stop=args.stop, output_kind=RequestOutputKind.DELTA)
         from clex_serve.engine.llm_engine import LLMEngine
 
         engine = LLMEngine(engine_config_from_args(args))

@@ -38,6 +38,7 @@ class BlockManager:
         self._hash_of_block: dict[int, Hashable] = {}
         self._block_of_hash: dict[Hashable, int] = {}
         self.prefix_hits = 0  # tokens served from the prefix cache, for metrics and tests
+        self.prefix_hit_blocks = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -86,6 +87,7 @@ class BlockManager:
         if hits:
             seq.cache_scale = cache_key.scale  # the reused keys are rotated with it
         self.prefix_hits += seq.num_cached_tokens
+        self.prefix_hit_blocks += len(hits)
 
     def append(self, seq: Sequence, new_len: int) -> None:
         while len(seq.block_table) < self.blocks_for(new_len):

@@ -33,22 +33,42 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     attention_backend: str = "auto"
     log_scale: bool | None = None  # override the config's log_scale, as the official chat's flag does
-    seed: int = 0
+    # Accept max_model_len above the model's own limit (L0 * max_factor under CLEX), as vLLM's
+    # VLLM_ALLOW_LONG_MAX_MODEL_LEN does; CLEX then stays at its largest scale past the limit.
+    allow_long_max_model_len: bool = False
+    max_queued_requests: int | None = None  # waiting requests beyond this are refused (QueueFullError)
+    seed: int = 0  # random weights of load_format "dummy", and the sampling of requests without a seed
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"--max-model-len must be positive, got {self.max_model_len}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
-        if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:
-            raise ValueError(f"--kv-cache-memory must be positive (GiB), got {self.kv_cache_memory_gib}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if not 0 < self.kv_cache_memory_fraction <= 1:
-            raise ValueError(f"--kv-cache-memory-fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
-        if self.block_size is not None and self.block_size < 1:
-            raise ValueError(f"--block-size must be positive, got {self.block_size}")
+        """Messages name the Python parameter; the command line checks its flags itself, in its own words."""
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        def integer(name: str, optional: bool = True) -> None:
+            value = getattr(self, name)
+            if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+
+        for name in ("max_model_len", "max_num_batched_tokens", "block_size", "max_queued_requests"):
+            integer(name)
+        for name in ("max_num_seqs", "seed"):
+            integer(name, optional=False)
+        check(self.max_model_len is None or self.max_model_len >= 1,
+              f"max_model_len must be positive, got {self.max_model_len}")
+        check(self.max_num_seqs >= 1, f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+              f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        check(self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0,
+              f"kv_cache_memory_gib must be positive, got {self.kv_cache_memory_gib}")
+        check(0 < self.gpu_memory_utilization <= 1,
+              f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        check(0 < self.kv_cache_memory_fraction <= 1,
+              f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        check(self.block_size is None or self.block_size >= 1, f"block_size must be positive, got {self.block_size}")
+        check(self.max_queued_requests is None or self.max_queued_requests >= 0,
+              f"max_queued_requests must be non-negative, got {self.max_queued_requests}")
 
     def resolved_model(self) -> str:
         if self.model is not None:
@@ -57,6 +77,11 @@ class EngineConfig:
         return str(DEFAULT_MODEL_PATH)
 
     def resolved_max_model_len(self, config: ModelConfig) -> int:
+        if self.max_model_len and self.max_model_len > config.max_model_len and not self.allow_long_max_model_len:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the model's limit of {config.max_model_len} tokens; "
+                f"lower it, or pass allow_long_max_model_len=True (--allow-long-max-model-len) to go past the limit"
+            )
         return self.max_model_len or config.max_model_len
 
 

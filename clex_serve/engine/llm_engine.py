@@ -1,7 +1,8 @@
 """The synchronous engine: requests in, one scheduled forward step at a time, outputs out.
 
 ``step()`` runs one batch chosen by the scheduler and returns the outputs of the requests it advanced.
-The offline ``LLM`` loops over it; the asyncio engine drives it from a background thread.
+The offline ``LLM`` loops over it; the asyncio engine drives it from a background thread. Requests are
+checked completely before admission (``input_processor``); outputs are built by ``output_processor``.
 """
 
 from __future__ import annotations
@@ -12,24 +13,23 @@ import time
 import torch
 
 from clex_serve.engine.block_manager import BlockManager, PrefixKey
-from clex_serve.text.detokenizer import IncrementalDetokenizer
 from clex_serve.engine.engine_config import EngineConfig, num_kv_blocks
-from clex_serve.loading.loader import load_model
+from clex_serve.engine.errors import QueueFullError
+from clex_serve.engine.input_processor import InputProcessor, ProcessedPrompt
 from clex_serve.engine.memory_profile import peak_step_memory
-from clex_serve.loading.model_source import resolve_model_path
 from clex_serve.engine.model_runner import ModelRunner, SequenceStep
-from clex_serve.engine.outputs import RequestOutput
+from clex_serve.engine.output_processor import OutputProcessor
+from clex_serve.engine.outputs import RequestMetrics, RequestOutput
 from clex_serve.engine.request import Request
-from clex_serve.engine.sampler import sample, token_logprobs
+from clex_serve.engine.sampler import Sampler
 from clex_serve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from clex_serve.engine.sequence import Sequence
-from clex_serve.text.stop_checker import check_stop_strings, check_stop_tokens
-from clex_serve.text.tokenizer import eos_token_ids, load_tokenizer
+from clex_serve.engine.stats import EngineStats
+from clex_serve.loading.loader import load_model
+from clex_serve.loading.model_source import resolve_model_path
 from clex_serve.sampling_params import SamplingParams
-
-
-# Rows of prompt logits materialised at once when computing prompt logprobs.
-_PROMPT_LOGPROB_ROWS = 256
+from clex_serve.text.detokenizer import IncrementalDetokenizer
+from clex_serve.text.tokenizer import eos_token_ids, load_tokenizer
 
 
 class LLMEngine:
@@ -59,7 +59,7 @@ class LLMEngine:
         if num_blocks * block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * block_size} tokens, less than one sequence of "
-                f"--max-model-len {self.max_model_len}; raise --kv-cache-memory or lower --max-model-len"
+                f"max_model_len {self.max_model_len}; give the cache more memory or lower max_model_len"
             )
         self.runner = ModelRunner(loaded, num_blocks, block_size, config.attention_backend,
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
@@ -70,9 +70,13 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, max_num_batched_tokens),
             self.block_manager, rope.scale_for_length, self._prefix_key, rope.cache_follows_scale,
         )
+        self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len)
+        self.outputs = OutputProcessor(self.eos_token_ids, self.max_model_len)
+        self.sampler = Sampler(self.model_config.vocab_size, self.device, config.seed)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
+        self._step_request_ids: list[str] = []  # the requests of the step in progress
 
     # ------------------------------------------------------------------ requests
 
@@ -85,25 +89,28 @@ class LLMEngine:
         return PrefixKey(scale, length if self.model_config.applies_log_scale else None)
 
     def tokenize(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return self.inputs.tokenize(prompt)
+
+    def process_inputs(self, prompt, params: SamplingParams | None = None) -> ProcessedPrompt:
+        """Tokenize and check a request; reads no engine state, so any thread may call it."""
+        return self.inputs.process(prompt, params)
 
     def add_request(self, prompt: str | list[int] | dict, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
-        params = params or SamplingParams()
-        text, token_ids = self._prompt_tokens(prompt)
-        if not token_ids:
-            raise ValueError("the prompt is empty")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(token_ids)} tokens, but this model reads at most {self.max_model_len} "
-                f"(prompt and output together); shorten it or raise --max-model-len"
-            )
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        request_id = request_id or f"req-{next(self._request_ids)}"
+        return self.add_processed_request(self.process_inputs(prompt, params), request_id)
+
+    def add_processed_request(self, processed: ProcessedPrompt, request_id: str | None = None,
+                              arrival_time: float | None = None) -> str:
+        request_id = f"req-{next(self._request_ids)}" if request_id is None else request_id
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        limit = self.engine_config.max_queued_requests
+        if limit is not None and len(self.scheduler.waiting) >= limit:
+            raise QueueFullError(f"{len(self.scheduler.waiting)} requests are already waiting (the limit is "
+                                 f"{limit}); try again later")
+        params, token_ids = processed.params, processed.token_ids
         seqs, detokenizers = [], []
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, index, list(token_ids), params)
@@ -111,36 +118,45 @@ class LLMEngine:
                 seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
             seqs.append(seq)
             detokenizers.append(IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens))
-        self.requests[request_id] = Request(request_id, text, list(token_ids), params, seqs, detokenizers)
+        metrics = RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+                                 num_prompt_tokens=len(token_ids))
+        self.requests[request_id] = Request(request_id, processed.text, list(token_ids), params, seqs,
+                                            detokenizers, metrics)
         for seq in seqs:
             self.scheduler.add(seq)
         return request_id
 
-    def _prompt_tokens(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenize(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
-            if "prompt" in prompt:
-                return prompt["prompt"], self.tokenize(prompt["prompt"])
-            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, (list, tuple)):
-            return None, [int(t) for t in prompt]
-        raise ValueError("a prompt is a string, a list of token ids, or {'prompt_token_ids': [...]}")
-
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request; returns its final output (``finish_reason="abort"`` where unfinished), or None
+        for an unknown id."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
         for seq in request.seqs:
             if not seq.is_finished:
                 seq.finish_reason = seq.finish_reason or "abort"
-                self.scheduler.finish(seq)
-        return request.to_output()
+                self._finish(seq)
+        return self.outputs.make_output(request)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        manager = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_unfinished_requests=len(self.requests),
+            num_kv_blocks=manager.num_blocks,
+            num_free_kv_blocks=manager.num_free_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_hit_blocks=manager.prefix_hit_blocks,
+            prefix_cache_hit_tokens=manager.prefix_hits,
+        )
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self.sampler.release(seq)
 
     # ------------------------------------------------------------------ stepping
 
@@ -150,16 +166,24 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.chunks:
             return []
+        now = time.monotonic()
+        self._step_request_ids = list(dict.fromkeys(chunk.seq.request_id for chunk in batch.chunks))
+        for request_id in self._step_request_ids:
+            metrics = self.requests[request_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
         self.runner.copy_blocks(batch.block_copies)
         result = self.runner.execute([self._sequence_step(chunk) for chunk in batch.chunks])
 
         sampling_rows, sampling_seqs = [], []
         for row, chunk in enumerate(batch.chunks):
             seq = chunk.seq
+            request = self.requests[seq.request_id]
             seq.num_cached_tokens = chunk.end
             seq.cache_scale = chunk.scale
             if row in result.all_hidden:
-                self._add_prompt_logprobs(seq, chunk.start, result.all_hidden[row], result.compute_logits)
+                self.outputs.add_prompt_logprobs(request, seq, chunk.start, result.all_hidden[row],
+                                                 result.compute_logits)
             if chunk.is_prompt_pass and chunk.end == seq.num_prompt_tokens and seq.num_output_tokens == 0:
                 self.block_manager.register_prompt_blocks(seq, self._prefix_key(seq))
             if chunk.samples:
@@ -169,17 +193,28 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         if sampling_seqs:
             logits = result.last_logits[sampling_rows]
-            for seq, sampled in zip(sampling_seqs, sample(logits, sampling_seqs, self.eos_token_ids)):
-                self._append_token(seq, sampled.token_id, sampled.logprobs)
-                touched[seq.request_id] = self.requests[seq.request_id]
+            now = time.monotonic()
+            for seq, sampled in zip(sampling_seqs, self.sampler.sample(logits, sampling_seqs, self.eos_token_ids)):
+                request = self.requests[seq.request_id]
+                self.outputs.append_token(request, seq, sampled.token_id, sampled.logprobs, now)
+                if seq.finish_reason is not None:
+                    self._finish(seq)
+                touched[seq.request_id] = request
+        self._step_request_ids = []
         outputs = []
         for request in touched.values():
-            if request.first_token_time is None:
-                request.first_token_time = time.monotonic()
-            outputs.append(request.to_output())
+            output = self.outputs.make_output(request)
+            if output is not None:
+                outputs.append(output)
             if request.finished:
                 del self.requests[request.request_id]
         return outputs
+
+    def abort_step_requests(self) -> list[RequestOutput]:
+        """After a step raised: end the requests it was running (their state may be half-updated), so that
+        the engine can go on with the others. Returns their final outputs."""
+        request_ids, self._step_request_ids = self._step_request_ids, []
+        return [output for output in map(self.abort_request, request_ids) if output is not None]
 
     def _sequence_step(self, chunk: ScheduledChunk) -> SequenceStep:
         """The runner's view of a planned chunk."""
@@ -196,31 +231,3 @@ class LLMEngine:
             scale_len=chunk.scale_len,
             per_token_scale=chunk.per_token_scale,
         )
-
-    def _add_prompt_logprobs(self, seq: Sequence, start: int, hidden: torch.Tensor, compute_logits) -> None:
-        """Logprob of each prompt token given the tokens before it, for a prompt chunk starting at ``start``;
-        in row pieces so that a long prompt never materialises [tokens, vocab] logits at once."""
-        request = self.requests[seq.request_id]
-        if start == 0:
-            request.prompt_logprobs = [None]  # the first prompt token has no context
-        rows = min(hidden.shape[0], seq.num_prompt_tokens - 1 - start)  # the last prompt row predicts output
-        for offset in range(0, rows, _PROMPT_LOGPROB_ROWS):
-            end = min(offset + _PROMPT_LOGPROB_ROWS, rows)
-            logprobs = torch.log_softmax(compute_logits(hidden[offset:end]).float(), dim=-1).cpu()
-            for row in range(end - offset):
-                target = seq.token_ids[start + offset + row + 1]
-                request.prompt_logprobs.append(token_logprobs(logprobs[row], target, seq.params.prompt_logprobs))
-
-    def _append_token(self, seq: Sequence, token_id: int, logprobs) -> None:
-        request = self.requests[seq.request_id]
-        seq.token_ids.append(token_id)
-        if logprobs is not None:
-            seq.output_logprobs.append(logprobs)
-            seq.cumulative_logprob += logprobs[token_id].logprob
-        check_stop_tokens(seq, token_id, self.eos_token_ids, self.max_model_len)
-        new_text = request.detokenizers[seq.index].add(token_id)
-        seq.output_text += new_text
-        if new_text:
-            check_stop_strings(seq, len(new_text))
-        if seq.finish_reason is not None:
-            self.scheduler.finish(seq)

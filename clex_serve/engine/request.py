@@ -1,15 +1,23 @@
-"""A request in flight: its sequences (n samples), their detokenizers, and the outputs it reports."""
+"""A request in flight: its sequences (n samples), their detokenizers, its metrics, and how much of its
+output has already been handed out (so that a delta output carries only what is new)."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
-from clex_serve.text.detokenizer import IncrementalDetokenizer
-from clex_serve.engine.outputs import CompletionOutput, RequestOutput
+from clex_serve.engine.outputs import RequestMetrics
 from clex_serve.engine.sequence import Logprob, Sequence
-from clex_serve.text.stop_checker import visible_text
 from clex_serve.sampling_params import SamplingParams
+from clex_serve.text.detokenizer import IncrementalDetokenizer
+
+
+@dataclass
+class SentOffsets:
+    """How much of one sequence's output earlier delta outputs carried."""
+
+    tokens: int = 0
+    text: int = 0
+    logprobs: int = 0
 
 
 @dataclass
@@ -20,27 +28,16 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer]
+    metrics: RequestMetrics
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
-    arrival: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
+    sent: list[SentOffsets] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
+    # Inter-token times not yet carried by an output.
+    pending_inter_token_times: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.sent = [SentOffsets() for _ in self.seqs]
 
     @property
     def finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)
-
-    def to_output(self) -> RequestOutput:
-        completions = []
-        for seq in self.seqs:
-            finished = seq.finish_reason is not None
-            completions.append(CompletionOutput(
-                index=seq.index,
-                text=seq.output_text if finished else visible_text(seq),
-                token_ids=list(seq.output_token_ids),
-                cumulative_logprob=seq.cumulative_logprob if self.params.logprobs is not None else None,
-                logprobs=list(seq.output_logprobs) if self.params.logprobs is not None else None,
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-            ))
-        metrics = {"arrival": self.arrival, "first_token": self.first_token_time}
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.prompt_logprobs,
-                             completions, self.finished, metrics)

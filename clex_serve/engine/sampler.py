@@ -2,7 +2,8 @@
 
 Rows that ask for nothing special cost nothing special: each transformation runs only when some row in the
 batch needs it, and then on the whole batch. A seeded request draws its noise from its own generator, so
-it samples the same tokens whatever else shares the batch.
+it samples the same tokens whatever else shares the batch. Penalties read token counts kept on the device
+across steps (``penalties.PenaltyState``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from clex_serve.engine.penalties import PenaltyState
 from clex_serve.engine.sequence import Logprob, Sequence
 
 
@@ -18,23 +20,6 @@ from clex_serve.engine.sequence import Logprob, Sequence
 class SampledToken:
     token_id: int
     logprobs: dict[int, Logprob] | None  # the sampled token and the top alternatives, when asked
-
-
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    for row, seq in enumerate(seqs):
-        params = seq.params
-        if not params.has_penalties:
-            continue
-        if params.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
-            values = logits[row, seen]
-            logits[row, seen] = torch.where(values > 0, values / params.repetition_penalty,
-                                            values * params.repetition_penalty)
-        if (params.presence_penalty or params.frequency_penalty) and seq.num_output_tokens:
-            output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
-            counts = torch.bincount(output, minlength=logits.shape[-1]).to(logits.dtype)
-            logits[row] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
-    return logits
 
 
 def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -62,40 +47,51 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int]) -> list[SampledToken]:
-    """``logits`` [B, vocab] float32, raw model output for each sequence's next token."""
-    want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    logits = logits.clone()
-    if any(seq.params.has_penalties for seq in seqs):
-        logits = apply_penalties(logits, seqs)
-    for row, seq in enumerate(seqs):
-        if seq.params.min_tokens and seq.num_output_tokens < seq.params.min_tokens:
-            stops = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else eos_token_ids)
-            if stops:
-                logits[row, stops] = float("-inf")
+class Sampler:
+    """Samples the next token of every row of a batch. Holds what lives across steps: the penalty tables,
+    and the random stream of requests without their own seed (seeded from the engine's ``seed``)."""
 
-    greedy = [seq.params.greedy for seq in seqs]
-    chosen = logits.argmax(dim=-1)
-    if not all(greedy):
-        temperatures = torch.tensor([seq.params.temperature or 1.0 for seq in seqs], device=logits.device)
-        probs = _filter(logits / temperatures[:, None], seqs).softmax(dim=-1)
-        # Gumbel-style draw: argmax(p / E) with E ~ Exp(1) samples from p. Seeded rows use their own stream.
-        noise = torch.empty_like(probs).exponential_()
+    def __init__(self, vocab_size: int, device: torch.device, seed: int = 0) -> None:
+        self.penalties = PenaltyState(vocab_size, device)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def release(self, seq: Sequence) -> None:
+        """A finished or aborted sequence leaves the penalty tables."""
+        self.penalties.release(seq)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int]) -> list[SampledToken]:
+        """``logits`` [B, vocab] float32, raw model output for each sequence's next token."""
+        want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        logits = self.penalties.apply(logits.clone(), seqs)
         for row, seq in enumerate(seqs):
-            if seq.generator is not None and not greedy[row]:
-                noise[row] = torch.empty_like(probs[row]).exponential_(generator=seq.generator)
-        sampled = (probs / noise).argmax(dim=-1)
-        chosen = torch.where(torch.tensor(greedy, device=logits.device), chosen, sampled)
+            if seq.params.min_tokens and seq.num_output_tokens < seq.params.min_tokens:
+                stops = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else eos_token_ids)
+                if stops:
+                    logits[row, stops] = float("-inf")
 
-    chosen_ids = chosen.tolist()
-    results = []
-    for row, (seq, token_id) in enumerate(zip(seqs, chosen_ids)):
-        logprobs = None
-        if seq.params.logprobs is not None:
-            logprobs = token_logprobs(raw_logprobs[row], token_id, seq.params.logprobs)
-        results.append(SampledToken(token_id, logprobs))
-    return results
+        greedy = [seq.params.greedy for seq in seqs]
+        chosen = logits.argmax(dim=-1)
+        if not all(greedy):
+            temperatures = torch.tensor([seq.params.temperature or 1.0 for seq in seqs], device=logits.device)
+            probs = _filter(logits / temperatures[:, None], seqs).softmax(dim=-1)
+            # Gumbel-style draw: argmax(p / E) with E ~ Exp(1) samples from p. Seeded rows use their own stream.
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
+            for row, seq in enumerate(seqs):
+                if seq.generator is not None and not greedy[row]:
+                    noise[row] = torch.empty_like(probs[row]).exponential_(generator=seq.generator)
+            sampled = (probs / noise).argmax(dim=-1)
+            chosen = torch.where(torch.tensor(greedy, device=logits.device), chosen, sampled)
+        self.penalties.record(seqs, chosen)
+
+        chosen_ids = chosen.tolist()
+        results = []
+        for row, (seq, token_id) in enumerate(zip(seqs, chosen_ids)):
+            logprobs = None
+            if seq.params.logprobs is not None:
+                logprobs = token_logprobs(raw_logprobs[row], token_id, seq.params.logprobs)
+            results.append(SampledToken(token_id, logprobs))
+        return results
 
 
 def token_logprobs(row: torch.Tensor, token_id: int, num_top: int) -> dict[int, Logprob]:

@@ -1,7 +1,9 @@
 """Chat prompts: the checkpoint's own template when it has one, otherwise the format its family was tuned on.
 
 The CLEX Llama chat models were tuned on Vicuna v1.1, the Mixtral chat model on a Zephyr-style format;
-neither released tokenizer carries a template.
+neither released tokenizer carries a template. Templates write the BOS token themselves, and the rendered
+prompt is tokenized without adding special tokens, as transformers' ``apply_chat_template(tokenize=True)``
+does: one BOS, never two.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ VICUNA_TEMPLATE = (
     "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
     "{% set turns = messages[1:] %}{% else %}{% set system = \"" + VICUNA_SYSTEM + "\" %}"
     "{% set turns = messages %}{% endif %}"
-    "{{ system }}"
+    "{{ bos_token + system }}"
     "{% for message in turns %}"
     "{% if message['role'] == 'user' %}{{ ' USER: ' + message['content'] }}"
     "{% else %}{{ ' ASSISTANT: ' + message['content'] + eos_token }}{% endif %}"
@@ -24,6 +26,7 @@ VICUNA_TEMPLATE = (
 )
 
 ZEPHYR_TEMPLATE = (
+    "{{ bos_token }}"
     "{% if not messages or messages[0]['role'] != 'system' %}{{ '<|system|>\\n' + eos_token + '\\n' }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
@@ -45,3 +48,9 @@ def render_chat(tokenizer, messages: list[dict], family: str, add_generation_pro
     template = getattr(tokenizer, "chat_template", None) or fallback_template(family)
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
+
+
+def chat_prompt(tokenizer, messages: list[dict], family: str, add_generation_prompt: bool = True) -> dict:
+    """The engine prompt of a conversation: its text and its token ids (no special tokens added on top)."""
+    text = render_chat(tokenizer, messages, family, add_generation_prompt)
+    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}

@@ -36,3 +36,13 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.token_ids)
         return full_text[len(prefix_text):]
+
+    def flush(self) -> str:
+        """At the end of generation: the text still held back (an incomplete character decodes to U+FFFD,
+        as decoding the whole output would give), so that nothing generated is lost."""
+        if self.read_offset == len(self.token_ids):
+            return ""
+        prefix_text = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+        full_text = self._decode(self.token_ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.token_ids)
+        return full_text[len(prefix_text):] if len(full_text) > len(prefix_text) else ""

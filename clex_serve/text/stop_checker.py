@@ -35,9 +35,14 @@ def check_stop_strings(seq: Sequence, new_text_len: int) -> None:
     seq.finish_reason, seq.stop_reason = "stop", stop
 
 
-def visible_text(seq: Sequence) -> str:
-    """Text safe to show now: while running, hold back a tail that could still become a stop string."""
+def visible_length(seq: Sequence) -> int:
+    """How much of the text is safe to show now: while running, a tail that could still become a stop string
+    is held back. Never shrinks: a stop string found later starts inside the held-back tail."""
     if seq.finish_reason is not None or not seq.params.stop:
-        return seq.output_text
+        return len(seq.output_text)
     holdback = max(len(stop) for stop in seq.params.stop) - 1
-    return seq.output_text[:len(seq.output_text) - holdback] if holdback else seq.output_text
+    return max(0, len(seq.output_text) - holdback)
+
+
+def visible_text(seq: Sequence) -> str:
+    return seq.output_text[:visible_length(seq)]

@@ -1,0 +1,25 @@
+"""A snapshot of the engine's load, for metrics endpoints and admission control."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int  # sequences holding KV blocks
+    num_waiting: int  # sequences waiting for admission (new, or preempted)
+    num_unfinished_requests: int
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    num_preemptions: int  # since the engine started
+    prefix_cache_hit_blocks: int
+    prefix_cache_hit_tokens: int
+
+    @property
+    def num_used_kv_blocks(self) -> int:
+        return self.num_kv_blocks - self.num_free_kv_blocks
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.num_used_kv_blocks / self.num_kv_blocks if self.num_kv_blocks else 0.0

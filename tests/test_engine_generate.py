@@ -188,34 +188,6 @@ def test_too_long_prompt_is_refused_before_any_work(engines):
     assert not llm.engine.has_unfinished_requests()
 
 
-def test_async_engine_streams_and_aborts(engines):
-    import asyncio
-
-    from clex_serve.engine.async_engine import AsyncLLMEngine
-
-    llm = engines("llama", block_size=4)
-    async_engine = AsyncLLMEngine(llm.engine)
-
-    async def scenario():
-        params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
-        counts = []
-        async for output in async_engine.generate(_prompt("llama", 7), params):
-            counts.append(len(output.outputs[0].token_ids))
-        stream = async_engine.generate(_prompt("llama", 35), params)
-        for _ in range(3):
-            await stream.__anext__()
-        await stream.aclose()  # a client going away aborts its request
-        return counts
-
-    try:
-        counts = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
-    finally:
-        async_engine.shutdown()
-    assert counts == list(range(1, 101))
-    assert not llm.engine.has_unfinished_requests()
-    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
-
-
 @pytest.mark.parametrize("name", ["llama_logscale", "phi"])
 def test_chunked_prompts_equal_one_pass(name, engines):
     """With 16 batched tokens per step, prompts run in chunks at the full prompt's scale: golden greedy

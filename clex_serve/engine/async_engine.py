@@ -1,92 +1,257 @@
-"""The asyncio engine for servers: stream each request's output as it grows, abort on demand.
+"""The asyncio engine for servers: the engine steps in its own thread; the event loop never waits for it.
 
-One background thread runs ``LLMEngine.step`` in a loop (torch releases the GIL, so the event loop stays
-responsive); outputs are handed to each request's ``asyncio.Queue`` on the loop. Requests are added and
-aborted through a lock, between steps.
+- Submission: ``generate()`` tokenizes and checks the request in a worker thread (``asyncio.to_thread``),
+  then posts it to an inbox that the engine thread drains between steps. Nothing on the event loop waits
+  for a step, however long a prefill takes; a bad request is refused at once with a ``ValueError``.
+- Outputs reach each consumer through a ``RequestStream`` that holds at most one pending output.
+- ``abort()`` posts to the inbox too; the consumer still waiting gets a final output with
+  ``finish_reason="abort"``. A consumer that goes away (a client disconnects) aborts its request.
+- If a step raises, the requests of that step end with the error and the engine goes on with the others;
+  an error that leaves the device unusable (a CUDA error) marks the engine dead: ``dead`` turns true, every
+  pending request ends with ``EngineDeadError``, and new ones are refused with it.
+- ``shutdown()`` stops the thread and ends every pending ``generate()`` with ``EngineShutdownError``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import logging
+import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from clex_serve.engine.engine_config import EngineConfig
+from clex_serve.engine.errors import EngineDeadError, EngineShutdownError, QueueFullError
+from clex_serve.engine.input_processor import ProcessedPrompt
 from clex_serve.engine.llm_engine import LLMEngine
-from clex_serve.engine.outputs import RequestOutput
+from clex_serve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from clex_serve.engine.request_stream import RequestStream
+from clex_serve.engine.stats import EngineStats
 from clex_serve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Add:
+    request_id: str
+    processed: ProcessedPrompt
+    stream: RequestStream
+    arrival_time: float
+
+
+@dataclasses.dataclass
+class _Abort:
+    request_id: str
+
+
+def _is_fatal(error: BaseException) -> bool:
+    """Errors after which the device (and so every request) cannot be trusted: CUDA's are sticky."""
+    text = f"{type(error).__name__}: {error}"
+    return "CUDA error" in text or "CUBLAS_STATUS" in text or "AcceleratorError" in text
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, idle_wait: float = 0.5) -> None:
         self.engine = engine
-        self._lock = threading.Lock()
+        self._idle_wait = idle_wait
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, RequestStream] = {}  # the engine thread's: requests it has admitted
+        # The event loop's: ids of generate() calls in progress, those already posted to the engine thread,
+        # and those aborted before they were posted (while their prompt was being tokenized).
+        self._live_ids: set[str] = set()
+        self._posted_ids: set[str] = set()
+        self._aborted_early: set[str] = set()
         self._ids = itertools.count()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="clex-serve-engine", daemon=True)
+        self._stopping = False
+        self._dead_error: BaseException | None = None
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="clex-serve-engine", daemon=True)
         self._thread.start()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
         return cls(LLMEngine(config))
 
-    async def generate(self, prompt, params: SamplingParams, request_id: str | None = None
+    # ------------------------------------------------------------------ state
+
+    @property
+    def dead(self) -> bool:
+        """True once a step failed in a way that leaves the engine unusable (a server's /health reads this)."""
+        return self._dead_error is not None
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping and not self.dead
+
+    def stats(self) -> EngineStats:
+        """The engine's load as of the end of its last step (read without waiting for the engine thread)."""
+        return self._stats
+
+    def _check_usable(self) -> None:
+        if self._dead_error is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self._dead_error}")
+        if self._stopping:
+            raise EngineShutdownError("the engine is shut down")
+
+    # ------------------------------------------------------------------ requests
+
+    async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None
                        ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output after every step that advanced it; the last one has ``finished``."""
-        request_id = request_id or f"async-{next(self._ids)}"
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self.engine.add_request(prompt, params, request_id)  # ValueError: refused before any work
-            self._queues[request_id] = (asyncio.get_running_loop(), queue)
-        self._wake.set()
+        """Yield the request's outputs as it advances (what each carries follows ``params.output_kind``;
+        a consumer that reads slowly gets what it missed merged into one output). The last one has
+        ``finished``. Raises ValueError for a bad request, QueueFullError when too many are waiting."""
+        self._check_usable()
+        request_id = f"async-{next(self._ids)}" if request_id is None else request_id
+        if request_id in self._live_ids:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._live_ids.add(request_id)
         finished = False
         try:
+            arrival = time.monotonic()
+            processed = await asyncio.to_thread(self.engine.process_inputs, prompt, params)
+            self._check_usable()
+            limit = self.engine.engine_config.max_queued_requests
+            if limit is not None and self._stats.num_waiting + self._inbox.qsize() >= limit:
+                raise QueueFullError(f"{self._stats.num_waiting} requests are already waiting (the limit is "
+                                     f"{limit}); try again later")
+            if request_id in self._aborted_early:
+                finished = True
+                yield self._aborted_output(request_id, processed)
+                return
+            stream = RequestStream(request_id, asyncio.get_running_loop())
+            self._inbox.put(_Add(request_id, processed, stream, arrival))
+            self._posted_ids.add(request_id)
+            self._wake.set()
             while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+                output = await stream.get()
+                finished = output.finished
+                yield output
         finally:
+            self._live_ids.discard(request_id)
+            self._aborted_early.discard(request_id)
             if not finished:  # the consumer went away (client disconnect, cancellation): free the blocks
                 self.abort(request_id)
+            self._posted_ids.discard(request_id)
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            self.engine.abort_request(request_id)
-            self._queues.pop(request_id, None)
-
-    def shutdown(self) -> None:
-        self._stopped = True
+        """Stop a request; its consumer, if still waiting, gets a final output with finish_reason "abort".
+        Call it from the event loop's thread."""
+        if request_id in self._live_ids and request_id not in self._posted_ids:
+            self._aborted_early.add(request_id)  # still being tokenized: it will not be submitted
+        self._inbox.put(_Abort(request_id))
         self._wake.set()
-        self._thread.join(timeout=10)
 
-    def _loop(self) -> None:
-        while not self._stopped:
-            self._wake.clear()  # before looking for work, so a request added meanwhile wakes the wait below
-            with self._lock:
-                busy = self.engine.has_unfinished_requests()
+    @staticmethod
+    def _aborted_output(request_id: str, processed: ProcessedPrompt) -> RequestOutput:
+        params = processed.params
+        completions = [CompletionOutput(index, "", [], None, None, "abort") for index in range(params.n)]
+        return RequestOutput(request_id, processed.text, processed.token_ids, None, completions, True,
+                             RequestMetrics(time.monotonic(), num_prompt_tokens=len(processed.token_ids)),
+                             params.output_kind)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the engine thread after its current step; every pending generate() ends with
+        EngineShutdownError."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=timeout)
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping and self._dead_error is None:
+                self._drain_inbox()
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                else:
+                    self._wake.wait(timeout=self._idle_wait)
+                    self._wake.clear()
+        finally:
+            self._end_all()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Add):
                 try:
-                    outputs = self.engine.step() if busy else []
-                except Exception as error:  # an engine failure ends the requests in flight, not the server
-                    self._fail_all(error)
+                    self.engine.add_processed_request(item.processed, item.request_id, item.arrival_time)
+                except Exception as error:  # a duplicate id, a full queue: the request's own error
+                    item.stream.fail(error)
                     continue
-                deliveries = [(self._queues.get(output.request_id), output) for output in outputs]
-                for output in outputs:
-                    if output.finished:
-                        self._queues.pop(output.request_id, None)
-            for target, output in deliveries:
-                if target is not None:
-                    loop, queue = target
-                    loop.call_soon_threadsafe(queue.put_nowait, output)
-            if not busy:
-                self._wake.wait(timeout=0.5)
+                self._streams[item.request_id] = item.stream
+            else:
+                output = self.engine.abort_request(item.request_id)
+                stream = self._streams.pop(item.request_id, None)
+                if stream is not None and output is not None:
+                    stream.put(output)  # finished, with finish_reason "abort" where it was running
+        self._stats = self.engine.stats()
 
-    def _fail_all(self, error: Exception) -> None:
-        for request_id, (loop, queue) in list(self._queues.items()):
-            self.engine.abort_request(request_id)
-            loop.call_soon_threadsafe(queue.put_nowait, RuntimeError(f"generation failed: {error}"))
-        self._queues.clear()
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as error:
+            self._step_failed(error)
+            return
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.put(output)
+            if output.finished:
+                self._streams.pop(output.request_id, None)
+        self._stats = self.engine.stats()
+
+    def _step_failed(self, error: Exception) -> None:
+        if _is_fatal(error):
+            logger.error("engine step failed; the engine is dead: %s", error)
+            self._dead_error = error
+            return  # _end_all ends every request with EngineDeadError
+        logger.error("engine step failed; ending the requests of that step: %s", error)
+        failure = RuntimeError(f"generation failed: {error}")
+        try:
+            ended = self.engine.abort_step_requests()
+        except Exception as abort_error:  # the engine's own state is broken: nothing else is safe
+            self._dead_error = abort_error
+            return
+        if not ended:  # the failure is not tied to requests (the scheduler itself): retrying would loop
+            self._dead_error = error
+            return
+        for output in ended:
+            stream = self._streams.pop(output.request_id, None)
+            if stream is not None:
+                stream.fail(failure)
+
+    def _end_all(self) -> None:
+        """The thread is leaving: end every request it holds or has not yet admitted."""
+        if self._dead_error is not None:
+            error: BaseException = EngineDeadError(f"the engine stopped after an error: {self._dead_error}")
+        else:
+            error = EngineShutdownError("the engine was shut down")
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Add):
+                item.stream.fail(error)
+            else:
+                self._streams.pop(item.request_id, None)
+                try:
+                    self.engine.abort_request(item.request_id)
+                except Exception:
+                    pass
+        for request_id, stream in list(self._streams.items()):
+            stream.fail(error)
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:  # shutting down after a failure: the streams are ended, that is what matters
+                pass
+        self._streams.clear()

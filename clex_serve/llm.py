@@ -30,9 +30,9 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        if isinstance(prompts, (str, dict)):
+        if not isinstance(prompts, (list, tuple)):  # one prompt (a string, a dict): a list of prompts otherwise
             prompts = [prompts]
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        if not isinstance(sampling_params, (list, tuple)):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")

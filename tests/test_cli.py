@@ -19,7 +19,7 @@ def test_generate_streams_a_completion(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 2 and all(lines)
-    assert "Loading weights" in result.stderr  # progress while loading
+    assert "Loading weights" not in result.stderr  # no progress bar for a load that takes no time
 
 
 def test_bad_flag_is_named_without_a_traceback():
@@ -55,3 +55,21 @@ def test_gpu_memory_utilization_above_one_is_refused_in_one_line():
     result = run_cli("generate", "--gpu-memory-utilization", "1.5", "--prompt", "hi")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "argument --gpu-memory-utilization: must be in (0, 1], got 1.5" in result.stderr.strip().splitlines()[-1]
+
+
+def test_unreachable_hub_gives_the_one_line_hint_quickly(tmp_path):
+    """No HF_HUB_OFFLINE, and a hub endpoint that refuses connections (a closed port on 127.0.0.1): the
+    command ends within 10 s in one line that names the id and the way out."""
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port}", "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "0"}
+    started = time.monotonic()
+    result = run_cli("generate", "--model", "DAMO-NLP-SG/CLEX-7B-16K", "--prompt", "hi", env=env)
+    assert time.monotonic() - started < 10
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "DAMO-NLP-SG/CLEX-7B-16K" in line and "--model DIR" in line

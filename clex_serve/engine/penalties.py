@@ -55,22 +55,30 @@ class PenaltyState:
         return row
 
     def apply(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Penalise ``logits`` [B, vocab] (rows of sequences without penalties are left alone)."""
+        """Penalise ``logits`` [B, vocab] in place (rows of sequences without penalties are left alone)."""
         picked = [index for index, seq in enumerate(seqs) if seq.params.has_penalties]
         if not picked:
             return logits
+        every_row = len(picked) == len(seqs)
         rows = torch.tensor([self._row(seqs[index]) for index in picked], device=self.device)
         params = [seqs[index].params for index in picked]
-        counts = self.output_counts[rows].to(logits.dtype)
-        penalised = logits[picked]
-        repetition = torch.tensor([p.repetition_penalty for p in params], device=logits.device)[:, None]
-        seen = self.in_prompt[rows] | (counts > 0)
-        scaled = torch.where(penalised > 0, penalised / repetition, penalised * repetition)
-        penalised = torch.where(seen, scaled, penalised)
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=logits.device)[:, None]
-        presence = torch.tensor([p.presence_penalty for p in params], device=logits.device)[:, None]
-        penalised = penalised - frequency * counts - presence * (counts > 0)
-        logits[picked] = penalised
+        target = logits if every_row else logits[picked]
+        counts = self.output_counts[rows]
+        occurred = counts > 0
+
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=logits.dtype, device=logits.device)[:, None]
+
+        if any(p.repetition_penalty != 1.0 for p in params):
+            penalty = column([p.repetition_penalty for p in params])
+            factor = torch.where(target > 0, 1.0 / penalty, penalty)
+            target = torch.where(self.in_prompt[rows] | occurred, target * factor, target)
+        if any(p.frequency_penalty or p.presence_penalty for p in params):
+            target = target - column([p.frequency_penalty for p in params]) * counts \
+                - column([p.presence_penalty for p in params]) * occurred
+        if every_row:
+            return target
+        logits[picked] = target
         return logits
 
     def record(self, seqs: list[Sequence], token_ids: torch.Tensor) -> None:

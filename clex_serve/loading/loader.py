@@ -22,6 +22,7 @@ from clex_serve.layers.rotary import get_rope
 from clex_serve.models import build_model
 from clex_serve.models.base import CausalLM
 
+_PROGRESS_DELAY = 1.0  # seconds of loading before the progress bar shows
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Buffers that older checkpoints store but that are always recomputed from the config.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -144,8 +145,9 @@ def _fill_random(module: CausalLM, seed: int) -> None:
 def _fill_weights(module: CausalLM, files: list[Path], show_progress: bool) -> None:
     expected, optional = _expected_tensors(module)
     loaded: set[str] = set()
+    # The bar appears only when loading lasts (a multi-GB checkpoint), not for the embedded 8 MB model.
     progress = tqdm(total=count_tensors(files) or None, desc="Loading weights", unit="tensor",
-                    disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
+                    disable=not show_progress, file=sys.stderr, dynamic_ncols=True, delay=_PROGRESS_DELAY)
     with progress, torch.no_grad():
         for name, tensor in iterate_tensors(files):
             progress.update(1)

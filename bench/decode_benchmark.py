@@ -85,7 +85,7 @@ def concurrency_run(llm: LLM, streams: int, prompt_len: int, new_tokens: int) ->
     while engine.has_unfinished_requests():
         for output in engine.step():
             if len(output.outputs[0].token_ids) == 1:
-                first_tokens.append(output.metrics["first_token"] - output.metrics["arrival"])
+                first_tokens.append(output.metrics.time_to_first_token)
             if output.finished:
                 produced += len(output.outputs[0].token_ids)
     elapsed = time.monotonic() - start

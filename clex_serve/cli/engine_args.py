@@ -53,7 +53,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="dummy: random weights from config.json alone, for benchmarks")
     group.add_argument("--enable-prefix-caching", action="store_true", help="reuse KV blocks of shared prompt prefixes")
     group.add_argument("--attention-backend", default="auto", choices=BACKENDS)
-    group.add_argument("--log-scale", default=None, choices=["true", "false"],
+    group.add_argument("--log-scale", default=None, action=argparse.BooleanOptionalAction,
                        help="override the checkpoint's CLEX log_scale")
     group.add_argument("--allow-long-max-model-len", action="store_true",
                        help="accept --max-model-len above the model's limit (CLEX stays at its largest scale)")
@@ -72,5 +72,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         load_format=args.load_format, allow_long_max_model_len=args.allow_long_max_model_len,
         max_queued_requests=args.max_queued_requests, seed=args.seed, show_progress=not args.no_progress_bar,
         enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend,
-        log_scale=None if args.log_scale is None else args.log_scale == "true",
+        log_scale=args.log_scale,
     )

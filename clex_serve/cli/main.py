@@ -1,23 +1,58 @@
 """The ``clex-serve`` command.
 
+    clex-serve --model DAMO-NLP-SG/CLEX-7B-Chat-16K        # the OpenAI-compatible server (= clex-serve serve)
     clex-serve generate --model DAMO-NLP-SG/CLEX-7B-16K --prompt "Once upon a time"
 
-``generate`` streams a completion for ``--prompt`` (or for each line of standard input) to standard output.
+``serve`` (the default) serves the OpenAI API; ``generate`` streams a completion for ``--prompt`` (or for
+each line of standard input) to standard output.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from clex_serve.cli.engine_args import add_engine_args, engine_config_from_args, positive_int
 from clex_serve.sampling_params import RequestOutputKind, SamplingParams
 
 
+COMMANDS = ("serve", "generate")
+DEMO_MODEL_NAME = "clex-serve-demo"
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clex-serve", description="Serve CLEX long-context language models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    generate = commands.add_parser("generate", help="stream completions of prompts to standard output")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    serve = commands.add_parser(
+        "serve", formatter_class=formatter, help="the OpenAI-compatible server (the default command)",
+        description="Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, /health, "
+                    "/metrics). `clex-serve generate --help` shows the command-line generator.")
+    add_engine_args(serve)
+    server = serve.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    server.add_argument("--port", type=port_number, default=8000)
+    server.add_argument("--served-model-name", help="the model name clients use (default: --model, or "
+                                                    f"{DEMO_MODEL_NAME} for the embedded model)")
+    server.add_argument("--chat-template", help="vicuna, zephyr, or a Jinja file (default: the tokenizer's own, "
+                                                "or the released CLEX chat models' format)")
+    server.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes "
+                                          "(default: $CLEX_SERVE_API_KEY, else none)")
+    server.add_argument("--allowed-origins", default="", help="comma-separated CORS origins ('*' for any)")
+    server.add_argument("--uvicorn-log-level", default="warning",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    server.add_argument("--graceful-timeout", type=float, default=30.0,
+                        help="seconds requests in flight may run on after SIGTERM")
+    generate = commands.add_parser("generate", formatter_class=formatter,
+                                   help="stream completions of prompts to standard output")
     add_engine_args(generate)
     sampling = generate.add_argument_group("sampling")
     sampling.add_argument("--prompt", help="the prompt (default: each line of standard input)")
@@ -39,9 +74,34 @@ def _stream(engine, prompt: str, params: SamplingParams) -> None:
     sys.stdout.write("\n")
 
 
+def _serve(args) -> int:
+    from clex_serve.api.server import serve
+    from clex_serve.engine.async_engine import AsyncLLMEngine
+    from clex_serve.engine.llm_engine import LLMEngine
+    from clex_serve.text.chat_template import resolve_chat_template
+
+    engine = LLMEngine(engine_config_from_args(args))
+    name = args.served_model_name or args.model or DEMO_MODEL_NAME
+    template = resolve_chat_template(engine.tokenizer, args.model or "", args.chat_template)
+    origins = [origin.strip() for origin in args.allowed_origins.split(",") if origin.strip()]
+    api_key = args.api_key or os.environ.get("CLEX_SERVE_API_KEY") or None
+    return serve(AsyncLLMEngine(engine), name, args.host, args.port, template, api_key, origins,
+                 args.uvicorn_log_level, args.graceful_timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        argv = ["serve", *argv]  # `clex-serve --model X` serves; `clex-serve --help` shows the server's flags
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        try:
+            return _serve(args)
+        except ValueError as error:
+            parser.exit(2, f"clex-serve: error: {error}\n")
+        except KeyboardInterrupt:
+            return 130
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, stop=args.stop, output_kind=RequestOutputKind.DELTA)

@@ -35,22 +35,48 @@ ZEPHYR_TEMPLATE = (
 )
 
 
+BUILTIN_TEMPLATES = {"vicuna": VICUNA_TEMPLATE, "zephyr": ZEPHYR_TEMPLATE}
+
+
 def fallback_template(family: str) -> str:
     return ZEPHYR_TEMPLATE if family == "mixtral" else VICUNA_TEMPLATE
 
 
-def render_chat(tokenizer, messages: list[dict], family: str, add_generation_prompt: bool = True) -> str:
+def resolve_chat_template(tokenizer, model_name: str, override: str | None = None) -> str | None:
+    """The template a model's chats use: ``override`` (a built-in name or a file) when given, else the
+    tokenizer's own, else the built-in one of a released CLEX chat model (recognised by its name), else None:
+    the model has no chat format."""
+    if override:
+        if override in BUILTIN_TEMPLATES:
+            return BUILTIN_TEMPLATES[override]
+        try:
+            with open(override, encoding="utf-8") as handle:
+                return handle.read()
+        except OSError:
+            raise ValueError(f"chat template {override!r} is neither a built-in ({', '.join(BUILTIN_TEMPLATES)}) "
+                             f"nor a readable file") from None
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    name = model_name.lower()
+    if "clex" in name and "chat" in name:
+        return ZEPHYR_TEMPLATE if "mixtral" in name else VICUNA_TEMPLATE
+    return None
+
+
+def render_chat(tokenizer, messages: list[dict], family: str, add_generation_prompt: bool = True,
+                template: str | None = None) -> str:
     for message in messages:
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
             raise ValueError("each message needs a role of system, user or assistant, and a content string")
         if not isinstance(message.get("content"), str):
             raise ValueError("message content must be a string")
-    template = getattr(tokenizer, "chat_template", None) or fallback_template(family)
+    template = template or getattr(tokenizer, "chat_template", None) or fallback_template(family)
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
 
 
-def chat_prompt(tokenizer, messages: list[dict], family: str, add_generation_prompt: bool = True) -> dict:
+def chat_prompt(tokenizer, messages: list[dict], family: str, add_generation_prompt: bool = True,
+                template: str | None = None) -> dict:
     """The engine prompt of a conversation: its text and its token ids (no special tokens added on top)."""
-    text = render_chat(tokenizer, messages, family, add_generation_prompt)
+    text = render_chat(tokenizer, messages, family, add_generation_prompt, template)
     return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}

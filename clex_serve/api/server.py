@@ -1,0 +1,55 @@
+"""Run the app under uvicorn: say where it listens once the socket is open, stop gracefully on SIGTERM.
+
+On SIGTERM (or Ctrl-C) uvicorn stops accepting connections and lets requests in flight finish for
+``graceful_timeout`` seconds; requests still running then are cancelled, which aborts them in the engine;
+then the engine thread stops and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import uvicorn
+from sse_starlette.sse import AppStatus
+
+from clex_serve.api.app import build_app
+from clex_serve.engine.async_engine import AsyncLLMEngine
+
+
+class _AnnouncingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, announcement: str) -> None:
+        super().__init__(config)
+        self.announcement = announcement
+
+    def handle_exit(self, sig: int, frame) -> None:
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM and sig in self._captured_signals:
+            # uvicorn re-raises captured signals after its graceful stop; a SIGTERM that was honoured in
+            # full is a clean exit, status 0.
+            self._captured_signals.remove(sig)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            print(self.announcement, flush=True)
+
+
+def serve(engine: AsyncLLMEngine, served_model_name: str, host: str, port: int, chat_template: str | None,
+          api_key: str | None, allowed_origins: list[str] | None, log_level: str, graceful_timeout: float) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    # sse-starlette ends every stream as soon as uvicorn is asked to stop; streams in flight should finish
+    # instead, within uvicorn's grace period (after it, uvicorn cancels them, which aborts their requests).
+    AppStatus.disable_automatic_graceful_drain()
+    app = build_app(engine, served_model_name, chat_template, api_key, allowed_origins)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=graceful_timeout, access_log=False)
+    shown_host = f"[{host}]" if ":" in host else host
+    server = _AnnouncingServer(config, f"clex-serve: serving {served_model_name} at http://{shown_host}:{port}/v1")
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    return 0 if server.started else 1

@@ -1,0 +1,159 @@
+"""What the chat and completion handlers share: model and context checks, engine errors as HTTP errors,
+running a request to its end while watching for a client that goes away, SSE framing, request logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from clex_serve.api.errors import APIError, invalid
+from clex_serve.api.metrics import ServerMetrics
+from clex_serve.engine.async_engine import AsyncLLMEngine
+from clex_serve.engine.errors import EngineDeadError, EngineShutdownError, QueueFullError
+from clex_serve.engine.outputs import RequestOutput
+
+logger = logging.getLogger("clex_serve.api")
+
+# How often a non-streaming request checks whether its client is still there.
+_DISCONNECT_POLL = 0.2
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; its requests were aborted."""
+
+
+class ServingContext:
+    def __init__(self, engine: AsyncLLMEngine, served_model_name: str, chat_template: str | None,
+                 metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.served_model_name = served_model_name
+        self.chat_template = chat_template
+        self.metrics = metrics
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+        self.family = engine.engine.model_config.family
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.served_model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.served_model_name}`",
+                           param="model", code="model_not_found")
+
+    def check_engine(self) -> None:
+        if self.engine.dead:
+            raise APIError(503, "the engine stopped after an error; restart the server", code="engine_dead")
+
+    def max_tokens(self, requested: int | None, prompt_len: int, param: str = "max_tokens") -> int:
+        """The output budget: what was asked, or the rest of the context; refused when it does not fit."""
+        room = self.max_model_len - prompt_len
+        if requested is not None and requested < 1:
+            raise APIError(400, f"{param} must be at least 1, got {requested}", param=param)
+        total = prompt_len + (requested if requested is not None else 1)
+        if total > self.max_model_len or room < 1:
+            asked = requested if requested is not None else 1
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                                f"requested {prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} in the "
+                                f"completion). Please reduce the length of the prompt or completion.",
+                           param=param, code="context_length_exceeded")
+        return requested if requested is not None else room
+
+    @staticmethod
+    def engine_error(error: Exception) -> APIError:
+        if isinstance(error, QueueFullError):
+            return APIError(429, str(error), code="queue_full", headers={"Retry-After": "1"})
+        if isinstance(error, (EngineDeadError, EngineShutdownError)):
+            return APIError(503, str(error), code="engine_unavailable")
+        if isinstance(error, ValueError):
+            return invalid(error)
+        return APIError(500, f"generation failed: {error}", code="generation_failed")
+
+    async def first_output(self, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+        """The stream's first output, with submission errors (bad request, full queue) as HTTP errors, so
+        that they are answered before a streaming response has started."""
+        try:
+            return await stream.__anext__()
+        except StopAsyncIteration:
+            raise APIError(500, "the engine returned no output", code="generation_failed") from None
+        except APIError:
+            raise
+        except Exception as error:
+            raise self.engine_error(error) from None
+
+    async def run_to_end(self, streams: list[AsyncIterator[RequestOutput]], raw_request: Request
+                         ) -> list[RequestOutput]:
+        """Each stream's final output. A client that disconnects meanwhile cancels them all, which aborts
+        their requests and frees their KV blocks at once."""
+        async def last(stream):
+            output = await self.first_output(stream)
+            async for output in stream:
+                pass
+            return output
+
+        tasks = [asyncio.ensure_future(last(stream)) for stream in streams]
+        try:
+            while True:
+                done, pending = await asyncio.wait(tasks, timeout=_DISCONNECT_POLL,
+                                                   return_when=asyncio.FIRST_EXCEPTION)
+                if not pending or any(task.exception() for task in done if not task.cancelled()):
+                    break
+                if await raw_request.is_disconnected():
+                    raise ClientDisconnected()
+            return [task.result() for task in tasks]
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for stream in streams:
+                await stream.aclose()
+
+    def log(self, request_id: str, status: int, prompt_tokens: int, output_tokens: int,
+            time_to_first_token: float | None, started: float) -> None:
+        ttft = f"{time_to_first_token * 1000:.0f}ms" if time_to_first_token is not None else "-"
+        logger.info("request %s status %d prompt_tokens %d output_tokens %d ttft %s duration %.0fms",
+                    request_id, status, prompt_tokens, output_tokens, ttft, (time.monotonic() - started) * 1000)
+
+
+def sse(data: dict | str) -> str:
+    return data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+
+
+async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """(index of the stream, item) as items arrive from several async iterators."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index, stream):
+        try:
+            async for item in stream:
+                await queue.put((index, item))
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            await queue.put((index, error))
+        finally:
+            await queue.put((index, done))
+
+    tasks = [asyncio.ensure_future(pump(index, stream)) for index, stream in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()

@@ -253,3 +253,47 @@ def test_sigterm_lets_requests_in_flight_finish():
             thread.join(timeout=120)
         assert process.wait(timeout=60) == 0
         assert not errors and results == ["length"] * 3
+
+
+def test_a_model_without_chat_template_answers_chat_with_a_400(tmp_path):
+    from engine_helpers import model_with_tokenizer
+
+    folder = model_with_tokenizer("llama", tmp_path)
+    with running_server("--model", str(folder)) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model=str(folder), messages=QUESTION)
+        assert error.value.body["code"] == "no_chat_template" and "--chat-template" in error.value.body["message"]
+        assert client.completions.create(model=str(folder), prompt="CLEX", max_tokens=3).choices[0].text is not None
+
+
+def test_chat_template_resolution():
+    from clex_serve.text.chat_template import VICUNA_TEMPLATE, ZEPHYR_TEMPLATE, resolve_chat_template
+    from engine_helpers import byte_level_tokenizer
+
+    plain = byte_level_tokenizer()
+    assert resolve_chat_template(plain, "DAMO-NLP-SG/CLEX-7B-Chat-16K") == VICUNA_TEMPLATE
+    assert resolve_chat_template(plain, "DAMO-NLP-SG/CLEX-Mixtral-8x7B-Chat-32K") == ZEPHYR_TEMPLATE
+    assert resolve_chat_template(plain, "DAMO-NLP-SG/CLEX-7B-16K") is None
+    assert resolve_chat_template(plain, "any", "zephyr") == ZEPHYR_TEMPLATE
+    plain.chat_template = "{{ messages[0]['content'] }}"
+    assert resolve_chat_template(plain, "DAMO-NLP-SG/CLEX-7B-Chat-16K") == plain.chat_template
+    with pytest.raises(ValueError, match="neither a built-in"):
+        resolve_chat_template(plain, "any", "/no/such/template.jinja")
+
+
+def test_serve_flags_fail_in_one_line_and_help_shows_defaults():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "clex_serve.cli.main", "--port", "70000"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "argument --port: must be in [0, 65535], got 70000" in result.stderr
+    assert "Traceback" not in result.stderr
+    help_text = " ".join(subprocess.run([sys.executable, "-m", "clex_serve.cli.main", "--help"], capture_output=True,
+                                        text=True, timeout=60).stdout.split())
+    for flag in ("--host", "--port", "--served-model-name", "--chat-template", "--api-key", "--allowed-origins",
+                 "--max-queued-requests", "--enable-prefix-caching", "--no-log-scale", "--uvicorn-log-level",
+                 "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--kv-cache-memory"):
+        assert flag in help_text, flag
+    assert "(default: 127.0.0.1)" in help_text and "(default: 8000)" in help_text

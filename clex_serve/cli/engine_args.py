@@ -35,7 +35,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="Hugging Face folder or hub id (default: the embedded demo model)")
     group.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the model's)")
     group.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto: bfloat16 on CUDA, float32 on the CPU")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     group.add_argument("--max-model-len", type=positive_int,
                        help="longest prompt + output (default: max_position_embeddings * max_factor for CLEX)")
@@ -52,7 +53,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
                        help="dummy: random weights from config.json alone, for benchmarks")
     group.add_argument("--enable-prefix-caching", action="store_true", help="reuse KV blocks of shared prompt prefixes")
-    group.add_argument("--attention-backend", default="auto", choices=BACKENDS)
+    group.add_argument("--attention-backend", default="auto", choices=BACKENDS,
+                       help="auto: flash-attn on CUDA when installed, else triton on CUDA, sdpa on the CPU")
     group.add_argument("--log-scale", default=None, action=argparse.BooleanOptionalAction,
                        help="override the checkpoint's CLEX log_scale")
     group.add_argument("--allow-long-max-model-len", action="store_true",

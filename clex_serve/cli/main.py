@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     server = serve.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    server.add_argument("--port", type=port_number, default=8000)
+    server.add_argument("--port", type=port_number, default=8000, help="port to listen on")
     server.add_argument("--served-model-name", help="the model name clients use (default: --model, or "
                                                     f"{DEMO_MODEL_NAME} for the embedded model)")
     server.add_argument("--chat-template", help="vicuna, zephyr, or a Jinja file (default: the tokenizer's own, "
@@ -56,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(generate)
     sampling = generate.add_argument_group("sampling")
     sampling.add_argument("--prompt", help="the prompt (default: each line of standard input)")
-    sampling.add_argument("--max-tokens", type=positive_int, default=128)
-    sampling.add_argument("--temperature", type=float, default=0.0)
-    sampling.add_argument("--top-p", type=float, default=1.0)
-    sampling.add_argument("--top-k", type=int, default=0)
+    sampling.add_argument("--max-tokens", type=positive_int, default=128, help="tokens to generate at most")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    sampling.add_argument("--top-k", type=int, default=0, help="0: no top-k")
     sampling.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     return parser
 

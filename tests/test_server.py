@@ -297,3 +297,24 @@ def test_serve_flags_fail_in_one_line_and_help_shows_defaults():
                  "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--kv-cache-memory"):
         assert flag in help_text, flag
     assert "(default: 127.0.0.1)" in help_text and "(default: 8000)" in help_text
+
+
+def test_metrics_and_extensions(server, client):
+    completion = client.completions.create(model=MODEL, prompt="import json", max_tokens=4, temperature=0,
+                                           extra_body={"prompt_logprobs": 1, "top_k": 5, "min_p": 0.01,
+                                                       "repetition_penalty": 1.1, "min_tokens": 2})
+    prompt_logprobs = completion.choices[0].model_extra["prompt_logprobs"]
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == completion.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"min_p": 7})
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    for name in ("clex_serve_requests_running", "clex_serve_requests_waiting", "clex_serve_kv_blocks_used",
+                 "clex_serve_preemptions_total", "clex_serve_prefix_cache_hit_rate",
+                 "clex_serve_time_to_first_token_seconds_count", "clex_serve_inter_token_latency_seconds_count",
+                 "clex_serve_e2e_request_latency_seconds_count", "clex_serve_prompt_tokens_total",
+                 "clex_serve_generation_tokens_total"):
+        assert re.search(rf"^{name}(\{{[^}}]*\}})? ", text, re.MULTILINE), name
+    assert metric(server, "clex_serve_generation_tokens_total") > 0
+    assert re.search(r'^clex_serve_requests_total\{outcome="invalid"\} [1-9]', text, re.MULTILINE)
+    response = httpx.get(f"{server}/v1/models", headers={"X-Request-Id": "trace-42"}, timeout=10)
+    assert response.headers["x-request-id"] == "trace-42"

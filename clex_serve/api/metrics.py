@@ -29,6 +29,10 @@ class _EngineCollector:
                                   stats.prefix_cache_hit_tokens)
         yield CounterMetricFamily("clex_serve_prefix_cache_hit_blocks", "KV blocks reused from the prefix cache",
                                   stats.prefix_cache_hit_blocks)
+        yield CounterMetricFamily("clex_serve_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",
+                                  stats.prefix_cache_queried_tokens)
+        yield GaugeMetricFamily("clex_serve_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache, "
+                                "of those looked up", stats.prefix_cache_hit_rate)
 
 
 class ServerMetrics:

@@ -118,6 +118,16 @@ class ServingContext:
                     request_id, status, prompt_tokens, output_tokens, ttft, (time.monotonic() - started) * 1000)
 
 
+def prompt_logprobs_json(ctx: "ServingContext", output: RequestOutput) -> list | None:
+    """vLLM's ``prompt_logprobs`` field: per prompt position (the first has none), token id -> logprob."""
+    if output.prompt_logprobs is None:
+        return None
+    return [None if entry is None else
+            {str(token_id): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": ctx.tokenizer.decode([token_id])}
+             for token_id, lp in entry.items()}
+            for entry in output.prompt_logprobs]
+
+
 def sse(data: dict | str) -> str:
     return data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
 

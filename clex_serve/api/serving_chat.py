@@ -11,7 +11,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from clex_serve.api.errors import APIError, invalid
 from clex_serve.api.protocol import ChatCompletionRequest, usage
-from clex_serve.api.serving import ClientDisconnected, ServingContext, sse
+from clex_serve.api.serving import ClientDisconnected, ServingContext, prompt_logprobs_json, sse
 from clex_serve.engine.outputs import CompletionOutput
 from clex_serve.text.chat_template import chat_prompt
 
@@ -72,8 +72,11 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
         generated = sum(len(c.token_ids) for c in output.outputs)
         ctx.metrics.request_ended("finished", output.metrics, prompt_len, generated)
         ctx.log(request_id, 200, prompt_len, generated, output.metrics.time_to_first_token, started)
-        return JSONResponse({"id": request_id, "object": "chat.completion", "created": created, "model": model,
-                             "choices": choices, "usage": usage(prompt_len, generated)})
+        response = {"id": request_id, "object": "chat.completion", "created": created, "model": model,
+                    "choices": choices, "usage": usage(prompt_len, generated)}
+        if body.prompt_logprobs is not None:
+            response["prompt_logprobs"] = prompt_logprobs_json(ctx, output)
+        return JSONResponse(response)
 
     first = await ctx.first_output(stream)  # submission errors become HTTP errors before the stream starts
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -12,7 +12,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from clex_serve.api.errors import invalid
 from clex_serve.api.protocol import CompletionRequest, usage
-from clex_serve.api.serving import ClientDisconnected, ServingContext, merge_streams, sse
+from clex_serve.api.serving import ClientDisconnected, ServingContext, merge_streams, prompt_logprobs_json, sse
 from clex_serve.engine.outputs import CompletionOutput
 
 
@@ -73,9 +73,12 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw_re
             echo = echoes[prompt_index] if body.echo else ""
             for c in output.outputs:
                 generated += len(c.token_ids)
-                choices.append({"index": choice_index(prompt_index, c), "text": echo + c.text,
-                                "logprobs": completion_logprobs(ctx, c, len(echo)),
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                choice = {"index": choice_index(prompt_index, c), "text": echo + c.text,
+                          "logprobs": completion_logprobs(ctx, c, len(echo)),
+                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                if body.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = prompt_logprobs_json(ctx, output)
+                choices.append(choice)
             ctx.metrics.request_ended("finished", output.metrics, lengths[prompt_index],
                                       sum(len(c.token_ids) for c in output.outputs))
         choices.sort(key=lambda choice: choice["index"])

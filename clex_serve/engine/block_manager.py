@@ -39,6 +39,7 @@ class BlockManager:
         self._block_of_hash: dict[Hashable, int] = {}
         self.prefix_hits = 0  # tokens served from the prefix cache, for metrics and tests
         self.prefix_hit_blocks = 0
+        self.prefix_queried_tokens = 0  # prompt tokens looked up in the prefix cache
 
     @property
     def num_free_blocks(self) -> int:
@@ -80,6 +81,8 @@ class BlockManager:
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
         hits = self._cached_prefix(seq, cache_key)
+        if self.enable_prefix_caching and cache_key is not None:
+            self.prefix_queried_tokens += seq.num_prompt_tokens
         for block in hits:
             self._take(block)
         seq.block_table = hits + [self._take_free() for _ in range(self.blocks_for(len(seq)) - len(hits))]

@@ -152,6 +152,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_hit_blocks=manager.prefix_hit_blocks,
             prefix_cache_hit_tokens=manager.prefix_hits,
+            prefix_cache_queried_tokens=manager.prefix_queried_tokens,
         )
 
     def _finish(self, seq: Sequence) -> None:

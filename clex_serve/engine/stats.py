@@ -15,6 +15,11 @@ class EngineStats:
     num_preemptions: int  # since the engine started
     prefix_cache_hit_blocks: int
     prefix_cache_hit_tokens: int
+    prefix_cache_queried_tokens: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hit_tokens / self.prefix_cache_queried_tokens if self.prefix_cache_queried_tokens else 0.0
 
     @property
     def num_used_kv_blocks(self) -> int:

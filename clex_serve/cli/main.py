@@ -17,7 +17,7 @@ from clex_serve.cli.engine_args import add_engine_args, engine_config_from_args,
 from clex_serve.sampling_params import RequestOutputKind, SamplingParams
 
 
-COMMANDS = ("serve", "generate")
+COMMANDS = ("serve", "generate", "chat")
 DEMO_MODEL_NAME = "clex-serve-demo"
 
 
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     server.add_argument("--graceful-timeout", type=float, default=30.0,
                         help="seconds requests in flight may run on after SIGTERM")
+    commands.add_parser("chat", help="the terminal chat (the same as clex-chat; `clex-serve chat --help`)")
     generate = commands.add_parser("generate", formatter_class=formatter,
                                    help="stream completions of prompts to standard output")
     add_engine_args(generate)
@@ -94,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         argv = ["serve", *argv]  # `clex-serve --model X` serves; `clex-serve --help` shows the server's flags
+    if argv[0] == "chat":
+        from clex_serve.cli.chat import main as chat_main
+
+        return chat_main(argv[1:], prog="clex-serve chat")
     args = parser.parse_args(argv)
     if args.command == "serve":
         try:

@@ -1,0 +1,136 @@
+"""``clex-chat`` driven as a user drives it: through a pseudo-terminal (pexpect), from a pipe, and as a client
+of a live ``clex-serve`` on 127.0.0.1. Every wait is bounded by pexpect's timeout."""
+
+import json
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+from engine_helpers import model_with_tokenizer
+from server_helpers import running_server
+
+CHAT = [sys.executable, "-m", "clex_serve.cli.chat"]
+QUESTION = "What does json.dumps do?"
+
+
+def spawn(*args, timeout=90):
+    child = pexpect.spawn(CHAT[0], CHAT[1:] + list(args), encoding="utf-8", timeout=timeout,
+                          dimensions=(40, 160), env={"TERM": "dumb", "PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+    return child
+
+
+def test_piped_stdin_gets_an_answer():
+    result = subprocess.run(CHAT + ["--temperature", "0", "--max-new-tokens", "20"], input=QUESTION + "\n",
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ASSISTANT:") and len(result.stdout.split()) > 2
+
+
+def test_a_turn_streams_and_every_command_works(tmp_path):
+    saved = tmp_path / "conversation.json"
+    child = spawn("--style", "simple", "--temperature", "0", "--max-new-tokens", "24", "--system", "Be brief.")
+    child.expect_exact("USER: ")
+    child.sendline(QUESTION)
+    child.expect(r"ASSISTANT: (.+)\r\n")
+    first_answer = child.match.group(1).strip()
+    assert first_answer
+    child.expect_exact("USER: ")
+    child.sendline("!!help")
+    for command in ("!!exit", "!!reset", "!!remove", "!!regen", "!!save", "!!load"):
+        child.expect_exact(command)
+    child.expect_exact("USER: ")
+    child.sendline("!!regen")  # greedy: the same answer again
+    child.expect(r"ASSISTANT: (.+)\r\n")
+    assert child.match.group(1).strip() == first_answer
+    child.expect_exact("USER: ")
+    child.sendline(f"!!save {saved}")
+    child.expect_exact("(saved 3 messages")
+    messages = json.loads(saved.read_text())
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    assert messages[1]["content"] == QUESTION and messages[2]["content"].strip() == first_answer
+    child.sendline("!!remove")
+    child.expect_exact("(the last turn is gone)")
+    child.sendline("!!remove")
+    child.expect_exact("(nothing to remove)")
+    child.sendline("!!reset")
+    child.expect_exact("(a new conversation)")
+    child.sendline(f"!!load {saved}")
+    child.expect_exact("(loaded 3 messages")
+    child.sendline(f"!!save {saved}.again")
+    child.expect_exact("(saved 3 messages")
+    assert json.loads((tmp_path / "conversation.json.again").read_text()) == messages
+    child.sendline("!!load /no/such/file.json")
+    child.expect_exact("(cannot load /no/such/file.json")
+    child.sendline("!!exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_mid_answer_returns_to_the_prompt_with_the_engine_idle(tmp_path):
+    """A model that writes hundreds of tokens: Ctrl-C after the first ones stops it, the engine is idle, and
+    the chat goes on."""
+    folder = model_with_tokenizer("llama", tmp_path)
+    child = spawn("--model", str(folder), "--style", "simple", "--chat-template", "vicuna", "--temperature", "0",
+                  "--max-model-len", "1024", "--allow-long-max-model-len", "--max-new-tokens", "900")
+    child.expect_exact("USER: ")
+    child.sendline("Tell me a long story")
+    child.expect_exact("ASSISTANT: ")
+    child.expect(r"\S{8}")  # some of the answer has been written
+    child.sendintr()
+    child.expect_exact("(stopped; the engine is idle)")
+    child.expect_exact("USER: ")
+    child.sendline("!!save " + str(tmp_path / "after.json"))
+    child.expect_exact("(saved 2 messages")
+    kept = json.loads((tmp_path / "after.json").read_text())[1]["content"]
+    assert kept  # the conversation keeps what was shown
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_rich_style_in_a_terminal():
+    child = spawn("--temperature", "0", "--max-new-tokens", "16", "--history-file", "/tmp/clex-chat-test-history")
+    child.expect("USER")
+    child.sendline(QUESTION)
+    child.expect("ASSISTANT")
+    child.expect("USER")
+    child.sendline("!!exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_client_mode_and_a_wrong_api_key():
+    with running_server("--api-key", "secret") as (url, _):
+        child = spawn("--url", f"{url}/v1", "--api-key", "secret", "--style", "simple", "--temperature", "0",
+                      "--max-new-tokens", "16")
+        child.expect_exact("USER: ")
+        child.sendline(QUESTION)
+        child.expect(r"ASSISTANT: (.+)\r\n")
+        assert child.match.group(1).strip()
+        child.sendline("!!exit")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+
+        wrong = subprocess.run(CHAT + ["--url", f"{url}/v1", "--api-key", "wrong"], capture_output=True, text=True,
+                               timeout=60, input="")
+        assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+        [line] = wrong.stderr.strip().splitlines()
+        assert "refused the API key" in line and "--api-key" in line
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--temperature", "warm"], "argument --temperature: invalid float value: 'warm'"),
+    (["--style", "fancy"], "argument --style: invalid choice: 'fancy'"),
+    (["--url", "http://127.0.0.1:9/v1"], "cannot reach a server at http://127.0.0.1:9/v1"),
+    (["--temperature", "-1"], "temperature must be non-negative, got -1.0"),
+])
+def test_bad_flags_are_one_line(args, message):
+    result = subprocess.run(CHAT + args, capture_output=True, text=True, timeout=60, input="")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]

@@ -134,3 +134,17 @@ def test_bad_flags_are_one_line(args, message):
     result = subprocess.run(CHAT + args, capture_output=True, text=True, timeout=60, input="")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_conversation_too_long_for_the_context_drops_its_oldest_turns(tmp_path):
+    """A 400-token context and four turns of 60-token answers: before the turns that would overflow, the
+    chat says so and (a pipe answers yes) drops the oldest turns, and every message still gets an answer."""
+    folder = model_with_tokenizer("llama", tmp_path)
+    result = subprocess.run(
+        CHAT + ["--model", str(folder), "--chat-template", "vicuna", "--temperature", "0", "--max-model-len", "400",
+                "--allow-long-max-model-len", "--max-new-tokens", "60"],
+        input="Tell me a story\nAnd another one\nOne more please\nAnd the last one\n",
+        capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ASSISTANT:") == 4
+    assert "is too long for the context of 400. Drop the oldest turn? [Y/n] y" in result.stdout

@@ -175,12 +175,16 @@ class AsyncLLMEngine:
         finally:
             self._end_all()
 
-    def _drain_inbox(self) -> None:
+    def _inbox_items(self):
+        """What was posted since the last look, in order."""
         while True:
             try:
-                item = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
-                break
+                return
+
+    def _drain_inbox(self) -> None:
+        for item in self._inbox_items():
             if isinstance(item, _Add):
                 try:
                     self.engine.add_processed_request(item.processed, item.request_id, item.arrival_time)
@@ -235,11 +239,7 @@ class AsyncLLMEngine:
             error: BaseException = EngineDeadError(f"the engine stopped after an error: {self._dead_error}")
         else:
             error = EngineShutdownError("the engine was shut down")
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        for item in self._inbox_items():
             if isinstance(item, _Add):
                 item.stream.fail(error)
             else:

@@ -37,19 +37,39 @@ class _AnnouncingServer(uvicorn.Server):
 
 
 def serve(engine: AsyncLLMEngine, served_model_name: str, host: str, port: int, chat_template: str | None,
-          api_key: str | None, allowed_origins: list[str] | None, log_level: str, graceful_timeout: float) -> int:
+          api_key: str | None, allowed_origins: list[str] | None, log_level: str, graceful_timeout: float,
+          ui: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     # sse-starlette ends every stream as soon as uvicorn is asked to stop; streams in flight should finish
     # instead, within uvicorn's grace period (after it, uvicorn cancels them, which aborts their requests).
     AppStatus.disable_automatic_graceful_drain()
     app = build_app(engine, served_model_name, chat_template, api_key, allowed_origins)
+    shown_host = f"[{host}]" if ":" in host else host
+    announcement = f"clex-serve: serving {served_model_name} at http://{shown_host}:{port}/v1"
+    if ui:
+        app = _mount_ui(app, served_model_name)
+        announcement += f", web UI at http://{shown_host}:{port}/ui"
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=graceful_timeout, access_log=False)
-    shown_host = f"[{host}]" if ":" in host else host
-    server = _AnnouncingServer(config, f"clex-serve: serving {served_model_name} at http://{shown_host}:{port}/v1")
+    server = _AnnouncingServer(config, announcement)
     try:
         server.run()
     finally:
         engine.shutdown()
     return 0 if server.started else 1
+
+
+def _mount_ui(app, served_model_name: str):
+    """The Gradio demo at /ui, answering from this server's own engine."""
+    from clex_serve.web import INSTALL_HINT
+
+    try:
+        import gradio as gr
+    except ImportError:
+        raise ValueError(INSTALL_HINT) from None
+    from clex_serve.web.app import build_demo
+    from clex_serve.web.sources import EngineSource
+
+    demo = build_demo(EngineSource(app.state.ctx), f"clex-serve · {served_model_name}")
+    return gr.mount_gradio_app(app, demo.queue(), path="/ui", ssr_mode=False, show_error=False)

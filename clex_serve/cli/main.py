@@ -17,7 +17,7 @@ from clex_serve.cli.engine_args import add_engine_args, engine_config_from_args,
 from clex_serve.sampling_params import RequestOutputKind, SamplingParams
 
 
-COMMANDS = ("serve", "generate", "chat")
+COMMANDS = ("serve", "generate", "chat", "web")
 DEMO_MODEL_NAME = "clex-serve-demo"
 
 
@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     server.add_argument("--graceful-timeout", type=float, default=30.0,
                         help="seconds requests in flight may run on after SIGTERM")
+    server.add_argument("--ui", action="store_true",
+                        help="also serve the Gradio chat demo at /ui (pip install 'clex-serve[web]')")
     commands.add_parser("chat", help="the terminal chat (the same as clex-chat; `clex-serve chat --help`)")
+    commands.add_parser("web", help="the web demo against a server (`clex-serve web --help`)")
     generate = commands.add_parser("generate", formatter_class=formatter,
                                    help="stream completions of prompts to standard output")
     add_engine_args(generate)
@@ -87,7 +90,7 @@ def _serve(args) -> int:
     origins = [origin.strip() for origin in args.allowed_origins.split(",") if origin.strip()]
     api_key = args.api_key or os.environ.get("CLEX_SERVE_API_KEY") or None
     return serve(AsyncLLMEngine(engine), name, args.host, args.port, template, api_key, origins,
-                 args.uvicorn_log_level, args.graceful_timeout)
+                 args.uvicorn_log_level, args.graceful_timeout, ui=args.ui)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         from clex_serve.cli.chat import main as chat_main
 
         return chat_main(argv[1:], prog="clex-serve chat")
+    if argv[0] == "web":
+        from clex_serve.web.main import main as web_main
+
+        return web_main(argv[1:], prog="clex-serve web")
     args = parser.parse_args(argv)
     if args.command == "serve":
         try:

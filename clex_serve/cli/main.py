@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "/metrics). `clex-serve generate --help` shows the command-line generator.")
     add_engine_args(serve)
     server = serve.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    server.add_argument("--host", default=os.environ.get("CLEX_SERVE_HOST", "127.0.0.1"),
+                        help="address to listen on (0.0.0.0: every interface; default from $CLEX_SERVE_HOST)")
     server.add_argument("--port", type=port_number, default=8000, help="port to listen on")
     server.add_argument("--served-model-name", help="the model name clients use (default: --model, or "
                                                     f"{DEMO_MODEL_NAME} for the embedded model)")

@@ -31,6 +31,12 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
+def gather_slots(flat_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rows of a [slots, heads, head_dim] cache at ``slots`` (any shape): ``index_select`` copies whole rows,
+    about twice as fast on the CPU as advanced indexing."""
+    return flat_cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *flat_cache.shape[1:])
+
+
 def context_slots(block_tables: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
     """Flat cache slots of positions ``0..length-1`` for each row of ``block_tables`` [B, max_blocks]."""
     positions = torch.arange(length, device=block_tables.device).expand(block_tables.shape[0], length)
@@ -82,8 +88,8 @@ class SdpaAttentionBackend:
     def _decode(self, q, k_cache, v_cache, meta) -> torch.Tensor:
         num_kv_heads, head_dim = k_cache.shape[-2:]
         slots = meta.backend_state["slots"]
-        keys = k_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(1, 2)  # [B, Hkv, S, D]
-        values = v_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(1, 2)
+        keys = gather_slots(k_cache.view(-1, num_kv_heads, head_dim), slots).transpose(1, 2)  # [B, Hkv, S, D]
+        values = gather_slots(v_cache.view(-1, num_kv_heads, head_dim), slots).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q[:, :, None, :], keys, values, attn_mask=meta.backend_state["mask"],
             enable_gqa=q.shape[1] != num_kv_heads,
@@ -105,7 +111,7 @@ class SdpaAttentionBackend:
                 k_seq, v_seq = k[start:end], v[start:end]
             else:
                 slots = context_slots(meta.block_tables[index:index + 1], meta.block_size, context_len)[0]
-                k_seq, v_seq = flat_k[slots], flat_v[slots]
+                k_seq, v_seq = gather_slots(flat_k, slots), gather_slots(flat_v, slots)
             k_seq, v_seq = k_seq.transpose(0, 1)[None], v_seq.transpose(0, 1)[None]
             if context_len == query_len and self.sliding_window is None:
                 out = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, is_causal=True, enable_gqa=gqa)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None, prog: str = "clex-serve web") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
-        import gradio  # noqa: F401 - only to say what to install when it is missing
+        importlib.import_module("gradio")  # only to say what to install when it is missing
     except ImportError:
         parser.exit(2, f"{prog}: error: {INSTALL_HINT}\n")
     import openai

@@ -43,6 +43,3 @@ def visible_length(seq: Sequence) -> int:
     holdback = max(len(stop) for stop in seq.params.stop) - 1
     return max(0, len(seq.output_text) - holdback)
 
-
-def visible_text(seq: Sequence) -> str:
-    return seq.output_text[:visible_length(seq)]

@@ -148,3 +148,10 @@ def test_ui_flag_without_gradio_says_what_to_install(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "pip install 'clex-serve[web]'" in result.stderr.strip().splitlines()[-1]
+
+
+def test_ui_behind_an_api_key_asks_for_it():
+    with running_server("--ui", "--api-key", "secret") as (url, _):
+        assert '"auth_required":true' in httpx.get(f"{url}/ui/", timeout=30).text
+        assert httpx.post(f"{url}/ui/login", data={"username": "me", "password": "wrong"}, timeout=30).status_code == 400
+        assert httpx.post(f"{url}/ui/login", data={"username": "me", "password": "secret"}, timeout=30).status_code == 200

@@ -48,7 +48,7 @@ def serve(engine: AsyncLLMEngine, served_model_name: str, host: str, port: int, 
     shown_host = f"[{host}]" if ":" in host else host
     announcement = f"clex-serve: serving {served_model_name} at http://{shown_host}:{port}/v1"
     if ui:
-        app = _mount_ui(app, served_model_name)
+        app = _mount_ui(app, served_model_name, api_key)
         announcement += f", web UI at http://{shown_host}:{port}/ui"
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=graceful_timeout, access_log=False)
@@ -60,8 +60,9 @@ def serve(engine: AsyncLLMEngine, served_model_name: str, host: str, port: int, 
     return 0 if server.started else 1
 
 
-def _mount_ui(app, served_model_name: str):
-    """The Gradio demo at /ui, answering from this server's own engine."""
+def _mount_ui(app, served_model_name: str, api_key: str | None):
+    """The Gradio demo at /ui, answering from this server's own engine; with an API key, its login page asks
+    for that key as the password (any user name)."""
     from clex_serve.web import INSTALL_HINT
 
     try:
@@ -72,4 +73,6 @@ def _mount_ui(app, served_model_name: str):
     from clex_serve.web.sources import EngineSource
 
     demo = build_demo(EngineSource(app.state.ctx), f"clex-serve · {served_model_name}")
-    return gr.mount_gradio_app(app, demo.queue(), path="/ui", ssr_mode=False, show_error=False)
+    auth = (lambda user, password: password == api_key) if api_key else None
+    return gr.mount_gradio_app(app, demo.queue(), path="/ui", ssr_mode=False, show_error=False, auth=auth,
+                               auth_message="The API key is the password." if api_key else None)

@@ -8,11 +8,7 @@ streaming handler, which closes its source stream and so ends the request where 
 
 from __future__ import annotations
 
-import os
-
 from clex_serve.sampling_params import SamplingParams
-
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default: no calls home
 
 
 def _text(content) -> str:

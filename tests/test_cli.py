@@ -45,8 +45,9 @@ def test_gpu_flags_reach_the_engine_config():
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     config = engine_config_from_args(parser.parse_args(
-        ["--enforce-eager", "--gpu-memory-utilization", "0.5", "--load-format", "dummy"]))
+        ["--enforce-eager", "--gpu-memory-utilization", "0.5", "--load-format", "dummy", "--threads", "1"]))
     assert config.enforce_eager and config.gpu_memory_utilization == 0.5 and config.load_format == "dummy"
+    assert config.threads == 1
     defaults = engine_config_from_args(parser.parse_args([]))
     assert not defaults.enforce_eager and defaults.gpu_memory_utilization == 0.9 and defaults.load_format == "auto"
 

@@ -78,6 +78,7 @@ def test_bad_sampling_params_name_the_parameter(bad, named):
     (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization must be in (0, 1], got 1.5"),
     (dict(kv_cache_memory_gib=-1), "kv_cache_memory_gib must be positive, got -1"),
     (dict(max_queued_requests=-1), "max_queued_requests must be non-negative, got -1"),
+    (dict(threads=0), "threads must be at least 1, got 0"),
 ])
 def test_bad_engine_settings_name_the_python_parameter(bad, named):
     with pytest.raises(ValueError) as error:

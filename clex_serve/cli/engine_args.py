@@ -62,6 +62,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-queued-requests", type=positive_int, help="refuse requests beyond this many waiting")
     group.add_argument("--seed", type=int, default=0, help="random seed of unseeded sampling and dummy weights")
     group.add_argument("--no-progress-bar", action="store_true", help="no progress bar while loading weights")
+    group.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: the physical cores)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -73,6 +74,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         load_format=args.load_format, allow_long_max_model_len=args.allow_long_max_model_len,
         max_queued_requests=args.max_queued_requests, seed=args.seed, show_progress=not args.no_progress_bar,
+        threads=args.threads,
         enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend,
         log_scale=args.log_scale,
     )

@@ -38,6 +38,7 @@ class EngineConfig:
     allow_long_max_model_len: bool = False
     max_queued_requests: int | None = None  # waiting requests beyond this are refused (QueueFullError)
     seed: int = 0  # random weights of load_format "dummy", and the sampling of requests without a seed
+    threads: int | None = None  # torch's intra-op threads, set once (default: torch's, the physical cores)
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -51,7 +52,7 @@ class EngineConfig:
             if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
 
-        for name in ("max_model_len", "max_num_batched_tokens", "block_size", "max_queued_requests"):
+        for name in ("max_model_len", "max_num_batched_tokens", "block_size", "max_queued_requests", "threads"):
             integer(name)
         for name in ("max_num_seqs", "seed"):
             integer(name, optional=False)
@@ -67,6 +68,7 @@ class EngineConfig:
         check(0 < self.kv_cache_memory_fraction <= 1,
               f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
         check(self.block_size is None or self.block_size >= 1, f"block_size must be positive, got {self.block_size}")
+        check(self.threads is None or self.threads >= 1, f"threads must be at least 1, got {self.threads}")
         check(self.max_queued_requests is None or self.max_queued_requests >= 0,
               f"max_queued_requests must be non-negative, got {self.max_queued_requests}")
 

@@ -35,6 +35,8 @@ from clex_serve.text.tokenizer import eos_token_ids, load_tokenizer
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.engine_config = config
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)  # once, before any work: it is process-wide
         overrides = {} if config.log_scale is None else {"log_scale": config.log_scale}
         model_path = resolve_model_path(config.resolved_model(), config.revision)
         # The tokenizer first: it is cheap, and a missing one should not cost a model load to discover.

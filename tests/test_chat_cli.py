@@ -92,8 +92,8 @@ def test_ctrl_c_mid_answer_returns_to_the_prompt_with_the_engine_idle(tmp_path):
     assert child.exitstatus == 0
 
 
-def test_rich_style_in_a_terminal():
-    child = spawn("--temperature", "0", "--max-new-tokens", "16", "--history-file", "/tmp/clex-chat-test-history")
+def test_rich_style_in_a_terminal(tmp_path):
+    child = spawn("--temperature", "0", "--max-new-tokens", "16", "--history-file", str(tmp_path / "history"))
     child.expect("USER")
     child.sendline(QUESTION)
     child.expect("ASSISTANT")

@@ -7,16 +7,11 @@ Each request model owns its translation into ``SamplingParams``; a value the eng
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from clex_serve.sampling_params import RequestOutputKind, SamplingParams
-
-
-def random_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 class OpenAIModel(BaseModel):
@@ -134,12 +129,6 @@ class CompletionRequest(SamplingFields):
             raise ValueError("suffix is not supported")
         params = self._sampling_params(max_tokens, self.logprobs)
         return params
-
-
-class UsageInfo(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
 
 
 class ErrorInfo(BaseModel):

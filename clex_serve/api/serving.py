@@ -63,6 +63,9 @@ class ServingContext:
 
     @staticmethod
     def engine_error(error: Exception) -> APIError:
+        """Any error met while serving a request, as the HTTP error it answers with."""
+        if isinstance(error, APIError):
+            return error
         if isinstance(error, QueueFullError):
             return APIError(429, str(error), code="queue_full", headers={"Retry-After": "1"})
         if isinstance(error, (EngineDeadError, EngineShutdownError)):
@@ -78,8 +81,6 @@ class ServingContext:
             return await stream.__anext__()
         except StopAsyncIteration:
             raise APIError(500, "the engine returned no output", code="generation_failed") from None
-        except APIError:
-            raise
         except Exception as error:
             raise self.engine_error(error) from None
 

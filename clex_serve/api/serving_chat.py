@@ -109,10 +109,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
                 yield chunk([], usage=usage(prompt_len, generated))
             outcome = "finished"
             yield "[DONE]"
-        except APIError as error:
-            outcome = "failed"
-            yield error.sse_data()
-        except Exception as error:  # an engine error mid-stream: an OpenAI error event, then the end
+        except Exception as error:  # an error mid-stream: an OpenAI error event, then the end
             outcome = "failed"
             yield ctx.engine_error(error).sse_data()
         finally:

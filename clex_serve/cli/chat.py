@@ -225,8 +225,7 @@ def main(argv: list[str] | None = None, prog: str = "clex-chat") -> int:
 
 def _backend(args):
     if args.url:
-        return ServerBackend(args.url, args.api_key or os.environ.get("CLEX_SERVE_API_KEY"), args.model,
-                             args.chat_template)
+        return ServerBackend(args.url, args.api_key or os.environ.get("CLEX_SERVE_API_KEY"), args.model)
     from clex_serve.engine.llm_engine import LLMEngine
     from clex_serve.text.chat_template import fallback_template, resolve_chat_template
 

@@ -88,7 +88,7 @@ class InProcessBackend:
 
 
 class ServerBackend:
-    def __init__(self, url: str, api_key: str | None, model: str | None, chat_template: str | None = None) -> None:
+    def __init__(self, url: str, api_key: str | None, model: str | None) -> None:
         import httpx
         import openai
 

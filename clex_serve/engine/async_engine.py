@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator
 
 from clex_serve.engine.engine_config import EngineConfig
-from clex_serve.engine.errors import EngineDeadError, EngineShutdownError, QueueFullError
+from clex_serve.engine.errors import EngineDeadError, EngineShutdownError
 from clex_serve.engine.input_processor import ProcessedPrompt
 from clex_serve.engine.llm_engine import LLMEngine
 from clex_serve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -104,7 +104,8 @@ class AsyncLLMEngine:
                        ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as it advances (what each carries follows ``params.output_kind``;
         a consumer that reads slowly gets what it missed merged into one output). The last one has
-        ``finished``. Raises ValueError for a bad request, QueueFullError when too many are waiting."""
+        ``finished``. Raises ValueError for a bad request; the engine thread's QueueFullError, when too many
+        are waiting, arrives at the first read."""
         self._check_usable()
         request_id = f"async-{next(self._ids)}" if request_id is None else request_id
         if request_id in self._live_ids:
@@ -115,10 +116,6 @@ class AsyncLLMEngine:
             arrival = time.monotonic()
             processed = await asyncio.to_thread(self.engine.process_inputs, prompt, params)
             self._check_usable()
-            limit = self.engine.engine_config.max_queued_requests
-            if limit is not None and self._stats.num_waiting + self._inbox.qsize() >= limit:
-                raise QueueFullError(f"{self._stats.num_waiting} requests are already waiting (the limit is "
-                                     f"{limit}); try again later")
             if request_id in self._aborted_early:
                 finished = True
                 yield self._aborted_output(request_id, processed)

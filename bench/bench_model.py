@@ -20,16 +20,18 @@ BASE_WINDOW = 256
 MAX_FACTOR = 16
 
 
-def build(folder: Path, seed: int = 0) -> tuple[Path, Path]:
-    """Write the plain and the CLEX variants; returns their folders."""
+def build(folder: Path, seed: int = 0, base_window: int = BASE_WINDOW, num_layers: int = 8,
+          hidden: int = 512, vocab: int = VOCAB) -> tuple[Path, Path]:
+    """Write the plain and the CLEX variants; returns their folders. The defaults are the 58M shape."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=BASE_WINDOW,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                         num_hidden_layers=num_layers, num_attention_heads=hidden // 64,
+                         num_key_value_heads=hidden // 64, max_position_embeddings=base_window,
                          bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(config)
     plain = folder / "plain"
     model.save_pretrained(plain)
-    write_tokenizer(plain)
+    write_tokenizer(plain, vocab)
 
     clex = folder / "clex"
     clex.mkdir()
@@ -43,7 +45,7 @@ def build(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     (clex / "config.json").write_text(json.dumps(raw, indent=2))
     from safetensors.torch import load_file, save_file
     weights = load_file(str(plain / "model.safetensors"))
-    head_dim = 512 // 8
+    head_dim = 64
     generator = torch.Generator().manual_seed(seed + 1)
     weights["model.clex_layer.proj_func.ode_up_proj"] = torch.randn(head_dim // 2, head_dim, generator=generator) * 0.1
     weights["model.clex_layer.proj_func.ode_down_proj"] = torch.randn(head_dim, head_dim // 2, generator=generator) * 0.1

@@ -92,6 +92,43 @@ def concurrency_run(llm: LLM, streams: int, prompt_len: int, new_tokens: int) ->
     return produced / elapsed, sum(first_tokens) / len(first_tokens)
 
 
+def ratio_rows(plain: Path, clex: Path, base_window: int, new_tokens: int, dtype: str = "float32") -> list[tuple]:
+    """The rows (a)-(d): (name, clex-serve figure, baseline figure, ratio)."""
+    engine_args = dict(dtype=dtype, device="cpu", show_progress=False, max_model_len=base_window * 16,
+                       kv_cache_memory_gib=1.0)
+    rows = []
+    plain_llm = LLM(str(plain), **engine_args)
+    ours, theirs = median_rates(lambda: engine_decode_rate(plain_llm, 32, new_tokens),
+                                transformers_decoder(plain, 32, new_tokens))
+    rows.append(("(a) single-stream decode, t = 1", f"{ours:.1f} tok/s", f"transformers {theirs:.1f} tok/s",
+                 ours / theirs))
+
+    clex_llm = LLM(str(clex), **engine_args)
+    # Prompts of 3 base windows: every decode step runs at t = 4
+    prompt_len = 3 * base_window + 1
+    clex_rate, rope_rate = median_rates(lambda: engine_decode_rate(clex_llm, prompt_len, new_tokens),
+                                        lambda: engine_decode_rate(plain_llm, prompt_len, new_tokens))
+    rows.append((f"(b) decode from {prompt_len} tokens (CLEX t = 4)", f"{clex_rate:.1f} tok/s",
+                 f"plain RoPE {rope_rate:.1f} tok/s", clex_rate / rope_rate))
+
+    throughput = {}
+    for streams in (1, 4, 16):
+        rate, ttft = concurrency_run(clex_llm, streams, 64, new_tokens)
+        throughput[streams] = rate
+        rows.append((f"(c/d) {streams} concurrent streams, CLEX", f"{rate:.1f} out tok/s",
+                     f"TTFT {ttft * 1000:.0f} ms", rate / throughput[1]))
+    return rows
+
+
+RATIO_LEGEND = "ratios: (a) clex-serve / transformers; (b) CLEX / plain RoPE; (c) throughput / 1-stream throughput"
+
+
+def print_table(rows: list[tuple]) -> None:
+    print("\n| measurement | clex-serve | baseline | ratio |\n| --- | --- | --- | --- |")
+    for name, ours_text, base_text, ratio in rows:
+        print(f"| {name} | {ours_text} | {base_text} | {ratio:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1,
@@ -104,35 +141,9 @@ def main() -> None:
         plain, clex = build(Path(folder))
         print(f"model: Llama, 8 layers, hidden 512, vocab 32000, {parameter_count(plain) / 1e6:.1f}M parameters, "
               f"float32, CPU threads {args.threads}")
-        engine_args = dict(dtype="float32", device="cpu", show_progress=False, max_model_len=BASE_WINDOW * 16,
-                           kv_cache_memory_gib=1.0)
-        rows = []
-
-        plain_llm = LLM(str(plain), **engine_args)
-        ours, theirs = median_rates(lambda: engine_decode_rate(plain_llm, 32, args.new_tokens),
-                                    transformers_decoder(plain, 32, args.new_tokens))
-        rows.append(("(a) single-stream decode, t = 1", f"{ours:.1f} tok/s", f"transformers {theirs:.1f} tok/s",
-                     ours / theirs))
-
-        clex_llm = LLM(str(clex), **engine_args)
-        # Prompts of 3 base windows: every decode step runs at t = 4 (lengths 769..)
-        prompt_len = 3 * BASE_WINDOW + 1
-        clex_rate, rope_rate = median_rates(lambda: engine_decode_rate(clex_llm, prompt_len, args.new_tokens),
-                                            lambda: engine_decode_rate(plain_llm, prompt_len, args.new_tokens))
-        rows.append((f"(b) decode from {prompt_len} tokens (CLEX t = 4)", f"{clex_rate:.1f} tok/s",
-                     f"plain RoPE {rope_rate:.1f} tok/s", clex_rate / rope_rate))
-
-        throughput = {}
-        for streams in (1, 4, 16):
-            rate, ttft = concurrency_run(clex_llm, streams, 64, args.new_tokens)
-            throughput[streams] = rate
-            rows.append((f"(c/d) {streams} concurrent streams, CLEX", f"{rate:.1f} out tok/s",
-                         f"TTFT {ttft * 1000:.0f} ms", rate / throughput[1]))
-
-    print("\n| measurement | clex-serve | baseline | ratio |\n| --- | --- | --- | --- |")
-    for name, ours_text, base_text, ratio in rows:
-        print(f"| {name} | {ours_text} | {base_text} | {ratio:.2f} |")
-    print("\nratios: (a) clex-serve / transformers; (b) CLEX / plain RoPE; (c) throughput / 1-stream throughput")
+        rows = ratio_rows(plain, clex, BASE_WINDOW, args.new_tokens)
+    print_table(rows)
+    print("\n" + RATIO_LEGEND)
 
 
 if __name__ == "__main__":

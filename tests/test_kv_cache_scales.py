@@ -66,3 +66,26 @@ def test_decode_rerotates_once_per_scale_change_and_rotates_only_new_tokens(monk
     # t changes when the length reaches 33, 65 and 97: the cache (32, 64, 96 keys) is re-rotated then only.
     assert rerotations == [32, 64, 96]
     assert rotary_rows == [10] + [1] * (128 - 10)
+
+
+def test_sequences_changing_scale_in_one_step_are_rerotated_together(monkeypatch):
+    """One batched pass for every sequence that crosses a boundary in the step (a delta-rotation table for all
+    their keys), equal to re-rotating them one by one."""
+    runner = _runner("llama", num_blocks=16)
+    pool, rope = runner.kv_cache, runner.rope
+    pool.tensor.normal_(generator=torch.Generator().manual_seed(0))
+    jobs = [cache_rotation.Rerotation([3, 1, 7], 20, 1, 2), cache_rotation.Rerotation([9, 4], 13, 2, 4),
+            cache_rotation.Rerotation([12], 5, 3, 3)]  # unchanged scale: left alone
+    original = pool.tensor.clone()
+    for job in jobs:
+        cache_rotation.rerotate_cached_keys(pool, rope, job.block_table, job.num_cached, job.old_scale,
+                                            job.new_scale)
+    one_by_one = pool.tensor.clone()
+    pool.tensor.copy_(original)
+    calls = []
+    original_delta = cache_rotation._delta_rotation
+    monkeypatch.setattr(cache_rotation, "_delta_rotation", lambda *args: calls.append(1) or original_delta(*args))
+    cache_rotation.rerotate_all(pool, rope, jobs)
+    assert len(calls) == 1
+    torch.testing.assert_close(pool.tensor, one_by_one, atol=1e-6, rtol=0)
+    assert not torch.equal(pool.tensor, original)

@@ -41,6 +41,8 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor  # [B + 1] int32
     block_size: int
     is_decode: bool  # every sequence has exactly one new token
+    # The block tables as Python lists, where the runner has them (backends that plan on the host use them).
+    block_tables_host: list[list[int]] | None = None
     backend_state: dict[str, Any] = field(default_factory=dict)
 
     @property

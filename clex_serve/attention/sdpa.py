@@ -1,8 +1,11 @@
 """Attention over the paged KV cache with ``torch.nn.functional.scaled_dot_product_attention``.
 
-Runs on CPU and GPU. Decode steps batch every sequence into one padded SDPA call whose key gather and mask
-are prepared once per step; prefill runs one SDPA call per sequence (a prompt is long enough that the loop
-costs nothing), causal without a mask when the whole context is new.
+Runs on CPU and GPU. On the CPU, attention reads cached K/V in place, one contiguous run of blocks at a
+time (``segments``), so its cost is the context actually cached. Elsewhere, and with a sliding window,
+decode steps batch every sequence into one padded SDPA call whose key gather and mask are prepared once per
+step, and prefill runs one SDPA call per sequence over its gathered context, causal without a mask when the
+whole context is new. On the CPU, a decode step of many short sequences also takes the batched gather: one
+call beats a call per sequence when the contexts are short (``SEGMENTED_DECODE_MIN_CONTEXT``).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from clex_serve.attention import segments
 from clex_serve.attention.metadata import AttentionMetadata, cache_slot
 from clex_serve.layers.rotary import apply_rotary
 
@@ -53,6 +57,22 @@ def visibility_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
     return mask
 
 
+# A CPU decode step attends sequence by sequence once its mean context reaches this many tokens, or when it
+# has one sequence: below it, the per-call cost of a loop over sequences outweighs the gather it saves.
+SEGMENTED_DECODE_MIN_CONTEXT = 512
+
+
+def use_segments(meta: AttentionMetadata, sliding_window: int | None) -> bool:
+    if sliding_window is not None or meta.block_tables_host is None or meta.positions.device.type != "cpu":
+        return False
+    if not segments.segmented_attention_available():
+        return False
+    if not meta.is_decode:
+        return True
+    contexts = meta.context_lens_host
+    return len(contexts) == 1 or sum(contexts) >= SEGMENTED_DECODE_MIN_CONTEXT * len(contexts)
+
+
 class SdpaAttentionBackend:
     name = "sdpa"
     # Its decode sizes the key gather by the longest context of the step, a host value: not capturable.
@@ -62,7 +82,17 @@ class SdpaAttentionBackend:
         self.sliding_window = sliding_window
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        """Per-step work shared by all layers: the decode gather indices and mask."""
+        """Per-step work shared by all layers: each sequence's runs of cached slots, or the decode gather
+        indices and mask."""
+        if use_segments(meta, self.sliding_window):
+            # Decode: the whole context (the new key is already written); prefill: what was cached before.
+            cached = (meta.context_lens_host if meta.is_decode else
+                      [context - new for context, new in zip(meta.context_lens_host, meta.query_lens)])
+            meta.backend_state["runs"] = [
+                segments.contiguous_runs(table, length, meta.block_size)
+                for table, length in zip(meta.block_tables_host, cached)
+            ]
+            return
         if not meta.is_decode:
             return
         max_len = max(meta.context_lens_host)
@@ -79,11 +109,29 @@ class SdpaAttentionBackend:
         """q [N, Hq, D], k/v [N, Hkv, D] (new tokens, not yet rotated) -> [N, Hq * D]."""
         q, k = rotate_queries_and_keys(q, k, meta)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        if meta.is_decode:
+        if "runs" in meta.backend_state:
+            out = self._segmented(q, k, v, k_cache, v_cache, meta)
+        elif meta.is_decode:
             out = self._decode(q, k_cache, v_cache, meta)
         else:
             out = self._prefill(q, k, v, k_cache, v_cache, meta)
         return out.reshape(q.shape[0], -1)
+
+    def _segmented(self, q, k, v, k_cache, v_cache, meta) -> torch.Tensor:
+        num_kv_heads, head_dim = k_cache.shape[-2:]
+        flat_k = k_cache.view(-1, num_kv_heads, head_dim)
+        flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+        runs = meta.backend_state["runs"]
+        if meta.is_decode:
+            return torch.stack([segments.decode_one(q[index], flat_k, flat_v, runs[index])
+                                for index in range(q.shape[0])])
+        outputs, start = [], 0
+        for index, query_len in enumerate(meta.query_lens):
+            end = start + query_len
+            outputs.append(segments.prefill_one(q[start:end], k[start:end], v[start:end], flat_k, flat_v,
+                                                runs[index]))
+            start = end
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def _decode(self, q, k_cache, v_cache, meta) -> torch.Tensor:
         num_kv_heads, head_dim = k_cache.shape[-2:]

@@ -33,7 +33,9 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         # Free blocks in the order they were freed: allocation takes the oldest, so recently freed
-        # prefix blocks stay reusable longest.
+        # prefix blocks stay reusable longest, except that a sequence's next block is the one after its
+        # last when that one is free: consecutive blocks are one view of the pool, which attention on the
+        # CPU reads in place (``attention.segments``).
         self._free: OrderedDict[int, None] = OrderedDict((block, None) for block in range(num_blocks))
         self._hash_of_block: dict[int, Hashable] = {}
         self._block_of_hash: dict[Hashable, int] = {}
@@ -85,7 +87,9 @@ class BlockManager:
             self.prefix_queried_tokens += seq.num_prompt_tokens
         for block in hits:
             self._take(block)
-        seq.block_table = hits + [self._take_free() for _ in range(self.blocks_for(len(seq)) - len(hits))]
+        seq.block_table = list(hits)
+        for _ in range(self.blocks_for(len(seq)) - len(hits)):
+            seq.block_table.append(self._take_free(seq.block_table[-1] + 1 if seq.block_table else None))
         seq.num_cached_tokens = len(hits) * self.block_size
         if hits:
             seq.cache_scale = cache_key.scale  # the reused keys are rotated with it
@@ -94,7 +98,7 @@ class BlockManager:
 
     def append(self, seq: Sequence, new_len: int) -> None:
         while len(seq.block_table) < self.blocks_for(new_len):
-            seq.block_table.append(self._take_free())
+            seq.block_table.append(self._take_free(seq.block_table[-1] + 1 if seq.block_table else None))
 
     def free(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):
@@ -110,10 +114,15 @@ class BlockManager:
             del self._free[block]
         self.ref_counts[block] += 1
 
-    def _take_free(self) -> int:
+    def _take_free(self, preferred: int | None = None) -> int:
+        """A free block: ``preferred`` when it is free, else the one freed longest ago."""
         if not self._free:
             raise RuntimeError("out of KV cache blocks: the scheduler should have checked")
-        block, _ = self._free.popitem(last=False)
+        if preferred in self._free:
+            del self._free[preferred]
+            block = preferred
+        else:
+            block, _ = self._free.popitem(last=False)
         self._forget(block)  # a recycled block's old contents are gone
         self.ref_counts[block] = 1
         return block

@@ -8,6 +8,8 @@ use, so the result equals rotating the unrotated key with the new table up to fl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from clex_serve.attention.metadata import cache_slot
@@ -19,26 +21,52 @@ from clex_serve.layers.rotary.base import rotate_half
 _CHUNK = 8192
 
 
+@dataclass(frozen=True)
+class Rerotation:
+    """One sequence's cached keys to bring from ``old_scale`` to ``new_scale``."""
+
+    block_table: list[int]
+    num_cached: int
+    old_scale: int
+    new_scale: int
+
+
 def rerotate_cached_keys(pool: KVCachePool, rope: RotaryEmbedding, block_table: list[int], num_cached: int,
                          old_scale: int, new_scale: int) -> None:
-    if old_scale == new_scale or num_cached == 0:
+    rerotate_all(pool, rope, [Rerotation(block_table, num_cached, old_scale, new_scale)])
+
+
+def rerotate_all(pool: KVCachePool, rope: RotaryEmbedding, jobs: list[Rerotation]) -> None:
+    """Every sequence of a step that changes scale, in one pass per layer: their slots, positions and
+    frequency rows are concatenated, so the cost is a few tensor ops per layer however many sequences
+    cross a scale boundary together (as streams that started together do)."""
+    jobs = [job for job in jobs if job.old_scale != job.new_scale and job.num_cached > 0]
+    if not jobs:
         return
     device = pool.tensor.device
-    old_freq = rope.inv_freq_for_scale(old_scale)
-    new_freq = rope.inv_freq_for_scale(new_scale)
-    blocks = torch.tensor(block_table, dtype=torch.long, device=device)
-    for start in range(0, num_cached, _CHUNK):
-        positions = torch.arange(start, min(start + _CHUNK, num_cached), device=device)
-        slots = cache_slot(blocks, positions, pool.block_size)
-        cos_delta, sin_delta = _delta_rotation(positions, old_freq, new_freq)
+    freq_rows = {scale: rope.inv_freq_for_scale(scale) for job in jobs for scale in (job.old_scale, job.new_scale)}
+    slots, positions, old_rows, new_rows = [], [], [], []
+    for job in jobs:
+        job_positions = torch.arange(job.num_cached, device=device)
+        blocks = torch.tensor(job.block_table, dtype=torch.long, device=device)
+        slots.append(cache_slot(blocks, job_positions, pool.block_size))
+        positions.append(job_positions)
+        old_rows.append(freq_rows[job.old_scale].expand(job.num_cached, -1))
+        new_rows.append(freq_rows[job.new_scale].expand(job.num_cached, -1))
+    slots, positions = torch.cat(slots), torch.cat(positions)
+    old_freq, new_freq = torch.cat(old_rows), torch.cat(new_rows)
+    for start in range(0, len(positions), _CHUNK):
+        part = slice(start, start + _CHUNK)
+        cos_delta, sin_delta = _delta_rotation(positions[part], old_freq[part], new_freq[part])
         for layer in range(pool.num_layers):
             flat = pool.flat_keys(layer)
-            keys = flat[slots]
-            flat[slots] = _rotate(keys, cos_delta, sin_delta).to(flat.dtype)
+            keys = flat[slots[part]]
+            flat[slots[part]] = _rotate(keys, cos_delta, sin_delta).to(flat.dtype)
 
 
 def _delta_rotation(positions: torch.Tensor, old_freq: torch.Tensor,
                     new_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation from old to new angles; the frequencies are one row for all positions or one per position."""
     old_angles = positions.float()[:, None] * old_freq
     new_angles = positions.float()[:, None] * new_freq
     old_cos, old_sin = old_angles.cos(), old_angles.sin()

@@ -15,7 +15,7 @@ import torch
 
 from clex_serve.attention.metadata import AttentionMetadata
 from clex_serve.attention.selector import default_block_size, get_attention_backend
-from clex_serve.engine.cache_rotation import rerotate_cached_keys
+from clex_serve.engine.cache_rotation import Rerotation, rerotate_all
 from clex_serve.engine.cuda_graphs import DecodeCudaGraphs
 from clex_serve.engine.kv_cache import KVCachePool
 from clex_serve.loading.loader import LoadedModel
@@ -145,9 +145,8 @@ class ModelRunner:
         scales = [step.scale if step.scale is not None else self.rope.scale_for_length(step.rotary_len)
                   for step in steps]
         if self.rope.cache_follows_scale:
-            for step, scale in zip(steps, scales):
-                rerotate_cached_keys(self.kv_cache, self.rope, step.block_table, step.num_cached,
-                                     step.cache_scale, scale)
+            rerotate_all(self.kv_cache, self.rope, [Rerotation(step.block_table, step.num_cached, step.cache_scale,
+                                                               scale) for step, scale in zip(steps, scales)])
         graphs = self.decode_graphs
         if graphs is not None and len(steps) <= graphs.max_batch_size and all(s.is_plain_decode for s in steps):
             return StepResult(self._run_decode_graph(steps, scales), scales, {}, self.model.compute_logits)
@@ -215,6 +214,7 @@ class ModelRunner:
             cu_seqlens_q=on_device(cu_seqlens_q, torch.int32),
             block_size=block_size,
             is_decode=all(query_len == 1 for query_len in query_lens),
+            block_tables_host=[step.block_table for step in steps],
         )
         return on_device(input_ids, torch.long), meta
 

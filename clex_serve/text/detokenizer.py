@@ -9,6 +9,11 @@ character (U+FFFD).
 
 from __future__ import annotations
 
+try:  # transformers 5
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend as FastTokenizer
+except ImportError:  # transformers 4
+    from transformers import PreTrainedTokenizerFast as FastTokenizer
+
 # How many prompt tokens of context the first decode window starts with.
 _CONTEXT_TOKENS = 5
 
@@ -20,8 +25,16 @@ class IncrementalDetokenizer:
         self.token_ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.token_ids)
+        # A fast tokenizer whose decode transformers does not override decodes in Rust: calling that
+        # directly gives the same text without transformers' per-call Python (most of a step's host time
+        # with many streams: two decodes per token).
+        self._rust_decode = None
+        if isinstance(tokenizer, FastTokenizer) and type(tokenizer)._decode is FastTokenizer._decode:
+            self._rust_decode = tokenizer.backend_tokenizer.decode
 
     def _decode(self, token_ids: list[int]) -> str:
+        if self._rust_decode is not None:
+            return self._rust_decode(token_ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
 

@@ -54,10 +54,10 @@ def window_nll(runner: ModelRunner, window: list[int]) -> tuple[float, int]:
     return float(nll), len(window) - 1
 
 
-def perplexity(method: Method, tokens: torch.Tensor, length: int, base_len: int) -> float:
+def perplexity(method: Method, tokens: torch.Tensor, length: int, base_len: int, dtype: str = "float32") -> float:
     if tokens.numel() < length:
         raise ValueError(f"{tokens.numel()} held-out tokens are fewer than one window of {length}")
-    loaded = load_model(method.model_path, dtype="float32", device="cpu", show_progress=False,
+    loaded = load_model(method.model_path, dtype=dtype, device="cpu", show_progress=False,
                         config_overrides=method.config_overrides(length, base_len))
     runner = ModelRunner(loaded, num_blocks=math.ceil(length / BLOCK_SIZE), block_size=BLOCK_SIZE)
     total, count = 0.0, 0

@@ -1,0 +1,231 @@
+"""CPU speed of clex-serve against the machine's own memory bandwidth, in one invocation.
+
+    python bench/cpu_benchmark.py [--threads 2] [--skip-ratios]
+
+Decode of a small model reads every weight and every cached K/V once per token, so its yardstick is the
+read bandwidth, measured here first with the same threads (the sum of a 1 GiB tensor). Then:
+
+1. single-stream decode after prompts of 200, 3,000 and 7,000 tokens, float32 and bfloat16 (bench_model's
+   58M CLEX Llama, base window 512, max_factor 16): tokens/s, bytes read per token (weights except the
+   input embedding, plus the K/V of the context) and the effective bandwidth as a fraction of the measured;
+2. streams that never wait for a prefill: 8 streams decoding, then 4 prompts of 6,000 tokens arrive; the
+   streams' inter-token latency p50 / p99 while the prompts are computed, against the same window without
+   arrivals, at the default token budget;
+3. host time per step with 64 streams on a 2-layer model: the step's wall time minus the model's forward and
+   logits (what is left: scheduling, input preparation, sampling, detokenizing, outputs);
+4. output tokens/s at 1, 16 and 64 streams on the 58M model;
+5. the decode benchmark's ratios (a)-(d) (``decode_benchmark.py``), unless ``--skip-ratios``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_model import build  # noqa: E402
+from decode_benchmark import (RATIO_LEGEND, concurrency_run, engine_decode_rate, print_table,  # noqa: E402
+                              prompt_ids, ratio_rows)
+
+from clex_serve import LLM, SamplingParams  # noqa: E402
+
+BASE_WINDOW = 512
+CONTEXTS = (200, 3000, 7000)
+DTYPES = ("float32", "bfloat16")
+
+
+def read_bandwidth() -> float:
+    """Bytes/s of summing a 1 GiB float32 tensor (median of 5): what a decode step can read at most."""
+    data = torch.ones(1 << 28)
+    data.sum()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.nbytes / statistics.median(times)
+
+
+def weight_bytes(llm: LLM) -> int:
+    """Bytes a decode step reads from the weights: all but the input embedding (one row of it is read)."""
+    return sum(p.numel() * p.element_size() for name, p in llm.engine.runner.model.named_parameters()
+               if "embed_tokens" not in name)
+
+
+def kv_bytes_per_token(llm: LLM) -> int:
+    config = llm.engine.model_config
+    element = torch.empty(0, dtype=llm.engine.runner.dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
+
+
+def single_stream_table(clex: Path, bandwidth: float, new_tokens: int) -> None:
+    rates: dict[tuple[str, int], float] = {}
+    print("\n| context | dtype | tok/s | MB read per token (weights + KV) | effective GB/s | fraction of measured |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for dtype in DTYPES:
+        llm = LLM(str(clex), dtype=dtype, device="cpu", show_progress=False, max_model_len=BASE_WINDOW * 16,
+                  kv_cache_memory_gib=1.0)
+        weights, per_token_kv = weight_bytes(llm), kv_bytes_per_token(llm)
+        engine_decode_rate(llm, 32, 8)  # warm up
+        for context in CONTEXTS:
+            rate = statistics.median(engine_decode_rate(llm, context, new_tokens) for _ in range(3))
+            rates[dtype, context] = rate
+            kv = per_token_kv * (context + new_tokens // 2)
+            effective = (weights + kv) * rate
+            print(f"| {context} | {dtype} | {rate:.1f} | {weights / 1e6:.0f} + {kv / 1e6:.0f} | "
+                  f"{effective / 1e9:.1f} | {effective / bandwidth:.2f} |")
+        del llm
+    print("\nbfloat16 / float32 tokens/s: " + ", ".join(
+        f"{context}: {rates['bfloat16', context] / rates['float32', context]:.2f}" for context in CONTEXTS))
+
+
+def stream_latencies(llm: LLM, arrivals: int, arrival_len: int, streams: int = 8) -> list[float]:
+    """Inter-token latencies of ``streams`` decoding streams over the window in which ``arrivals`` prompts of
+    ``arrival_len`` tokens are computed (without arrivals: over as many steps as that window took, given as
+    ``arrivals = 0, arrival_len = steps``)."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=100_000 // streams, ignore_eos=True)
+    for index in range(streams):
+        engine.add_request({"prompt_token_ids": prompt_ids(64, 200 + index)}, params, request_id=f"stream-{index}")
+    while sum(1 for seq in engine.scheduler.running if seq.num_output_tokens > 0) < streams:
+        engine.step()
+    for _ in range(4):
+        engine.step()  # settled: every stream decoding
+    for index in range(arrivals):
+        engine.add_request({"prompt_token_ids": prompt_ids(arrival_len, 300 + index)},
+                           SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+                           request_id=f"arrival-{index}")
+    last_token_time: dict[str, float] = {}
+    gaps: list[float] = []
+    steps = 0
+    while True:
+        outputs = engine.step()
+        now = time.perf_counter()
+        steps += 1
+        for output in outputs:
+            if output.request_id.startswith("stream-"):
+                if output.request_id in last_token_time:
+                    gaps.append(now - last_token_time[output.request_id])
+                last_token_time[output.request_id] = now
+        if arrivals and not any(request_id.startswith("arrival-") for request_id in engine.requests):
+            break
+        if not arrivals and steps >= arrival_len:
+            break
+    for index in range(streams):
+        engine.abort_request(f"stream-{index}")
+    stream_latencies.last_steps = steps
+    return gaps
+
+
+def arrivals_table(clex: Path) -> None:
+    llm = LLM(str(clex), dtype="float32", device="cpu", show_progress=False, max_model_len=BASE_WINDOW * 16,
+              kv_cache_memory_gib=2.0)
+    budget = llm.engine.scheduler.config.max_num_batched_tokens
+    disturbed = stream_latencies(llm, 4, 6000)
+    steps = stream_latencies.last_steps
+    quiet = stream_latencies(llm, 0, steps)
+
+    def percentile(values: list[float], q: float) -> float:
+        return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000
+
+    quiet_p50 = percentile(quiet, 0.5)
+    print(f"\n8 streams decoding, float32, token budget {budget}; 4 prompts of 6,000 tokens arrive "
+          f"({steps} steps until all are computed)")
+    print("| window | ITL p50 ms | ITL p99 ms | p99 / undisturbed p50 |\n| --- | --- | --- | --- |")
+    print(f"| no arrivals | {quiet_p50:.1f} | {percentile(quiet, 0.99):.1f} | "
+          f"{percentile(quiet, 0.99) / quiet_p50:.2f} |")
+    print(f"| 4 arrivals of 6,000 tokens | {percentile(disturbed, 0.5):.1f} | {percentile(disturbed, 0.99):.1f} | "
+          f"{percentile(disturbed, 0.99) / quiet_p50:.2f} |")
+
+
+def host_time_per_step(folder: Path, streams: int = 64, new_tokens: int = 256) -> None:
+    """Step wall time minus the model's forward and logits, with ``streams`` greedy streams on a 2-layer model; early
+    steps (short contexts) against late ones, which shows whether host work grows with the tokens."""
+    _, tiny = build(folder / "two_layers", num_layers=2, base_window=BASE_WINDOW)
+    llm = LLM(str(tiny), dtype="float32", device="cpu", show_progress=False, max_model_len=BASE_WINDOW * 16,
+              kv_cache_memory_gib=1.0)
+    engine = llm.engine
+    model = engine.runner.model
+    forward_time = [0.0]
+    originals = {name: getattr(model, name) for name in ("forward", "compute_logits")}
+
+    def timed(function):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            result = function(*args, **kwargs)
+            forward_time[0] += time.perf_counter() - start
+            return result
+        return run
+
+    for name, function in originals.items():
+        setattr(model, name, timed(function))
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for index in range(streams):
+        engine.add_request({"prompt_token_ids": prompt_ids(64, 500 + index)}, params)
+    while any(seq.num_output_tokens == 0 for seq in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    host, total = [], []
+    while engine.has_unfinished_requests():
+        forward_time[0] = 0.0
+        start = time.perf_counter()
+        engine.step()
+        elapsed = time.perf_counter() - start
+        total.append(elapsed)
+        host.append(elapsed - forward_time[0])
+    for name in originals:
+        delattr(model, name)  # back to the class's methods
+    early, late = slice(0, 32), slice(-33, -1)
+    print(f"\nhost time per step, {streams} streams, 2-layer model, float32 (ms; median over 32 steps)")
+    print("| steps | step | forward + logits | host (the rest) |\n| --- | --- | --- | --- |")
+    for name, part in (("first 32 decode steps", early), ("last 32 decode steps", late)):
+        step_ms = statistics.median(total[part]) * 1000
+        host_ms = statistics.median(host[part]) * 1000
+        print(f"| {name} | {step_ms:.2f} | {step_ms - host_ms:.2f} | {host_ms:.2f} |")
+
+
+def throughput_table(clex: Path, new_tokens: int) -> None:
+    llm = LLM(str(clex), dtype="float32", device="cpu", show_progress=False, max_model_len=BASE_WINDOW * 16,
+              kv_cache_memory_gib=1.0)
+    concurrency_run(llm, 1, 64, 8)  # warm up
+    print("\n| streams | output tok/s | mean TTFT ms |\n| --- | --- | --- |")
+    for streams in (1, 16, 64):
+        rate, ttft = concurrency_run(llm, streams, 64, new_tokens)
+        print(f"| {streams} | {rate:.1f} | {ttft * 1000:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch CPU threads for everything measured, the bandwidth included")
+    parser.add_argument("--new-tokens", type=int, default=48, help="decoded tokens per single-stream run")
+    parser.add_argument("--skip-ratios", action="store_true", help="leave out the ratios (a)-(d)")
+    parser.add_argument("--only", choices=("single", "arrivals", "host", "throughput", "ratios"),
+                        help="run one part (after the bandwidth)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    bandwidth = read_bandwidth()
+    print(f"CPU threads {args.threads}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    with tempfile.TemporaryDirectory() as folder:
+        plain, clex = build(Path(folder), base_window=BASE_WINDOW)
+        parts = {
+            "single": lambda: single_stream_table(clex, bandwidth, args.new_tokens),
+            "arrivals": lambda: arrivals_table(clex),
+            "host": lambda: host_time_per_step(Path(folder)),
+            "throughput": lambda: throughput_table(clex, 128),
+            "ratios": lambda: (print_table(ratio_rows(plain, clex, BASE_WINDOW, 128)), print(RATIO_LEGEND)),
+        }
+        for name, part in parts.items():
+            if (args.only is None and not (name == "ratios" and args.skip_ratios)) or args.only == name:
+                part()
+                sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

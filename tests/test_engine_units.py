@@ -58,23 +58,24 @@ def test_prefix_blocks_are_reused_only_under_the_same_scale_key():
     assert late.num_cached_tokens == 0
 
 
-def test_scheduler_admits_new_requests_between_decode_steps():
+def test_scheduler_admits_new_requests_beside_running_decodes():
     manager = BlockManager(num_blocks=32, block_size=4)
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), manager, clex_scale)
     a = _seq(0, 5)
     scheduler.add(a)
     out = scheduler.schedule()
-    assert out.is_prefill and [c.seq for c in out.chunks] == [a]
+    assert not out.decodes and [c.seq for c in out.prefills] == [a] and out.num_prefill_tokens == 5
     a.num_cached_tokens = 5
     a.token_ids.append(7)
     out = scheduler.schedule()
-    assert not out.is_prefill and out.chunks[0].num_tokens == 1
+    assert not out.prefills and out.num_decode_tokens == 1 and out.chunks[0].num_tokens == 1
     a.num_cached_tokens = 6
     a.token_ids.append(7)
     b = _seq(1, 3)
     scheduler.add(b)
-    out = scheduler.schedule()  # the newcomer is admitted at the next step
-    assert out.is_prefill and [c.seq for c in out.chunks] == [b]
+    out = scheduler.schedule()  # the newcomer is admitted at the next step, beside the running decode
+    assert [c.seq for c in out.decodes] == [a] and [c.seq for c in out.prefills] == [b]
+    assert [c.seq for c in out.chunks] == [a, b]
 
 
 def _run_chunks(out):
@@ -95,7 +96,7 @@ def test_scheduler_limits_sequences_and_preempts_the_newest_when_blocks_run_out(
     _run_chunks(out)
     for _ in range(4):  # lengths 5..8: two blocks each, the whole pool
         out = scheduler.schedule()
-        assert not out.is_prefill and not out.preempted and len(out.chunks) == 2
+        assert not out.prefills and not out.preempted and len(out.decodes) == 2
         _run_chunks(out)
     out = scheduler.schedule()  # length 9 needs a third block each: the newest is preempted
     assert out.preempted == [seqs[1]] and [c.seq for c in out.chunks] == [seqs[0]]

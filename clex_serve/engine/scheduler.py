@@ -1,8 +1,21 @@
 """Continuous batching: which sequences run in the next step, and with how many tokens each.
 
-First come, first served. Every step first admits waiting requests (prefill) while sequences, tokens and
-KV blocks allow; otherwise it decodes every running sequence by one token, preempting the most recent
-arrivals (freeing their blocks, to be recomputed later) when blocks run out. Plain Python, no tensors.
+First come, first served, with mixed steps (chunked prefill as in Sarathi-Serve and vLLM v1). Every step
+first decodes each running sequence that only needs its next token, one token each, preempting the most
+recent arrivals (freeing their blocks, to be recomputed later) when blocks run out. What is left of the
+token budget ``max_num_batched_tokens`` then goes to prompt and recompute chunks: first the running
+sequences part-way through one (they hold their blocks), then new admissions from the waiting queue while
+sequences, tokens and KV blocks allow. So a long prompt is computed a chunk per step beside the running
+streams instead of stopping them. Plain Python, no tensors.
+
+Decodes are planned before any chunk, so an admission can never take the blocks a decode needs, and a step
+that had to preempt admits nothing: the blocks it freed are for the older sequences still running, and
+admitting would only hand them to a newcomer that the next shortage preempts again. Decodes are never held
+back for the budget, so no running stream stalls, and they cannot outgrow it: a sequence becomes a decode
+only after a chunk that fitted in what the decodes left. When they take all of it, prompt work waits and
+nothing is admitted, so the running set only shrinks until a decode finishes (within ``max_model_len``
+tokens) or is preempted; the budget it frees goes to the oldest prompt work first. So every waiting request
+gets its turn, and no step exceeds the budget.
 
 Recomputing a preempted sequence must give back exactly the cache it had, and under CLEX that cache
 depends on how it was built: the prompt in one pass at the prompt's scale, then each generated token at
@@ -60,12 +73,27 @@ class ScheduledChunk:
 
 @dataclass
 class SchedulerOutput:
-    chunks: list[ScheduledChunk]
-    is_prefill: bool
+    # One token for each running sequence that has all but its last token cached (its next token).
+    decodes: list[ScheduledChunk]
+    # Prompt and recompute chunks, in the budget the decodes left.
+    prefills: list[ScheduledChunk]
     preempted: list[Sequence]
     # (source, destination) KV blocks to copy before any re-rotation of this step: copy on write of
     # prefix-shared blocks whose sequence changes scale. Their destinations are already reserved.
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def chunks(self) -> list[ScheduledChunk]:
+        """Everything the step runs, one chunk per sequence, decodes first."""
+        return self.decodes + self.prefills
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return len(self.decodes)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(chunk.num_tokens for chunk in self.prefills)
 
 
 class Scheduler:
@@ -103,10 +131,10 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         copies: list[tuple[int, int]] = []
-        chunks = self._schedule_prefill(copies)
-        if chunks:
-            return SchedulerOutput(chunks, True, [], copies)
-        return self._schedule_decode()
+        decodes, preempted = self._schedule_decodes(copies)
+        budget = self.config.max_num_batched_tokens - len(decodes)  # none left: no chunk this step
+        prefills = self._schedule_prefills(budget, not preempted, copies)
+        return SchedulerOutput(decodes, prefills, preempted, copies)
 
     def _needs_rescale(self, seq: Sequence, scale: int) -> bool:
         return self.cache_follows_scale and seq.num_cached_tokens > 0 and scale != seq.cache_scale
@@ -147,8 +175,31 @@ class Scheduler:
             end += 1
         return ScheduledChunk(seq, cached, end, None, True, False)
 
-    def _schedule_prefill(self, copies: list[tuple[int, int]]) -> list[ScheduledChunk]:
-        budget = self.config.max_num_batched_tokens
+    def _schedule_decodes(self, copies: list[tuple[int, int]]) -> tuple[list[ScheduledChunk], list[Sequence]]:
+        """One token for every running sequence that needs only its next one, in arrival order. When blocks
+        run out the most recent arrival is preempted, whether it decodes or is part-way through a prompt: it
+        comes later in the queue, so nothing already planned is undone. With no later arrival left, the
+        sequence preempts itself."""
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Sequence] = []
+        queue = list(self.running)
+        while queue:
+            seq = queue.pop(0)
+            if self.needs_prefill(seq):
+                continue  # its chunk comes from the budget the decodes leave
+            while not self._can_decode(seq):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.append(seq, len(seq))
+                chunks.append(self._plan(ScheduledChunk(seq, len(seq) - 1, len(seq), None, False, False), copies))
+        return chunks, preempted
+
+    def _schedule_prefills(self, budget: int, admit: bool, copies: list[tuple[int, int]]) -> list[ScheduledChunk]:
+        """Prompt and recompute chunks within ``budget`` tokens; new sequences only where ``admit``."""
         chunks = []
         # Sequences part-way through a chunked prompt or a recompute go first: they hold their blocks.
         for seq in self.running:
@@ -161,7 +212,7 @@ class Scheduler:
                     continue  # its copy on write must wait for blocks; it keeps the ones it holds
                 chunks.append(self._plan(chunk, copies))
                 budget -= chunk.num_tokens
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while admit and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             key = self.prefix_key(seq) if seq.num_output_tokens == 0 else None
             if not self.block_manager.can_allocate(seq, key):
@@ -173,24 +224,6 @@ class Scheduler:
             chunks.append(self._plan(self._next_chunk(seq, budget), copies))  # nothing cached to re-rotate
             budget -= chunks[-1].num_tokens
         return chunks
-
-    def _schedule_decode(self) -> SchedulerOutput:
-        chunks: list[ScheduledChunk] = []
-        copies: list[tuple[int, int]] = []
-        preempted: list[Sequence] = []
-        queue = list(self.running)
-        while queue:
-            seq = queue.pop(0)
-            while not self._can_decode(seq):
-                victim = queue.pop() if queue else seq
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-            else:
-                self.block_manager.append(seq, len(seq))
-                chunks.append(self._plan(ScheduledChunk(seq, len(seq) - 1, len(seq), None, False, False), copies))
-        return SchedulerOutput(chunks, False, preempted, copies)
 
     def _can_decode(self, seq: Sequence) -> bool:
         """Free blocks for the new token's slot and, if its scale changes, for unsharing its blocks."""

@@ -53,9 +53,17 @@ def read_bandwidth() -> float:
 
 
 def weight_bytes(llm: LLM) -> int:
-    """Bytes a decode step reads from the weights: all but the input embedding (one row of it is read)."""
-    return sum(p.numel() * p.element_size() for name, p in llm.engine.runner.model.named_parameters()
-               if "embed_tokens" not in name)
+    """Bytes a decode step reads from the weights: all but the input embedding (one row of it is read);
+    linear layers packed for oneDNN count their packed weight."""
+    total = 0
+    for name, module in llm.engine.runner.model.named_modules():
+        packed = getattr(module, "packed_weight", None)
+        if packed is not None:
+            total += packed.numel() * packed.element_size()
+        for param_name, param in module.named_parameters(recurse=False):
+            if "embed_tokens" not in name and not (packed is not None and param_name == "weight"):
+                total += param.numel() * param.element_size()
+    return total
 
 
 def kv_bytes_per_token(llm: LLM) -> int:

@@ -131,13 +131,13 @@ def stream_latencies(llm: LLM, arrivals: int, arrival_len: int, streams: int = 8
     return gaps
 
 
-def arrivals_table(clex: Path) -> None:
+def arrivals_table(clex: Path, token_budget: int | None) -> None:
     llm = LLM(str(clex), dtype="float32", device="cpu", show_progress=False, max_model_len=BASE_WINDOW * 16,
-              kv_cache_memory_gib=2.0)
+              kv_cache_memory_gib=2.0, max_num_batched_tokens=token_budget)
     budget = llm.engine.scheduler.config.max_num_batched_tokens
     disturbed = stream_latencies(llm, 4, 6000)
     steps = stream_latencies.last_steps
-    quiet = stream_latencies(llm, 0, steps)
+    quiet = stream_latencies(llm, 0, max(steps, 100))
 
     def percentile(values: list[float], q: float) -> float:
         return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000
@@ -212,6 +212,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch CPU threads for everything measured, the bandwidth included")
     parser.add_argument("--new-tokens", type=int, default=48, help="decoded tokens per single-stream run")
+    parser.add_argument("--token-budget", type=int, default=None,
+                        help="max_num_batched_tokens for the arrivals part (default: the engine's)")
     parser.add_argument("--skip-ratios", action="store_true", help="leave out the ratios (a)-(d)")
     parser.add_argument("--only", choices=("single", "arrivals", "host", "throughput", "ratios"),
                         help="run one part (after the bandwidth)")
@@ -224,7 +226,7 @@ def main() -> None:
         plain, clex = build(Path(folder), base_window=BASE_WINDOW)
         parts = {
             "single": lambda: single_stream_table(clex, bandwidth, args.new_tokens),
-            "arrivals": lambda: arrivals_table(clex),
+            "arrivals": lambda: arrivals_table(clex, args.token_budget),
             "host": lambda: host_time_per_step(Path(folder)),
             "throughput": lambda: throughput_table(clex, 128),
             "ratios": lambda: (print_table(ratio_rows(plain, clex, BASE_WINDOW, 128)), print(RATIO_LEGEND)),

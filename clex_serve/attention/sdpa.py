@@ -4,8 +4,7 @@ Runs on CPU and GPU. On the CPU, attention reads cached K/V in place, one contig
 time (``segments``), so its cost is the context actually cached. Elsewhere, and with a sliding window,
 decode steps batch every sequence into one padded SDPA call whose key gather and mask are prepared once per
 step, and prefill runs one SDPA call per sequence over its gathered context, causal without a mask when the
-whole context is new. On the CPU, a decode step of many short sequences also takes the batched gather: one
-call beats a call per sequence when the contexts are short (``SEGMENTED_DECODE_MIN_CONTEXT``).
+whole context is new.
 """
 
 from __future__ import annotations
@@ -57,20 +56,11 @@ def visibility_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
     return mask
 
 
-# A CPU decode step attends sequence by sequence once its mean context reaches this many tokens, or when it
-# has one sequence: below it, the per-call cost of a loop over sequences outweighs the gather it saves.
-SEGMENTED_DECODE_MIN_CONTEXT = 512
-
-
 def use_segments(meta: AttentionMetadata, sliding_window: int | None) -> bool:
-    if sliding_window is not None or meta.block_tables_host is None or meta.positions.device.type != "cpu":
-        return False
-    if not segments.segmented_attention_available():
-        return False
-    if not meta.is_decode:
-        return True
-    contexts = meta.context_lens_host
-    return len(contexts) == 1 or sum(contexts) >= SEGMENTED_DECODE_MIN_CONTEXT * len(contexts)
+    """On the CPU without a sliding window: attention reads the cached runs in place (measured faster than
+    the padded gather at every batch size and context tried, 8-64 streams of 128-7,000 tokens)."""
+    return (sliding_window is None and meta.block_tables_host is not None and meta.positions.device.type == "cpu"
+            and segments.segmented_attention_available())
 
 
 class SdpaAttentionBackend:
@@ -80,6 +70,10 @@ class SdpaAttentionBackend:
 
     def __init__(self, sliding_window: int | None) -> None:
         self.sliding_window = sliding_window
+
+    def reads_cache_in_runs(self, device: torch.device) -> bool:
+        return (device.type == "cpu" and self.sliding_window is None
+                and segments.segmented_attention_available())
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Per-step work shared by all layers: each sequence's runs of cached slots, or the decode gather

@@ -12,6 +12,7 @@ its registered blocks leave the prefix index, since they no longer hold what the
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Hashable
 from typing import NamedTuple
@@ -27,16 +28,25 @@ class PrefixKey(NamedTuple):
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 keep_sequences_contiguous: bool = False) -> None:
+        """``keep_sequences_contiguous``: place sequences so that their blocks follow each other in the pool
+        where possible (for attention that reads runs of consecutive blocks in place, on the CPU)."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.keep_sequences_contiguous = keep_sequences_contiguous
         self.ref_counts = [0] * num_blocks
         # Free blocks in the order they were freed: allocation takes the oldest, so recently freed
         # prefix blocks stay reusable longest, except that a sequence's next block is the one after its
         # last when that one is free: consecutive blocks are one view of the pool, which attention on the
         # CPU reads in place (``attention.segments``).
         self._free: OrderedDict[int, None] = OrderedDict((block, None) for block in range(num_blocks))
+        # With ``keep_sequences_contiguous``, a sequence that cannot continue after its last block (or a new
+        # one) starts in the middle of the longest run of free blocks, which leaves room to grow on both
+        # sides of it: streams decoding side by side then each extend their own run instead of taking
+        # turns over consecutive blocks. One byte per block, 1 = free, searched at C speed.
+        self._free_map = bytearray(b"\x01" * num_blocks)
         self._hash_of_block: dict[int, Hashable] = {}
         self._block_of_hash: dict[Hashable, int] = {}
         self.prefix_hits = 0  # tokens served from the prefix cache, for metrics and tests
@@ -88,8 +98,10 @@ class BlockManager:
         for block in hits:
             self._take(block)
         seq.block_table = list(hits)
-        for _ in range(self.blocks_for(len(seq)) - len(hits)):
-            seq.block_table.append(self._take_free(seq.block_table[-1] + 1 if seq.block_table else None))
+        wanted = self.blocks_for(len(seq)) - len(hits)
+        for taken in range(wanted):
+            seq.block_table.append(self._take_free(seq.block_table[-1] + 1 if seq.block_table else None,
+                                                   wanted - taken))
         seq.num_cached_tokens = len(hits) * self.block_size
         if hits:
             seq.cache_scale = cache_key.scale  # the reused keys are rotated with it
@@ -105,6 +117,7 @@ class BlockManager:
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self._free[block] = None
+                self._free_map[block] = 1
         seq.block_table = []
         seq.num_cached_tokens = 0
         seq.cache_scale = 1
@@ -112,20 +125,30 @@ class BlockManager:
     def _take(self, block: int) -> None:
         if self.ref_counts[block] == 0:
             del self._free[block]
+            self._free_map[block] = 0
         self.ref_counts[block] += 1
 
-    def _take_free(self, preferred: int | None = None) -> int:
-        """A free block: ``preferred`` when it is free, else the one freed longest ago."""
+    def _take_free(self, preferred: int | None = None, run_length: int = 1) -> int:
+        """A free block: ``preferred`` when it is free, else (keeping sequences contiguous) the start of
+        ``run_length`` blocks centred in the longest free run, else the one freed longest ago."""
         if not self._free:
             raise RuntimeError("out of KV cache blocks: the scheduler should have checked")
         if preferred in self._free:
-            del self._free[preferred]
             block = preferred
+            del self._free[block]
+        elif self.keep_sequences_contiguous:
+            block = self._centred_in_longest_free_run(run_length)
+            del self._free[block]
         else:
             block, _ = self._free.popitem(last=False)
+        self._free_map[block] = 0
         self._forget(block)  # a recycled block's old contents are gone
         self.ref_counts[block] = 1
         return block
+
+    def _centred_in_longest_free_run(self, run_length: int) -> int:
+        longest = max(re.finditer(rb"\x01+", self._free_map), key=lambda run: run.end() - run.start())
+        return longest.start() + max(0, longest.end() - longest.start() - run_length) // 2
 
     # ---------------------------------------------------------------- prefix index
 

@@ -66,7 +66,8 @@ class LLMEngine:
         self.runner = ModelRunner(loaded, num_blocks, block_size, config.attention_backend,
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
                                   enforce_eager=config.enforce_eager)
-        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching,
+                                          keep_sequences_contiguous=self.runner.reads_cache_in_runs)
         rope = self.runner.rope
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max_num_batched_tokens),

@@ -97,6 +97,11 @@ class ModelRunner:
         if not enforce_eager and self.device.type == "cuda" and self.cuda_graphs_supported():
             self.enable_decode_graphs()
 
+    @property
+    def reads_cache_in_runs(self) -> bool:
+        """Attention reads runs of consecutive blocks in place (CPU SDPA): keep sequences contiguous."""
+        return getattr(self.backend, "reads_cache_in_runs", lambda device: False)(self.device)
+
     def _bind_to_model(self) -> None:
         """Point the model's attention layers at this runner's pool and backend. Done again whenever another
         runner over the same model (the profiling one, a test's second runner) ran last; captured graphs keep

@@ -133,9 +133,11 @@ def stream_latencies(llm: LLM, arrivals: int, arrival_len: int, streams: int = 8
 
 def arrivals_table(clex: Path, token_budget: int | None) -> None:
     llm = LLM(str(clex), dtype="float32", device="cpu", show_progress=False, max_model_len=BASE_WINDOW * 16,
-              kv_cache_memory_gib=2.0, max_num_batched_tokens=token_budget)
-    budget = llm.engine.scheduler.config.max_num_batched_tokens
+              kv_cache_memory_gib=2.0, max_prefill_tokens_with_decodes=token_budget)
+    budget = llm.engine.scheduler.config.max_prefill_tokens_with_decodes
+    start = time.perf_counter()
     disturbed = stream_latencies(llm, 4, 6000)
+    window = time.perf_counter() - start
     steps = stream_latencies.last_steps
     quiet = stream_latencies(llm, 0, max(steps, 100))
 
@@ -143,8 +145,8 @@ def arrivals_table(clex: Path, token_budget: int | None) -> None:
         return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000
 
     quiet_p50 = percentile(quiet, 0.5)
-    print(f"\n8 streams decoding, float32, token budget {budget}; 4 prompts of 6,000 tokens arrive "
-          f"({steps} steps until all are computed)")
+    print(f"\n8 streams decoding, float32, {budget} prompt tokens per step beside decodes; 4 prompts of 6,000 "
+          f"tokens arrive ({steps} steps, {window:.0f} s until all are computed)")
     print("| window | ITL p50 ms | ITL p99 ms | p99 / undisturbed p50 |\n| --- | --- | --- | --- |")
     print(f"| no arrivals | {quiet_p50:.1f} | {percentile(quiet, 0.99):.1f} | "
           f"{percentile(quiet, 0.99) / quiet_p50:.2f} |")
@@ -213,7 +215,7 @@ def main() -> None:
                         help="torch CPU threads for everything measured, the bandwidth included")
     parser.add_argument("--new-tokens", type=int, default=48, help="decoded tokens per single-stream run")
     parser.add_argument("--token-budget", type=int, default=None,
-                        help="max_num_batched_tokens for the arrivals part (default: the engine's)")
+                        help="max_prefill_tokens_with_decodes for the arrivals part (default: the engine's)")
     parser.add_argument("--skip-ratios", action="store_true", help="leave out the ratios (a)-(d)")
     parser.add_argument("--only", choices=("single", "arrivals", "host", "throughput", "ratios"),
                         help="run one part (after the bandwidth)")

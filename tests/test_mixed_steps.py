@@ -338,3 +338,21 @@ def test_requests_arriving_while_others_decode_give_golden_outputs(name, options
     if device == "cuda":
         assert engine.runner.decode_graphs is not None and any(not plan.prefills for plan in plans)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_prompt_tokens_beside_decodes_are_capped_but_a_lone_prompt_takes_the_budget():
+    manager = BlockManager(64, 4)
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32, max_prefill_tokens_with_decodes=5)
+    scheduler = Scheduler(config, manager, clex_scale)
+    first = _seq(0, 40)
+    scheduler.add(first)
+    assert [chunk.num_tokens for chunk in _step(scheduler).prefills] == [32]  # nothing decodes: the budget
+    assert [chunk.num_tokens for chunk in _step(scheduler).prefills] == [8]
+    second = _seq(1, 40)
+    scheduler.add(second)
+    for _ in range(3):
+        out = _step(scheduler)
+        assert [chunk.seq for chunk in out.decodes] == [first]
+        assert out.num_prefill_tokens == 5  # beside a decode: the cap
+    with pytest.raises(ValueError, match="max_prefill_tokens_with_decodes must be at least 1, got 0"):
+        SchedulerConfig(max_prefill_tokens_with_decodes=0)

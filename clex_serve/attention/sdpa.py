@@ -79,12 +79,11 @@ class SdpaAttentionBackend:
         """Per-step work shared by all layers: each sequence's runs of cached slots, or the decode gather
         indices and mask."""
         if use_segments(meta, self.sliding_window):
-            # Decode: the whole context (the new key is already written); prefill: what was cached before.
-            cached = (meta.context_lens_host if meta.is_decode else
-                      [context - new for context, new in zip(meta.context_lens_host, meta.query_lens)])
+            # A sequence with one new token (a decode, also in a mixed step) reads its whole context from the
+            # cache, where its new key already is; a prompt chunk reads what was cached before it.
             meta.backend_state["runs"] = [
-                segments.contiguous_runs(table, length, meta.block_size)
-                for table, length in zip(meta.block_tables_host, cached)
+                segments.contiguous_runs(table, context if new == 1 else context - new, meta.block_size)
+                for table, context, new in zip(meta.block_tables_host, meta.context_lens_host, meta.query_lens)
             ]
             return
         if not meta.is_decode:
@@ -122,8 +121,11 @@ class SdpaAttentionBackend:
         outputs, start = [], 0
         for index, query_len in enumerate(meta.query_lens):
             end = start + query_len
-            outputs.append(segments.prefill_one(q[start:end], k[start:end], v[start:end], flat_k, flat_v,
-                                                runs[index]))
+            if query_len == 1:
+                outputs.append(segments.decode_one(q[start], flat_k, flat_v, runs[index])[None])
+            else:
+                outputs.append(segments.prefill_one(q[start:end], k[start:end], v[start:end], flat_k, flat_v,
+                                                    runs[index]))
             start = end
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 

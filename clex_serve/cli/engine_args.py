@@ -41,7 +41,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-model-len", type=positive_int,
                        help="longest prompt + output (default: max_position_embeddings * max_factor for CLEX)")
     group.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences batched together")
-    group.add_argument("--max-num-batched-tokens", type=positive_int, help="tokens per prefill step")
+    group.add_argument("--max-num-batched-tokens", type=positive_int,
+                       help="tokens per step (decodes plus prompt chunks); default max(max-model-len, 2048)")
+    group.add_argument("--max-prefill-tokens-with-decodes", type=positive_int,
+                       help="prompt tokens in a step that also decodes running streams, which bounds their "
+                            "inter-token latency while prompts are computed; default 32 on the CPU, 2048 on CUDA")
     group.add_argument("--block-size", type=positive_int, help="KV cache block size in tokens")
     group.add_argument("--kv-cache-memory", type=positive_float, metavar="GIB", help="KV cache size in GiB")
     group.add_argument("--gpu-memory-utilization", type=fraction, default=0.9,
@@ -69,7 +73,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, tokenizer=args.tokenizer, revision=args.revision, dtype=args.dtype,
         device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_prefill_tokens_with_decodes=args.max_prefill_tokens_with_decodes, block_size=args.block_size,
         kv_cache_memory_gib=args.kv_cache_memory, kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         load_format=args.load_format, allow_long_max_model_len=args.allow_long_max_model_len,

@@ -13,6 +13,14 @@ from clex_serve.engine.kv_cache import bytes_per_block
 GIB = 1 << 30
 
 
+def default_prefill_tokens_with_decodes(device_type: str) -> int:
+    """On the CPU, with the 58M benchmark model in float32, an 8-stream decode step takes about 26 ms and each
+    prompt token beside it adds about 1.5 ms (more as the prompt's cached context grows), so 32 prompt tokens
+    keep the streams' p99 inter-token latency near 3x their undisturbed p50 (bench/cpu_benchmark.py). On
+    CUDA, 2048 is vLLM's chunk size for online serving."""
+    return 32 if device_type == "cpu" else 2048
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None  # a folder or hub id; None: the embedded demo model
@@ -23,6 +31,9 @@ class EngineConfig:
     max_model_len: int | None = None  # default: max_position_embeddings * max_factor under CLEX
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None  # default: max(max_model_len, 2048)
+    # Prompt tokens in a step that also decodes running streams (bounds their inter-token latency while
+    # prompts are computed). Default: 32 on the CPU, 2048 on CUDA (``default_prefill_tokens_with_decodes``).
+    max_prefill_tokens_with_decodes: int | None = None
     block_size: int | None = None  # default: 16, or 256 with flash-attn
     kv_cache_memory_gib: float | None = None  # the KV pool in GiB; default: sized from the memory left
     # CUDA: the fraction of the GPU's memory the engine may hold in all (weights, activations, KV pool).
@@ -52,7 +63,8 @@ class EngineConfig:
             if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
 
-        for name in ("max_model_len", "max_num_batched_tokens", "block_size", "max_queued_requests", "threads"):
+        for name in ("max_model_len", "max_num_batched_tokens", "max_prefill_tokens_with_decodes", "block_size",
+                     "max_queued_requests", "threads"):
             integer(name)
         for name in ("max_num_seqs", "seed"):
             integer(name, optional=False)
@@ -61,6 +73,8 @@ class EngineConfig:
         check(self.max_num_seqs >= 1, f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
               f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        check(self.max_prefill_tokens_with_decodes is None or self.max_prefill_tokens_with_decodes >= 1,
+              f"max_prefill_tokens_with_decodes must be positive, got {self.max_prefill_tokens_with_decodes}")
         check(self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0,
               f"kv_cache_memory_gib must be positive, got {self.kv_cache_memory_gib}")
         check(0 < self.gpu_memory_utilization <= 1,

@@ -13,7 +13,7 @@ import time
 import torch
 
 from clex_serve.engine.block_manager import BlockManager, PrefixKey
-from clex_serve.engine.engine_config import EngineConfig, num_kv_blocks
+from clex_serve.engine.engine_config import EngineConfig, default_prefill_tokens_with_decodes, num_kv_blocks
 from clex_serve.engine.errors import QueueFullError
 from clex_serve.engine.input_processor import InputProcessor, ProcessedPrompt
 from clex_serve.engine.memory_profile import peak_step_memory
@@ -70,7 +70,9 @@ class LLMEngine:
                                           keep_sequences_contiguous=self.runner.reads_cache_in_runs)
         rope = self.runner.rope
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, max_num_batched_tokens),
+            SchedulerConfig(config.max_num_seqs, max_num_batched_tokens,
+                            config.max_prefill_tokens_with_decodes
+                            or default_prefill_tokens_with_decodes(loaded.device.type)),
             self.block_manager, rope.scale_for_length, self._prefix_key, rope.cache_follows_scale,
         )
         self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len)

@@ -43,12 +43,19 @@ from clex_serve.engine.sequence import Sequence, SequenceStatus
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192  # longer prompts are computed in chunks of this size
+    # Prompt tokens a step may carry beside decodes (None: the budget's rest). What a prompt chunk adds to
+    # a step is what every running stream waits for that token, so this bounds their inter-token latency;
+    # a step with nothing to decode still takes the full budget, so a prompt alone is not slowed.
+    max_prefill_tokens_with_decodes: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.max_prefill_tokens_with_decodes is not None and self.max_prefill_tokens_with_decodes < 1:
+            raise ValueError(f"max_prefill_tokens_with_decodes must be at least 1, "
+                             f"got {self.max_prefill_tokens_with_decodes}")
 
 
 @dataclass
@@ -133,6 +140,8 @@ class Scheduler:
         copies: list[tuple[int, int]] = []
         decodes, preempted = self._schedule_decodes(copies)
         budget = self.config.max_num_batched_tokens - len(decodes)  # none left: no chunk this step
+        if decodes and self.config.max_prefill_tokens_with_decodes is not None:
+            budget = min(budget, self.config.max_prefill_tokens_with_decodes)
         prefills = self._schedule_prefills(budget, not preempted, copies)
         return SchedulerOutput(decodes, prefills, preempted, copies)
 

@@ -198,7 +198,9 @@ class LLMEngine:
 
         touched: dict[str, Request] = {}
         if sampling_seqs:
-            logits = result.last_logits[sampling_rows]
+            logits = result.last_logits
+            if len(sampling_rows) < logits.shape[0]:  # a prompt chunk short of its end samples nothing
+                logits = logits[sampling_rows]
             now = time.monotonic()
             for seq, sampled in zip(sampling_seqs, self.sampler.sample(logits, sampling_seqs, self.eos_token_ids)):
                 request = self.requests[seq.request_id]

@@ -63,9 +63,13 @@ class Sampler:
         """``logits`` [B, vocab] float32, raw model output for each sequence's next token."""
         want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        logits = self.penalties.apply(logits.clone(), seqs)
+        held_back = [seq.params.min_tokens and seq.num_output_tokens < seq.params.min_tokens for seq in seqs]
+        if any(held_back) or any(seq.params.has_penalties for seq in seqs):
+            # Both edit the logits in place: on a copy, so that the caller's stay raw (a batch without either,
+            # the common case, skips copying [B, vocab]).
+            logits = self.penalties.apply(logits.clone(), seqs)
         for row, seq in enumerate(seqs):
-            if seq.params.min_tokens and seq.num_output_tokens < seq.params.min_tokens:
+            if held_back[row]:
                 stops = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else eos_token_ids)
                 if stops:
                     logits[row, stops] = float("-inf")

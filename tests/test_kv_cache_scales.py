@@ -1,5 +1,6 @@
 """The KV cache under CLEX scale changes: one entry per token, re-rotated once per change, never per step."""
 
+import pytest
 import torch
 
 import clex_serve.engine.cache_rotation as cache_rotation
@@ -19,7 +20,7 @@ def test_cache_holds_one_entry_per_token_at_the_current_scale():
     every cached layer-0 key equals a fresh rotation of that token's key with the final scale."""
     runner = _runner("llama", num_blocks=16)  # 16 blocks * 8 slots = 128 = the context limit
     assert runner.kv_cache.num_blocks == 16
-    assert runner.kv_cache.tensor.shape[:4] == (2, 2, 16 + 1, 8)  # and the padding block, which no sequence uses
+    assert runner.kv_cache.flat_keys(0).shape[0] == (16 + 1) * 8  # and the padding block, which no sequence uses
     tokens = reference_cases("llama")["sequence"].tolist()
     sequence = SingleSequence(runner, 128)
     sequence.feed(tokens[:5])
@@ -89,3 +90,23 @@ def test_sequences_changing_scale_in_one_step_are_rerotated_together(monkeypatch
     assert len(calls) == 1
     torch.testing.assert_close(pool.tensor, one_by_one, atol=1e-6, rtol=0)
     assert not torch.equal(pool.tensor, original)
+
+
+@pytest.mark.parametrize("head_major", [False, True])
+def test_block_copies_and_slots_mean_the_same_in_both_layouts(head_major):
+    from clex_serve.engine.kv_cache import KVCachePool
+
+    config = load_model(FIXTURES / "llama", dtype="float32", device="cpu", show_progress=False).config
+    pool = KVCachePool(config, num_blocks=6, block_size=4, dtype=torch.float32, device=torch.device("cpu"),
+                       head_major=head_major)
+    pool.tensor.normal_(generator=torch.Generator().manual_seed(0))
+    before = [pool.flat_keys(layer).clone() for layer in range(pool.num_layers)]
+    values_before = pool.tensor.clone()
+    pool.copy_blocks([1, 4], [5, 0])
+    for layer in range(pool.num_layers):
+        after = pool.flat_keys(layer)
+        assert after.shape[1:] == (config.num_key_value_heads, config.head_dim)
+        torch.testing.assert_close(after[20:24], before[layer][4:8])  # block 1 -> 5
+        torch.testing.assert_close(after[0:4], before[layer][16:20])  # block 4 -> 0
+        torch.testing.assert_close(after[4:20], before[layer][4:20])  # the others untouched
+    assert not torch.equal(pool.tensor, values_before)

@@ -25,6 +25,14 @@ def cache_slot(block_table, position, block_size: int):
     return blocks * block_size + position % block_size
 
 
+def flat_slots(cache: torch.Tensor) -> torch.Tensor:
+    """A layer's K or V cache as a ``[slots, kv_heads, head_dim]`` view, in either layout: slot-major caches
+    are 4-D ``[blocks, block_size, kv_heads, head_dim]``, head-major ones 3-D ``[kv_heads, slots, head_dim]``."""
+    if cache.dim() == 3:
+        return cache.transpose(0, 1)
+    return cache.view(-1, *cache.shape[-2:])
+
+
 @dataclass
 class AttentionMetadata:
     # One entry per new token of the step (all sequences' tokens concatenated).

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from clex_serve.attention import segments
-from clex_serve.attention.metadata import AttentionMetadata, cache_slot
+from clex_serve.attention.metadata import AttentionMetadata, cache_slot, flat_slots
 from clex_serve.layers.rotary import apply_rotary
 
 
@@ -29,9 +29,8 @@ def rotate_queries_and_keys(q: torch.Tensor, k: torch.Tensor,
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    num_kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    flat_slots(k_cache).index_copy_(0, slot_mapping, k)
+    flat_slots(v_cache).index_copy_(0, slot_mapping, v)
 
 
 def gather_slots(flat_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -111,9 +110,7 @@ class SdpaAttentionBackend:
         return out.reshape(q.shape[0], -1)
 
     def _segmented(self, q, k, v, k_cache, v_cache, meta) -> torch.Tensor:
-        num_kv_heads, head_dim = k_cache.shape[-2:]
-        flat_k = k_cache.view(-1, num_kv_heads, head_dim)
-        flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+        flat_k, flat_v = flat_slots(k_cache), flat_slots(v_cache)
         runs = meta.backend_state["runs"]
         if meta.is_decode:
             return torch.stack([segments.decode_one(q[index], flat_k, flat_v, runs[index])
@@ -130,10 +127,10 @@ class SdpaAttentionBackend:
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def _decode(self, q, k_cache, v_cache, meta) -> torch.Tensor:
-        num_kv_heads, head_dim = k_cache.shape[-2:]
+        num_kv_heads = flat_slots(k_cache).shape[1]
         slots = meta.backend_state["slots"]
-        keys = gather_slots(k_cache.view(-1, num_kv_heads, head_dim), slots).transpose(1, 2)  # [B, Hkv, S, D]
-        values = gather_slots(v_cache.view(-1, num_kv_heads, head_dim), slots).transpose(1, 2)
+        keys = gather_slots(flat_slots(k_cache), slots).transpose(1, 2)  # [B, Hkv, S, D]
+        values = gather_slots(flat_slots(v_cache), slots).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q[:, :, None, :], keys, values, attn_mask=meta.backend_state["mask"],
             enable_gqa=q.shape[1] != num_kv_heads,
@@ -141,9 +138,8 @@ class SdpaAttentionBackend:
         return out[:, :, 0, :]
 
     def _prefill(self, q, k, v, k_cache, v_cache, meta) -> torch.Tensor:
-        num_kv_heads, head_dim = k_cache.shape[-2:]
-        flat_k = k_cache.view(-1, num_kv_heads, head_dim)
-        flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+        flat_k, flat_v = flat_slots(k_cache), flat_slots(v_cache)
+        num_kv_heads = flat_k.shape[1]
         gqa = q.shape[1] != num_kv_heads
         outputs = []
         start = 0

@@ -87,7 +87,8 @@ class ModelRunner:
         self.backend = get_attention_backend(attention_backend, self.device, self.config.sliding_window,
                                              self.dtype)
         self.block_size = block_size or default_block_size(self.backend)
-        self.kv_cache = KVCachePool(self.config, num_blocks, self.block_size, self.dtype, self.device)
+        self.kv_cache = KVCachePool(self.config, num_blocks, self.block_size, self.dtype, self.device,
+                                    head_major=self.reads_cache_in_runs)
         self._bind_to_model()
         self.rope = self.model.rotary_emb
         self._log_base = torch.log(torch.tensor(float(self.config.max_position_embeddings)))
@@ -256,6 +257,4 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole cache blocks (all layers, K and V): copy-on-write before a shared block changes."""
         if copies:
-            source = torch.tensor([s for s, _ in copies], device=self.device)
-            destination = torch.tensor([d for _, d in copies], device=self.device)
-            self.kv_cache.tensor[:, :, destination] = self.kv_cache.tensor[:, :, source]
+            self.kv_cache.copy_blocks([source for source, _ in copies], [destination for _, destination in copies])

@@ -58,10 +58,16 @@ def rerotate_all(pool: KVCachePool, rope: RotaryEmbedding, jobs: list[Rerotation
     for start in range(0, len(positions), _CHUNK):
         part = slice(start, start + _CHUNK)
         cos_delta, sin_delta = _delta_rotation(positions[part], old_freq[part], new_freq[part])
+        part_slots = slots[part]
+        # Work in the pool's own layout: keys [heads, n, dim] of a head-major pool, [n, heads, dim] otherwise,
+        # gathered and written back with index_select / index_copy_ (advanced indexing is several times
+        # slower on the CPU).
+        slot_dim = 1 if pool.head_major else 0
+        cos_delta, sin_delta = (cos_delta, sin_delta) if pool.head_major else (cos_delta[:, None], sin_delta[:, None])
         for layer in range(pool.num_layers):
-            flat = pool.flat_keys(layer)
-            keys = flat[slots[part]]
-            flat[slots[part]] = _rotate(keys, cos_delta, sin_delta).to(flat.dtype)
+            cache = pool.keys(layer) if pool.head_major else pool.flat_keys(layer)
+            keys = cache.index_select(slot_dim, part_slots)
+            cache.index_copy_(slot_dim, part_slots, _rotate(keys, cos_delta, sin_delta).to(cache.dtype))
 
 
 def _delta_rotation(positions: torch.Tensor, old_freq: torch.Tensor,
@@ -78,10 +84,11 @@ def _delta_rotation(positions: torch.Tensor, old_freq: torch.Tensor,
 
 
 def _rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` channels of ``keys``; ``cos``/``sin`` broadcast against them."""
     rotary_dim = cos.shape[-1]
     keys = keys.float()
     rotated = keys[..., :rotary_dim]
-    rotated = rotated * cos[:, None, :] + rotate_half(rotated) * sin[:, None, :]
+    rotated = rotated * cos + rotate_half(rotated) * sin
     if rotary_dim == keys.shape[-1]:
         return rotated
     return torch.cat((rotated, keys[..., rotary_dim:]), dim=-1)

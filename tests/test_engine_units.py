@@ -138,6 +138,7 @@ def test_incremental_detokenization_streams_exact_text(make_tokenizer):
     ids = tokenizer.encode(text, add_special_tokens=False)
     prompt, generated = ids[:3], ids[3:] + [tokenizer.eos_token_id]
     detokenizer = IncrementalDetokenizer(tokenizer, prompt)
+    assert detokenizer._rust_decode is not None  # the fast path (transformers' decode, minus its Python)
     pieces = [detokenizer.add(token) for token in generated]
     assert "".join(pieces) == tokenizer.decode(ids[3:], skip_special_tokens=True)
     assert all("\ufffd" not in piece for piece in pieces)

@@ -69,18 +69,22 @@ def test_decode_rerotates_once_per_scale_change_and_rotates_only_new_tokens(monk
     assert rotary_rows == [10] + [1] * (128 - 10)
 
 
-def test_sequences_changing_scale_in_one_step_are_rerotated_together(monkeypatch):
+@pytest.mark.parametrize("head_major", [False, True])
+def test_sequences_changing_scale_in_one_step_are_rerotated_together(monkeypatch, head_major):
     """One batched pass for every sequence that crosses a boundary in the step (a delta-rotation table for all
-    their keys), equal to re-rotating them one by one."""
+    their keys), equal to re-rotating them one by one, in either pool layout."""
+    from clex_serve.engine.kv_cache import KVCachePool
+
     runner = _runner("llama", num_blocks=16)
-    pool, rope = runner.kv_cache, runner.rope
+    rope = runner.rope
+    pool = KVCachePool(runner.config, num_blocks=16, block_size=8, dtype=torch.float32, device=torch.device("cpu"),
+                       head_major=head_major)
     pool.tensor.normal_(generator=torch.Generator().manual_seed(0))
     jobs = [cache_rotation.Rerotation([3, 1, 7], 20, 1, 2), cache_rotation.Rerotation([9, 4], 13, 2, 4),
             cache_rotation.Rerotation([12], 5, 3, 3)]  # unchanged scale: left alone
     original = pool.tensor.clone()
     for job in jobs:
-        cache_rotation.rerotate_cached_keys(pool, rope, job.block_table, job.num_cached, job.old_scale,
-                                            job.new_scale)
+        cache_rotation.rerotate_all(pool, rope, [job])
     one_by_one = pool.tensor.clone()
     pool.tensor.copy_(original)
     calls = []

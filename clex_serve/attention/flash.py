@@ -26,6 +26,9 @@ class FlashAttentionBackend:
         # flash-attn's window (left, right) counts keys before the query; transformers' window includes it.
         self.window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
 
+    def reads_cache_in_runs(self, device: torch.device) -> bool:
+        return False  # it reads the paged layout through the block tables
+
     def prepare(self, meta: AttentionMetadata) -> None:
         if not meta.is_decode:
             cu_k = torch.zeros(meta.num_sequences + 1, dtype=torch.int32, device=meta.context_lens.device)

@@ -55,13 +55,6 @@ def visibility_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
     return mask
 
 
-def use_segments(meta: AttentionMetadata, sliding_window: int | None) -> bool:
-    """On the CPU without a sliding window: attention reads the cached runs in place (measured faster than
-    the padded gather at every batch size and context tried, 8-64 streams of 128-7,000 tokens)."""
-    return (sliding_window is None and meta.block_tables_host is not None and meta.positions.device.type == "cpu"
-            and segments.segmented_attention_available())
-
-
 class SdpaAttentionBackend:
     name = "sdpa"
     # Its decode sizes the key gather by the longest context of the step, a host value: not capturable.
@@ -71,13 +64,16 @@ class SdpaAttentionBackend:
         self.sliding_window = sliding_window
 
     def reads_cache_in_runs(self, device: torch.device) -> bool:
+        """On the CPU without a sliding window: attention reads each sequence's cached runs in place
+        (measured faster than the padded gather at every batch size and context tried, 8-64 streams of
+        128-7,000 tokens), and wants the pool head-major and sequences kept contiguous."""
         return (device.type == "cpu" and self.sliding_window is None
                 and segments.segmented_attention_available())
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Per-step work shared by all layers: each sequence's runs of cached slots, or the decode gather
         indices and mask."""
-        if use_segments(meta, self.sliding_window):
+        if meta.block_tables_host is not None and self.reads_cache_in_runs(meta.positions.device):
             # A sequence with one new token (a decode, also in a mixed step) reads its whole context from the
             # cache, where its new key already is; a prompt chunk reads what was cached before it.
             meta.backend_state["runs"] = [
@@ -112,9 +108,6 @@ class SdpaAttentionBackend:
     def _segmented(self, q, k, v, k_cache, v_cache, meta) -> torch.Tensor:
         flat_k, flat_v = flat_slots(k_cache), flat_slots(v_cache)
         runs = meta.backend_state["runs"]
-        if meta.is_decode:
-            return torch.stack([segments.decode_one(q[index], flat_k, flat_v, runs[index])
-                                for index in range(q.shape[0])])
         outputs, start = [], 0
         for index, query_len in enumerate(meta.query_lens):
             end = start + query_len

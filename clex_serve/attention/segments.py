@@ -100,4 +100,3 @@ def prefill_one(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, flat_
         for out, lse in cached_parts(grouped, flat_k, flat_v, cached_runs):
             parts.append((out.reshape(1, num_heads, length, -1), lse.reshape(1, num_heads, length)))
     return merge(parts)[0].transpose(0, 1)
-

@@ -31,11 +31,6 @@ class Rerotation:
     new_scale: int
 
 
-def rerotate_cached_keys(pool: KVCachePool, rope: RotaryEmbedding, block_table: list[int], num_cached: int,
-                         old_scale: int, new_scale: int) -> None:
-    rerotate_all(pool, rope, [Rerotation(block_table, num_cached, old_scale, new_scale)])
-
-
 def rerotate_all(pool: KVCachePool, rope: RotaryEmbedding, jobs: list[Rerotation]) -> None:
     """Every sequence of a step that changes scale, in one pass per layer: their slots, positions and
     frequency rows are concatenated, so the cost is a few tensor ops per layer however many sequences
@@ -55,15 +50,16 @@ def rerotate_all(pool: KVCachePool, rope: RotaryEmbedding, jobs: list[Rerotation
         new_rows.append(freq_rows[job.new_scale].expand(job.num_cached, -1))
     slots, positions = torch.cat(slots), torch.cat(positions)
     old_freq, new_freq = torch.cat(old_rows), torch.cat(new_rows)
+    # Work in the pool's own layout: keys [heads, n, dim] of a head-major pool, [n, heads, dim] otherwise,
+    # gathered and written back with index_select / index_copy_ (advanced indexing is several times slower
+    # on the CPU).
+    slot_dim = 1 if pool.head_major else 0
     for start in range(0, len(positions), _CHUNK):
         part = slice(start, start + _CHUNK)
         cos_delta, sin_delta = _delta_rotation(positions[part], old_freq[part], new_freq[part])
+        if not pool.head_major:  # broadcast over the heads between slots and channels
+            cos_delta, sin_delta = cos_delta[:, None], sin_delta[:, None]
         part_slots = slots[part]
-        # Work in the pool's own layout: keys [heads, n, dim] of a head-major pool, [n, heads, dim] otherwise,
-        # gathered and written back with index_select / index_copy_ (advanced indexing is several times
-        # slower on the CPU).
-        slot_dim = 1 if pool.head_major else 0
-        cos_delta, sin_delta = (cos_delta, sin_delta) if pool.head_major else (cos_delta[:, None], sin_delta[:, None])
         for layer in range(pool.num_layers):
             cache = pool.keys(layer) if pool.head_major else pool.flat_keys(layer)
             keys = cache.index_select(slot_dim, part_slots)

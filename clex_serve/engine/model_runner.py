@@ -100,8 +100,9 @@ class ModelRunner:
 
     @property
     def reads_cache_in_runs(self) -> bool:
-        """Attention reads runs of consecutive blocks in place (CPU SDPA): keep sequences contiguous."""
-        return getattr(self.backend, "reads_cache_in_runs", lambda device: False)(self.device)
+        """Attention reads runs of consecutive blocks in place (CPU SDPA): a head-major pool, and sequences
+        kept contiguous."""
+        return self.backend.reads_cache_in_runs(self.device)
 
     def _bind_to_model(self) -> None:
         """Point the model's attention layers at this runner's pool and backend. Done again whenever another

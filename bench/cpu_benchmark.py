@@ -53,15 +53,17 @@ def read_bandwidth() -> float:
 
 
 def weight_bytes(llm: LLM) -> int:
-    """Bytes a decode step reads from the weights: all but the input embedding (one row of it is read);
-    linear layers packed for oneDNN count their packed weight."""
+    """Bytes a single-stream decode step reads from the weights: all but the input embedding (one row of it
+    is read); a linear layer prepared for the CPU counts the layout one row reads (blocked, else oneDNN's)."""
     total = 0
     for name, module in llm.engine.runner.model.named_modules():
-        packed = getattr(module, "packed_weight", None)
-        if packed is not None:
-            total += packed.numel() * packed.element_size()
+        prepared = getattr(module, "blocked_weight", None)
+        if prepared is None:
+            prepared = getattr(module, "packed_weight", None)
+        if prepared is not None:
+            total += prepared.numel() * prepared.element_size()
         for param_name, param in module.named_parameters(recurse=False):
-            if "embed_tokens" not in name and not (packed is not None and param_name == "weight"):
+            if "embed_tokens" not in name and not (prepared is not None and param_name == "weight"):
                 total += param.numel() * param.element_size()
     return total
 

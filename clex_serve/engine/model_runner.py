@@ -18,7 +18,7 @@ from clex_serve.attention.selector import default_block_size, get_attention_back
 from clex_serve.engine.cache_rotation import Rerotation, rerotate_all
 from clex_serve.engine.cuda_graphs import DecodeCudaGraphs
 from clex_serve.engine.kv_cache import KVCachePool
-from clex_serve.kernels.onednn_linear import onednn_available, pack_linear_layers
+from clex_serve.kernels.cpu_linear import prepare_cpu_linear_layers
 from clex_serve.loading.loader import LoadedModel
 
 
@@ -78,9 +78,9 @@ class ModelRunner:
         """``max_num_seqs`` and ``max_model_len`` size the CUDA graphs' buffers; ``enforce_eager`` turns the
         graphs off (vLLM's flag)."""
         self.model = loaded.model
-        if loaded.device.type == "cpu" and onednn_available():
+        if loaded.device.type == "cpu":
             embedding = self.model.model.embed_tokens.weight
-            pack_linear_layers(self.model, shared={id(embedding)})
+            prepare_cpu_linear_layers(self.model, shared={id(embedding)})
         self.config = loaded.config
         self.device = loaded.device
         self.dtype = loaded.dtype

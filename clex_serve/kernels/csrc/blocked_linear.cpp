@@ -1,0 +1,142 @@
+// y = x @ W^T + bias on the CPU for the few rows of a decode step, with W stored in column blocks.
+//
+// A decode step multiplies one to a few dozen rows by every weight matrix, so it is bound by reading the
+// weights, not by arithmetic. The blocked layout [N / 64, K, 64] makes each block of 64 outputs one
+// contiguous stream: for every k, 64 consecutive weights are multiplied by the broadcast x[m, k] into 64
+// float32 accumulators held in registers (four AVX-512 vectors per row of x), with no horizontal sums.
+// bfloat16 weights are widened to float32 in registers (a shift), so both dtypes accumulate in float32 and
+// bfloat16 reads half the bytes. Rows of x are taken four at a time; a block (at most a few hundred KB)
+// stays in L2 while the next four rows pass over it, so weights come from memory once per step.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/_to_copy.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kBlock = 64;       // outputs per block: four 16-lane vectors
+constexpr int kVectors = kBlock / 16;
+constexpr int kMaxRows = 6;          // rows of x sharing one pass over a block (24 accumulators)
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+AVX512 inline __m512 load16(const c10::BFloat16* p) {
+  // bfloat16 is the high half of a float32: widen to 32 bits and shift into place.
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+AVX512 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+
+AVX512 inline void store16(c10::BFloat16* p, __m512 v) {
+  // Round to nearest even, as c10::BFloat16's conversion does (NaNs are not produced by finite inputs).
+  __m512i bits = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+
+// Rows [0, ROWS) of x times one block of W: out[m, 0:64] (the block's columns of y).
+template <int ROWS, typename T>
+AVX512 void block_rows(const float* x, int64_t x_stride, const T* block, int64_t K, const T* bias, T* out,
+                       int64_t out_stride, int64_t out_cols) {
+  __m512 acc[ROWS][kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    __m512 start = bias ? load16(bias + v * 16) : _mm512_setzero_ps();
+    for (int m = 0; m < ROWS; ++m) acc[m][v] = start;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T* w = block + k * kBlock;
+    _mm_prefetch(reinterpret_cast<const char*>(w) + 16 * kBlock * sizeof(T), _MM_HINT_T0);
+    __m512 wv[kVectors];
+    for (int v = 0; v < kVectors; ++v) wv[v] = load16(w + v * 16);
+    for (int m = 0; m < ROWS; ++m) {
+      __m512 xv = _mm512_set1_ps(x[m * x_stride + k]);
+      for (int v = 0; v < kVectors; ++v) acc[m][v] = _mm512_fmadd_ps(xv, wv[v], acc[m][v]);
+    }
+  }
+  for (int m = 0; m < ROWS; ++m) {
+    if (out_cols == kBlock) {
+      for (int v = 0; v < kVectors; ++v) store16(out + m * out_stride + v * 16, acc[m][v]);
+    } else {  // the last block of a matrix whose rows were padded to a whole block
+      alignas(64) T tmp[kBlock];
+      for (int v = 0; v < kVectors; ++v) store16(tmp + v * 16, acc[m][v]);
+      std::memcpy(out + m * out_stride, tmp, out_cols * sizeof(T));
+    }
+  }
+}
+
+template <typename T>
+void blocked_linear_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, at::Tensor& y,
+                         int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = w.size(0);
+  // x in float32 once, so that the inner loop broadcasts it straight from memory.
+  const at::Tensor x_float = x.to(at::kFloat);
+  const float* xp = x_float.data_ptr<float>();
+  const T* wp = w.data_ptr<T>();
+  const T* bp = bias ? bias->data_ptr<T>() : nullptr;
+  T* yp = y.data_ptr<T>();
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      const T* block = wp + b * K * kBlock;
+      const T* block_bias = bp ? bp + b * kBlock : nullptr;
+      int64_t cols = std::min(kBlock, N - b * kBlock);
+      for (int64_t m = 0; m < M; m += kMaxRows) {
+        const float* xm = xp + m * K;
+        T* out = yp + m * N + b * kBlock;
+        switch (std::min<int64_t>(kMaxRows, M - m)) {
+          case 1: block_rows<1>(xm, K, block, K, block_bias, out, N, cols); break;
+          case 2: block_rows<2>(xm, K, block, K, block_bias, out, N, cols); break;
+          case 3: block_rows<3>(xm, K, block, K, block_bias, out, N, cols); break;
+          case 4: block_rows<4>(xm, K, block, K, block_bias, out, N, cols); break;
+          case 5: block_rows<5>(xm, K, block, K, block_bias, out, N, cols); break;
+          default: block_rows<6>(xm, K, block, K, block_bias, out, N, cols); break;
+        }
+      }
+    }
+  });
+}
+
+// x [M, K] (contiguous), w [N_blocks, K, 64], bias [N_blocks * 64] or none -> y [M, N].
+at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                          int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "blocked_linear: x [M, K] contiguous");
+  TORCH_CHECK(w.dim() == 3 && w.size(1) == x.size(1) && w.size(2) == kBlock, "blocked_linear: w [N/64, K, 64]");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "blocked_linear: x and w of one dtype");
+  TORCH_CHECK(N > (w.size(0) - 1) * kBlock && N <= w.size(0) * kBlock, "blocked_linear: N does not match w");
+  const at::Tensor* b = nullptr;
+  at::Tensor bias_contiguous;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == w.size(0) * kBlock,
+                "blocked_linear: bias padded to whole blocks, dtype of x");
+    bias_contiguous = bias->contiguous();
+    b = &bias_contiguous;
+  }
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    blocked_linear_impl<float>(x, w, b, y, N);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "blocked_linear: float32 or bfloat16");
+    blocked_linear_impl<c10::BFloat16>(x, w, b, y, N);
+  }
+  return y;
+}
+
+bool cpu_supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
+
+}  // namespace
+
+TORCH_LIBRARY(clex_cpu, m) {
+  m.def("blocked_linear(Tensor x, Tensor w, Tensor? bias, int N) -> Tensor");
+  m.def("cpu_supported() -> bool", &cpu_supported);
+}
+
+TORCH_LIBRARY_IMPL(clex_cpu, CPU, m) { m.impl("blocked_linear", &blocked_linear); }

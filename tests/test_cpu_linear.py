@@ -1,0 +1,71 @@
+"""CPU linear layers in their prepared layouts (blocked, oneDNN packed) compute what ``F.linear`` does, for
+any number of rows, with and without bias, for output sizes that are not whole blocks."""
+
+import pytest
+import torch
+from torch import nn
+
+from clex_serve.kernels.cpu_extension import cpu_kernels_available
+from clex_serve.kernels.cpu_linear import BLOCKED_MAX_ROWS, onednn_available, prepare_cpu_linear_layers, to_blocked
+
+LAYOUTS = [
+    pytest.param(True, marks=pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels do not build here")),
+    pytest.param(False, marks=pytest.mark.skipif(not onednn_available(), reason="this PyTorch has no oneDNN")),
+]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def test_the_cpu_kernels_build_where_the_ci_runs():
+    # The machines this project runs its tests on are x86-64 with AVX-512 and a compiler: the fast path
+    # must not silently fall back there. Elsewhere the fallback is tested below.
+    import platform
+    if platform.machine() != "x86_64" or "avx512f" not in open("/proc/cpuinfo").read():
+        pytest.skip("not an AVX-512 machine")
+    assert cpu_kernels_available()
+
+
+@pytest.mark.parametrize("blocked", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_layers_equal_plain_ones_for_any_row_count(blocked, dtype):
+    torch.manual_seed(0)
+    # 96 and 130 outputs: a whole block plus a part, a part of a block past two whole ones.
+    model = nn.Sequential(nn.Linear(64, 96, bias=True), nn.Linear(96, 130, bias=False)).to(dtype)
+    row_counts = sorted({1, 3, BLOCKED_MAX_ROWS[dtype], BLOCKED_MAX_ROWS[dtype] + 1, 16, 70})
+    inputs = {rows: torch.randn(rows, 64, dtype=dtype) for rows in row_counts}
+    expected = {rows: model(x).float() for rows, x in inputs.items()}
+    assert prepare_cpu_linear_layers(model, blocked=blocked) == 2
+    assert prepare_cpu_linear_layers(model, blocked=blocked) == 0  # a second runner over the model: no change
+    for rows, x in inputs.items():
+        tolerance = TOLERANCE[dtype]
+        torch.testing.assert_close(model(x).float(), expected[rows], atol=tolerance, rtol=tolerance)
+    assert model(torch.randn(2, 5, 64, dtype=dtype)).shape == (2, 5, 130)  # leading dimensions kept
+    # Plain weights are dropped wherever another layout serves every row count; float32 without the blocked
+    # kernel keeps its plain weight for MKL's single-row GEMV.
+    assert (model[0].weight.numel() == 0) == (blocked or dtype == torch.bfloat16)
+
+
+@pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels do not build here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_blocked_kernel_accumulates_in_float32(dtype):
+    # 1,408 inputs (the benchmark MLP's width), an uneven 1,000 outputs, every row count the kernel takes.
+    torch.manual_seed(1)
+    weight, bias = torch.randn(1000, 1408, dtype=dtype), torch.randn(1000, dtype=dtype)
+    for rows in range(1, 9):
+        x = torch.randn(rows, 1408, dtype=dtype)
+        out = torch.ops.clex_cpu.blocked_linear(x, to_blocked(weight), to_blocked(bias[:, None]).flatten(), 1000)
+        exact = nn.functional.linear(x.double(), weight.double(), bias.double())
+        # float32 sums: within float32's rounding of a 1,408-term sum; bfloat16: one rounding of the output.
+        tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.double(), exact.to(dtype).double(), atol=tolerance * 40, rtol=tolerance)
+
+
+@pytest.mark.parametrize("blocked", LAYOUTS)
+def test_a_weight_shared_with_an_embedding_stays_in_place(blocked):
+    embedding = nn.Embedding(50, 16).to(torch.bfloat16)
+    head = nn.Linear(16, 50, bias=False).to(torch.bfloat16)
+    head.weight = embedding.weight
+    prepare_cpu_linear_layers(head, shared={id(embedding.weight)}, blocked=blocked)
+    assert head.weight is embedding.weight and embedding.weight.numel() == 800
+    for rows in (1, 4, 20):
+        x = torch.randn(rows, 16, dtype=torch.bfloat16)
+        torch.testing.assert_close(head(x).float(), (x @ embedding.weight.t()).float(), atol=2e-2, rtol=2e-2)

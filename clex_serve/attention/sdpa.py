@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from clex_serve.attention import segments
 from clex_serve.attention.metadata import AttentionMetadata, cache_slot, flat_slots
+from clex_serve.kernels import use_cpu_kernels
 from clex_serve.layers.rotary import apply_rotary
 
 
@@ -95,8 +96,13 @@ class SdpaAttentionBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [N, Hq, D], k/v [N, Hkv, D] (new tokens, not yet rotated) -> [N, Hq * D]."""
-        q, k = rotate_queries_and_keys(q, k, meta)
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        if use_cpu_kernels(q) and meta.cos.dtype == q.dtype:
+            scale = meta.query_scale.flatten() if meta.query_scale is not None else None
+            q, k = torch.ops.clex_cpu.rotate_and_cache(q, k, v, meta.cos, meta.sin, scale, meta.slot_mapping,
+                                                       flat_slots(k_cache), flat_slots(v_cache))
+        else:
+            q, k = rotate_queries_and_keys(q, k, meta)
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if "runs" in meta.backend_state:
             out = self._segmented(q, k, v, k_cache, v_cache, meta)
         elif meta.is_decode:

@@ -19,7 +19,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / "blocked_linear.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("blocked_linear.cpp", "fused_ops.cpp")]
 DISABLE_VARIABLE = "CLEX_SERVE_CPU_KERNELS"
 
 
@@ -33,7 +33,9 @@ def cpu_kernels_available() -> bool:
     try:
         _build()
     except Exception as error:  # no compiler, no ninja, headers missing: fall back, but say so once
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        lines = str(error).strip().splitlines()
+        # The compiler's first "error:" line says most; ninja's last line only that the build stopped.
+        reason = next((line.strip() for line in lines if "error:" in line), lines[-1] if lines else repr(error))
         logger.warning("CPU kernels could not be built (%s); using PyTorch's operators instead", reason)
         return False
     if not torch.ops.clex_cpu.cpu_supported():
@@ -51,8 +53,9 @@ def _build() -> None:
         name="clex_serve_cpu_kernels",
         sources=[str(source) for source in SOURCES],
         # OpenMP: at::parallel_for runs on torch's own thread pool (the libgomp torch loaded), so the
-        # kernels use the threads --threads set.
-        extra_cflags=["-O3", "-fopenmp"],
+        # kernels use the threads --threads set. No contraction into FMAs: the fused element-wise kernels
+        # round like PyTorch's separate operators.
+        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,

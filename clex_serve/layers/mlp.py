@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clex_serve.kernels import use_triton_kernels
+from clex_serve.kernels import use_cpu_kernels, use_triton_kernels
 from clex_serve.layers.activation import get_activation
 from clex_serve.layers.linear import PackedLinear
 
@@ -26,6 +26,8 @@ class GatedMLP(nn.Module):
             from clex_serve.kernels.silu_and_mul import silu_and_mul
 
             return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        if self.is_silu and use_cpu_kernels(x) and x.dim() == 2:
+            return self.down_proj(torch.ops.clex_cpu.silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj.forward_split(x)
         return self.down_proj(self.act(gate) * up)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clex_serve.kernels import use_triton_kernels
+from clex_serve.kernels import use_cpu_kernels, use_triton_kernels
 
 
 class RMSNorm(nn.Module):
@@ -15,11 +15,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)`` (one kernel on CUDA)."""
+        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)`` (one kernel on CUDA and CPU)."""
         if use_triton_kernels(x):
             from clex_serve.kernels.rms_norm import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)
+        if use_cpu_kernels(x) and x.dim() == 2 and x.dtype == self.weight.dtype:
+            out, total = torch.ops.clex_cpu.rms_norm(x, residual, self.weight, self.eps)
+            return (out, total) if residual is not None else out
         if residual is not None:
             x = x + residual
             return self._normalise(x), x

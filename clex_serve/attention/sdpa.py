@@ -9,6 +9,8 @@ whole context is new.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -77,10 +79,19 @@ class SdpaAttentionBackend:
         if meta.block_tables_host is not None and self.reads_cache_in_runs(meta.positions.device):
             # A sequence with one new token (a decode, also in a mixed step) reads its whole context from the
             # cache, where its new key already is; a prompt chunk reads what was cached before it.
-            meta.backend_state["runs"] = [
-                segments.contiguous_runs(table, context if new == 1 else context - new, meta.block_size)
-                for table, context, new in zip(meta.block_tables_host, meta.context_lens_host, meta.query_lens)
-            ]
+            runs = [segments.contiguous_runs(table, context if new == 1 else context - new, meta.block_size)
+                    for table, context, new in zip(meta.block_tables_host, meta.context_lens_host, meta.query_lens)]
+            meta.backend_state["runs"] = runs
+            if use_cpu_kernels(meta.cos):
+                # Every decode of the step in one kernel call per layer: their runs as one tensor.
+                decodes = [index for index, new in enumerate(meta.query_lens) if new == 1]
+                if decodes:
+                    counts = [len(runs[index]) for index in decodes]
+                    meta.backend_state["decode_runs"] = (
+                        torch.tensor([run for index in decodes for run in runs[index]], dtype=torch.long),
+                        torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.long),
+                        decodes,
+                    )
             return
         if not meta.is_decode:
             return
@@ -114,15 +125,30 @@ class SdpaAttentionBackend:
     def _segmented(self, q, k, v, k_cache, v_cache, meta) -> torch.Tensor:
         flat_k, flat_v = flat_slots(k_cache), flat_slots(v_cache)
         runs = meta.backend_state["runs"]
-        outputs, start = [], 0
+        starts = [0, *itertools.accumulate(meta.query_lens)]
+        decode_runs = meta.backend_state.get("decode_runs")
+        if decode_runs is not None:  # the C++ kernel takes every decode of the step at once
+            run_tensor, offsets, decodes = decode_runs
+            if len(decodes) == len(meta.query_lens):
+                return torch.ops.clex_cpu.decode_attention(q, flat_k, flat_v, run_tensor, offsets, q.shape[-1] ** -0.5)
+            out = torch.empty_like(q)
+            rows = torch.tensor([starts[index] for index in decodes])
+            out[rows] = torch.ops.clex_cpu.decode_attention(q[rows], flat_k, flat_v, run_tensor, offsets,
+                                                            q.shape[-1] ** -0.5)
+            for index, query_len in enumerate(meta.query_lens):
+                if query_len > 1:
+                    start, end = starts[index], starts[index + 1]
+                    out[start:end] = segments.prefill_one(q[start:end], k[start:end], v[start:end], flat_k, flat_v,
+                                                          runs[index])
+            return out
+        outputs = []
         for index, query_len in enumerate(meta.query_lens):
-            end = start + query_len
+            start, end = starts[index], starts[index + 1]
             if query_len == 1:
                 outputs.append(segments.decode_one(q[start], flat_k, flat_v, runs[index])[None])
             else:
                 outputs.append(segments.prefill_one(q[start:end], k[start:end], v[start:end], flat_k, flat_v,
                                                     runs[index]))
-            start = end
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def _decode(self, q, k_cache, v_cache, meta) -> torch.Tensor:

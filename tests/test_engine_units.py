@@ -157,3 +157,33 @@ def test_long_prompt_is_chunked_at_the_full_prompts_scale():
         if chunk.samples:
             seq.token_ids.append(9)
     assert chunks == [(0, 4, 10, False), (4, 8, 10, False), (8, 10, 10, True)]
+
+
+def test_sampling_follows_the_distribution_and_seeds_are_independent_of_the_batch():
+    # 4,000 draws from a known distribution (one row per draw): each token's frequency within 4 standard
+    # deviations of its probability; a top-k-filtered token never drawn; a seeded row draws the same tokens
+    # alone and beside others.
+    probabilities = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probabilities.clamp_min(1e-30).log()
+    rows = 4000
+    seqs = [_seq(i, 2, SamplingParams(temperature=1.0, top_k=4)) for i in range(rows)]
+    sampler = Sampler(5, torch.device("cpu"), seed=1)
+    drawn = torch.tensor([s.token_id for s in sampler.sample(logits.expand(rows, 5).clone(), seqs, [])])
+    counts = torch.bincount(drawn, minlength=5).double()
+    expected = probabilities.double() * rows
+    spread = (rows * probabilities.double() * (1 - probabilities.double())).sqrt()
+    assert ((counts - expected).abs() <= 4 * spread + 1e-9).all(), counts
+    assert counts[4] == 0
+
+    def seeded_run(neighbours: int) -> list[int]:
+        seeded = _seq(0, 2, SamplingParams(temperature=1.0, seed=7))
+        seeded.generator = torch.Generator().manual_seed(7)  # as the engine gives a seeded request
+        others = [_seq(i + 1, 2, SamplingParams(temperature=1.0)) for i in range(neighbours)]
+        batch_sampler = Sampler(5, torch.device("cpu"), seed=neighbours)
+        tokens = []
+        for _ in range(30):
+            batch = [seeded, *others]
+            tokens.append(batch_sampler.sample(logits.expand(len(batch), 5).clone(), batch, [])[0].token_id)
+        return tokens
+
+    assert seeded_run(0) == seeded_run(5)

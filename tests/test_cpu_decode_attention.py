@@ -45,3 +45,13 @@ def test_large_scores_do_not_overflow():
     expected = segments.decode_one(q[0], keys, values, [(0, 80)])
     torch.testing.assert_close(out[0], expected)
     assert torch.isfinite(out).all()
+
+
+def test_shapes_past_the_kernel_go_run_by_run():
+    from clex_serve.attention.sdpa import decode_kernel_fits
+
+    q, flat_k = torch.zeros(1, 4, 320), torch.zeros(8, 4, 320)
+    assert not decode_kernel_fits(q, flat_k)
+    assert decode_kernel_fits(torch.zeros(1, 32, 128), torch.zeros(8, 8, 128))
+    with pytest.raises(RuntimeError, match="head shapes not supported"):
+        torch.ops.clex_cpu.decode_attention(q, flat_k, flat_k, torch.tensor([[0, 8]]), torch.tensor([0, 1]), 0.1)

@@ -58,6 +58,12 @@ def visibility_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
     return mask
 
 
+def decode_kernel_fits(q: torch.Tensor, flat_k: torch.Tensor) -> bool:
+    """The C++ decode attention keeps a head's query and accumulators in registers: up to 256 dimensions and
+    16 query heads per KV head (every supported checkpoint); other shapes attend run by run."""
+    return q.shape[-1] <= 256 and q.shape[1] // flat_k.shape[1] <= 16
+
+
 class SdpaAttentionBackend:
     name = "sdpa"
     # Its decode sizes the key gather by the longest context of the step, a host value: not capturable.
@@ -127,7 +133,7 @@ class SdpaAttentionBackend:
         runs = meta.backend_state["runs"]
         starts = [0, *itertools.accumulate(meta.query_lens)]
         decode_runs = meta.backend_state.get("decode_runs")
-        if decode_runs is not None:  # the C++ kernel takes every decode of the step at once
+        if decode_runs is not None and decode_kernel_fits(q, flat_k):  # every decode of the step at once
             run_tensor, offsets, decodes = decode_runs
             if len(decodes) == len(meta.query_lens):
                 return torch.ops.clex_cpu.decode_attention(q, flat_k, flat_v, run_tensor, offsets, q.shape[-1] ** -0.5)

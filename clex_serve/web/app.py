@@ -98,9 +98,9 @@ def build_demo(source, title: str = "clex-serve"):
             retry = gr.Button("Retry", elem_id="retry")
             undo_button = gr.Button("Undo", elem_id="undo")
             clear = gr.Button("Clear", elem_id="clear")
-        with gr.Accordion("Settings", open=False):
+        with gr.Accordion("Settings", open=False, elem_id="settings"):
             system = gr.Textbox(label="System prompt", lines=2)
-            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature")
+            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", elem_id="temperature")
             top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
             top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0: off)")
             max_new_tokens = gr.Slider(1, max(16, min(limit or 4096, 4096)), value=min(512, limit or 512), step=1,

@@ -20,7 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in
-           ("blocked_linear.cpp", "fused_ops.cpp", "decode_attention.cpp")]
+           ("blocked_linear.cpp", "fused_ops.cpp", "decode_attention.cpp", "decoder_layer.cpp")]
 DISABLE_VARIABLE = "CLEX_SERVE_CPU_KERNELS"
 
 

@@ -14,6 +14,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "clex_cpu.h"
+
 #include <immintrin.h>
 
 #include <cstring>
@@ -105,6 +107,10 @@ void blocked_linear_impl(const at::Tensor& x, const at::Tensor& w, const at::Ten
   });
 }
 
+}  // namespace
+
+namespace clex_cpu {
+
 // x [M, K] (contiguous), w [N_blocks, K, 64], bias [N_blocks * 64] or none -> y [M, N].
 at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                           int64_t N) {
@@ -132,11 +138,11 @@ at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& w, const std::o
 
 bool cpu_supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
 
-}  // namespace
+}  // namespace clex_cpu
 
 TORCH_LIBRARY(clex_cpu, m) {
   m.def("blocked_linear(Tensor x, Tensor w, Tensor? bias, int N) -> Tensor");
-  m.def("cpu_supported() -> bool", &cpu_supported);
+  m.def("cpu_supported() -> bool", &clex_cpu::cpu_supported);
 }
 
-TORCH_LIBRARY_IMPL(clex_cpu, CPU, m) { m.impl("blocked_linear", &blocked_linear); }
+TORCH_LIBRARY_IMPL(clex_cpu, CPU, m) { m.impl("blocked_linear", &clex_cpu::blocked_linear); }

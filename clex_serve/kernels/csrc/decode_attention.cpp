@@ -14,6 +14,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "clex_cpu.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -166,6 +168,10 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
   });
 }
 
+}  // namespace
+
+namespace clex_cpu {
+
 // q [B, Hq, D]; k_cache/v_cache [slots, Hkv, D] views of the pool (unit last stride, same strides);
 // runs [R, 2] int64 slot ranges; run_offsets [B + 1]: sequence b's runs are rows offsets[b]..offsets[b+1].
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -190,11 +196,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   return out;
 }
 
-}  // namespace
+}  // namespace clex_cpu
 
 TORCH_LIBRARY_FRAGMENT(clex_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor runs, Tensor run_offsets, "
         "float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(clex_cpu, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(clex_cpu, CPU, m) { m.impl("decode_attention", &clex_cpu::decode_attention); }

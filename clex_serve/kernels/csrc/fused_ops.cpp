@@ -12,6 +12,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "clex_cpu.h"
+
 #include <cmath>
 #include <initializer_list>
 #include <tuple>
@@ -59,6 +61,10 @@ void rms_norm_impl(const at::Tensor& x, const at::Tensor& residual, const at::Te
   });
 }
 
+}  // namespace
+
+namespace clex_cpu {
+
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                             const at::Tensor& weight, double eps) {
   check_rows(x, "rms_norm x");
@@ -77,6 +83,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::opti
   return {out, sum};
 }
 
+}  // namespace clex_cpu
+
+namespace {
+
 template <typename T>
 void silu_and_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
   const int64_t rows = gate_up.size(0), width = out.size(1);
@@ -94,6 +104,10 @@ void silu_and_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
   });
 }
 
+}  // namespace
+
+namespace clex_cpu {
+
 at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   check_rows(gate_up, "silu_and_mul");
   TORCH_CHECK(gate_up.size(1) % 2 == 0, "silu_and_mul: [rows, 2 * width]");
@@ -103,6 +117,10 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   else TORCH_CHECK(false, "silu_and_mul: float32 or bfloat16");
   return out;
 }
+
+}  // namespace clex_cpu
+
+namespace {
 
 // One head of one token: x * cos + rotate_half(x) * sin over the rotary channels (each product and the sum
 // rounded to the dtype, as the eager ops do), then times the query scale if any; other channels pass
@@ -155,6 +173,10 @@ void rotate_and_cache_impl(const at::Tensor& q, const at::Tensor& k, const at::T
   });
 }
 
+}  // namespace
+
+namespace clex_cpu {
+
 // q [N, Hq, D], k/v [N, Hkv, D] (any strides, unit last), cos/sin [N, rotary_dim] (cat(angles, angles)),
 // query_scale [N] or none, slots [N] int64; k_cache/v_cache [slots, Hkv, D] views of the pool (any layout,
 // unit last stride). Returns the rotated (and scaled) queries and the rotated keys, [N, H, D] each; the
@@ -185,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor> rotate_and_cache(const at::Tensor& q, const a
   return {q_out, k_out};
 }
 
-}  // namespace
+}  // namespace clex_cpu
 
 TORCH_LIBRARY_FRAGMENT(clex_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
@@ -195,7 +217,7 @@ TORCH_LIBRARY_FRAGMENT(clex_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(clex_cpu, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("silu_and_mul", &silu_and_mul);
-  m.impl("rotate_and_cache", &rotate_and_cache);
+  m.impl("rms_norm", &clex_cpu::rms_norm);
+  m.impl("silu_and_mul", &clex_cpu::silu_and_mul);
+  m.impl("rotate_and_cache", &clex_cpu::rotate_and_cache);
 }

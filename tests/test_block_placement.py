@@ -74,3 +74,46 @@ def test_free_blocks_stay_consistent_through_random_allocation_and_freeing():
         assert len(held) == len(set(held))  # no block is handed out twice
         assert manager.num_free_blocks + len(held) == 64
         assert all(manager._free_map[block] == 0 for block in held)
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_the_runs_kept_with_each_table_follow_every_change_to_it(contiguous):
+    """Allocation with shared prefixes, growth, copy-on-write before a re-rotation and freeing, in a random
+    order: each sequence's kept runs are always those of its table, and the slot runs made from them are
+    what a full scan of the table gives, for any number of tokens."""
+    from clex_serve.attention.segments import block_runs, slot_runs
+    from clex_serve.engine.block_manager import PrefixKey
+
+    rng = random.Random(0)
+    manager = BlockManager(num_blocks=400, block_size=4, enable_prefix_caching=True,
+                           keep_sequences_contiguous=contiguous)
+    key = PrefixKey(scale=1, length=None)
+    prompt = list(range(1, 30))
+    live: list[Sequence] = []
+    copied = 0
+    for step in range(600):
+        action = rng.random()
+        if action < 0.15 and len(live) < 12:
+            seq = Sequence(step, f"r{step}", 0, list(prompt[:rng.randint(8, 29)]), SamplingParams())
+            manager.allocate(seq, key)
+            seq.num_cached_tokens = len(seq)
+            manager.register_prompt_blocks(seq, key)  # later prompts share these blocks
+            live.append(seq)
+        elif action < 0.25 and live:
+            seq = live.pop(rng.randrange(len(live)))
+            manager.free(seq)
+        elif action < 0.3 and live:
+            seq = rng.choice(live)
+            copies = manager.prepare_rescale(seq)  # shared blocks replaced by fresh copies
+            assert all(seq.block_table.count(destination) == 1 for _, destination in copies)
+            copied += len(copies)
+        elif live:
+            seq = rng.choice(live)
+            seq.token_ids += [7] * rng.randint(1, 6)
+            manager.append(seq, len(seq))
+            seq.num_cached_tokens = len(seq)
+        for seq in live:
+            assert seq.block_runs == block_runs(seq.block_table)
+            tokens = rng.randint(1, len(seq))
+            assert slot_runs(seq.block_runs, tokens, 4) == contiguous_runs(seq.block_table, tokens, 4)
+    assert copied > 0  # shared blocks were replaced under the sequences

@@ -45,12 +45,16 @@ class AttentionMetadata:
     query_lens: list[int]  # new tokens per sequence
     context_lens_host: list[int]  # tokens in the cache after the step, per sequence
     context_lens: torch.Tensor  # [B] int32, the same on the device
-    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    # [B, max_blocks] int32, padded with 0; None where attention reads runs (the CPU), planned from the
+    # host tables below, so that no step builds a tensor that grows with the context.
+    block_tables: torch.Tensor | None
     cu_seqlens_q: torch.Tensor  # [B + 1] int32
     block_size: int
     is_decode: bool  # every sequence has exactly one new token
     # The block tables as Python lists, where the runner has them (backends that plan on the host use them).
     block_tables_host: list[list[int]] | None = None
+    # Each table as [first_block, count] runs where the block manager keeps them (None entries: not kept).
+    block_runs_host: list[list[list[int]] | None] | None = None
     backend_state: dict[str, Any] = field(default_factory=dict)
 
     @property

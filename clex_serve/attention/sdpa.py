@@ -85,8 +85,12 @@ class SdpaAttentionBackend:
         if meta.block_tables_host is not None and self.reads_cache_in_runs(meta.positions.device):
             # A sequence with one new token (a decode, also in a mixed step) reads its whole context from the
             # cache, where its new key already is; a prompt chunk reads what was cached before it.
-            runs = [segments.contiguous_runs(table, context if new == 1 else context - new, meta.block_size)
-                    for table, context, new in zip(meta.block_tables_host, meta.context_lens_host, meta.query_lens)]
+            kept = meta.block_runs_host or [None] * len(meta.query_lens)
+            runs = [segments.slot_runs(block_runs, context if new == 1 else context - new, meta.block_size)
+                    if block_runs is not None else
+                    segments.contiguous_runs(table, context if new == 1 else context - new, meta.block_size)
+                    for table, block_runs, context, new in zip(meta.block_tables_host, kept, meta.context_lens_host,
+                                                               meta.query_lens)]
             meta.backend_state["runs"] = runs
             if use_cpu_kernels(meta.cos):
                 # Every decode of the step in one kernel call per layer: their runs as one tensor.

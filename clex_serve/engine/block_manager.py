@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from typing import NamedTuple
 
+from clex_serve.attention.segments import block_runs, extend_block_runs
 from clex_serve.engine.sequence import Sequence
 
 
@@ -102,6 +103,7 @@ class BlockManager:
         for taken in range(wanted):
             seq.block_table.append(self._take_free(seq.block_table[-1] + 1 if seq.block_table else None,
                                                    wanted - taken))
+        seq.block_runs = block_runs(seq.block_table)
         seq.num_cached_tokens = len(hits) * self.block_size
         if hits:
             seq.cache_scale = cache_key.scale  # the reused keys are rotated with it
@@ -110,7 +112,9 @@ class BlockManager:
 
     def append(self, seq: Sequence, new_len: int) -> None:
         while len(seq.block_table) < self.blocks_for(new_len):
-            seq.block_table.append(self._take_free(seq.block_table[-1] + 1 if seq.block_table else None))
+            block = self._take_free(seq.block_table[-1] + 1 if seq.block_table else None)
+            seq.block_table.append(block)
+            extend_block_runs(seq.block_runs, block)
 
     def free(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):
@@ -119,6 +123,7 @@ class BlockManager:
                 self._free[block] = None
                 self._free_map[block] = 1
         seq.block_table = []
+        seq.block_runs = []
         seq.num_cached_tokens = 0
         seq.cache_scale = 1
 
@@ -183,6 +188,8 @@ class BlockManager:
                 copies.append((block, fresh))
             else:
                 self._forget(block)
+        if copies:
+            seq.block_runs = block_runs(seq.block_table)
         return copies
 
     def free_blocks_needed_for_rescale(self, seq: Sequence) -> int:

@@ -233,6 +233,7 @@ class LLMEngine:
             token_ids=seq.token_ids[chunk.start:chunk.end],
             num_cached=seq.num_cached_tokens,
             block_table=seq.block_table,
+            block_runs=seq.block_runs,
             cache_scale=chunk.rescale_from or chunk.scale,
             scale=chunk.scale,
             all_logits=want_prompt_logits,

@@ -40,6 +40,8 @@ class SequenceStep:
     # ``cache_scale`` first when the two differ. None (direct use: tests, evaluation, profiling): the scale
     # of ``rotary_len``.
     scale: int | None = None
+    # ``block_table`` as [first_block, count] runs, as the block manager keeps them (None: found here).
+    block_runs: list[list[int]] | None = None
 
     @property
     def total_len(self) -> int:
@@ -198,8 +200,10 @@ class ModelRunner:
                 slot_mapping.append(self.kv_cache.slot(step.block_table, position))
         query_lens = [len(step.token_ids) for step in steps]
         context_lens = [step.total_len for step in steps]
-        max_blocks = max(len(step.block_table) for step in steps)
-        block_tables = [step.block_table + [0] * (max_blocks - len(step.block_table)) for step in steps]
+        block_tables = None
+        if not self.reads_cache_in_runs:  # the run-reading path plans from the host tables instead
+            max_blocks = max(len(step.block_table) for step in steps)
+            block_tables = [step.block_table + [0] * (max_blocks - len(step.block_table)) for step in steps]
         cu_seqlens_q = [0]
         for query_len in query_lens:
             cu_seqlens_q.append(cu_seqlens_q[-1] + query_len)
@@ -221,11 +225,12 @@ class ModelRunner:
             query_lens=query_lens,
             context_lens_host=context_lens,
             context_lens=on_device(context_lens, torch.int32),
-            block_tables=on_device(block_tables, torch.int32),
+            block_tables=on_device(block_tables, torch.int32) if block_tables is not None else None,
             cu_seqlens_q=on_device(cu_seqlens_q, torch.int32),
             block_size=block_size,
             is_decode=all(query_len == 1 for query_len in query_lens),
             block_tables_host=[step.block_table for step in steps],
+            block_runs_host=[step.block_runs for step in steps],
         )
         return on_device(input_ids, torch.long), meta
 

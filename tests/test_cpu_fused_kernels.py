@@ -86,3 +86,13 @@ def test_rotate_and_cache_equals_the_eager_path(dtype, head_major, heads, kv_hea
                                                        slots, k_flat, v_flat)
     for got, expected in ((q_out, q_expected), (k_out, k_expected), (k_pool, k_ref_pool), (v_pool, v_ref_pool)):
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_argmax_rows_is_torch_argmax():
+    # Ties go to the first index, a NaN wins as in torch.argmax, rows of any length, all -inf.
+    x = torch.randn(64, 32000, generator=torch.Generator().manual_seed(4))
+    x[3, 100] = x[3, 200] = 50.0
+    x[5, 31999] = 60.0
+    x[7, 17] = x[7, 30] = float("nan")
+    for logits in (x, torch.randn(5, 37), torch.full((2, 20), -float("inf")), torch.randn(3, 1)):
+        assert torch.equal(torch.ops.clex_cpu.argmax_rows(logits), logits.argmax(dim=-1))

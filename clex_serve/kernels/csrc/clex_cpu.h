@@ -14,6 +14,7 @@ bool cpu_supported();
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                             const at::Tensor& weight, double eps);
 at::Tensor silu_and_mul(const at::Tensor& gate_up);
+at::Tensor argmax_rows(const at::Tensor& x);
 std::tuple<at::Tensor, at::Tensor> rotate_and_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     const at::Tensor& cos, const at::Tensor& sin,
                                                     const std::optional<at::Tensor>& query_scale,

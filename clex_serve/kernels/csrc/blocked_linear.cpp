@@ -24,6 +24,7 @@ namespace {
 
 constexpr int64_t kBlock = 64;       // outputs per block: four 16-lane vectors
 constexpr int kVectors = kBlock / 16;
+constexpr int64_t kPrefetchRows = 64;  // rows of a block ahead that are prefetched (4-8 KB)
 constexpr int kMaxRows = 6;          // rows of x sharing one pass over a block (24 accumulators)
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
@@ -57,7 +58,11 @@ AVX512 void block_rows(const float* x, int64_t x_stride, const T* block, int64_t
   }
   for (int64_t k = 0; k < K; ++k) {
     const T* w = block + k * kBlock;
-    _mm_prefetch(reinterpret_cast<const char*>(w) + 16 * kBlock * sizeof(T), _MM_HINT_T0);
+    // Every cache line of the row kPrefetchRows ahead (the hardware prefetcher alone ramps up too slowly
+    // on matrices of a few hundred KB, which is most of a small model's).
+    const char* ahead = reinterpret_cast<const char*>(w + kPrefetchRows * kBlock);
+    for (int64_t line = 0; line < static_cast<int64_t>(kBlock * sizeof(T)); line += 64)
+      _mm_prefetch(ahead + line, _MM_HINT_T0);
     __m512 wv[kVectors];
     for (int v = 0; v < kVectors; ++v) wv[v] = load16(w + v * 16);
     for (int m = 0; m < ROWS; ++m) {

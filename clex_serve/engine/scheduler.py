@@ -48,6 +48,19 @@ class SchedulerConfig:
     # a step with nothing to decode still takes the full budget, so a prompt alone is not slowed.
     max_prefill_tokens_with_decodes: int | None = None
 
+    # Short prompts beside decodes go whole, from a budget of this many times the cap (vLLM's
+    # long-prefill threshold, in spirit): the cap is there for long prompts, whose late chunks attend their
+    # whole cached prefix; a chat turn of a few dozen tokens held to the cap would wait several steps
+    # behind every other arrival for its first token.
+    SHORT_PROMPT_FACTOR = 4
+
+    @property
+    def short_prompt_tokens_with_decodes(self) -> int:
+        """Tokens per step, beside decodes, for prompts (or recomputes) that finish within them."""
+        if self.max_prefill_tokens_with_decodes is None:
+            return 0
+        return self.SHORT_PROMPT_FACTOR * self.max_prefill_tokens_with_decodes
+
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
@@ -140,9 +153,11 @@ class Scheduler:
         copies: list[tuple[int, int]] = []
         decodes, preempted = self._schedule_decodes(copies)
         budget = self.config.max_num_batched_tokens - len(decodes)  # none left: no chunk this step
+        short_budget = 0
         if decodes and self.config.max_prefill_tokens_with_decodes is not None:
+            short_budget = min(budget, self.config.short_prompt_tokens_with_decodes)
             budget = min(budget, self.config.max_prefill_tokens_with_decodes)
-        prefills = self._schedule_prefills(budget, not preempted, copies)
+        prefills = self._schedule_prefills(budget, not preempted, copies, short_budget)
         return SchedulerOutput(decodes, prefills, preempted, copies)
 
     def _needs_rescale(self, seq: Sequence, scale: int) -> bool:
@@ -207,22 +222,45 @@ class Scheduler:
                 chunks.append(self._plan(ScheduledChunk(seq, len(seq) - 1, len(seq), None, False, False), copies))
         return chunks, preempted
 
-    def _schedule_prefills(self, budget: int, admit: bool, copies: list[tuple[int, int]]) -> list[ScheduledChunk]:
-        """Prompt and recompute chunks within ``budget`` tokens; new sequences only where ``admit``."""
+    def _schedule_prefills(self, budget: int, admit: bool, copies: list[tuple[int, int]],
+                           short_budget: int = 0) -> list[ScheduledChunk]:
+        """Prompt and recompute chunks within ``budget`` tokens; new sequences only where ``admit``. A
+        sequence whose uncomputed tokens fit in ``short_budget`` may take them whole from it instead; the
+        two together never exceed the larger of them (which the caller bounds by the step's budget)."""
         chunks = []
+        left = {"chunk": budget, "short": short_budget, "step": max(budget, short_budget)}
+
+        def source(seq: Sequence) -> str | None:
+            """Which budget the sequence's next chunk comes from, or None when neither has room."""
+            remaining = len(seq) - seq.num_cached_tokens
+            if 0 < remaining <= min(left["short"], left["step"]):
+                return "short"
+            return "chunk" if min(left["chunk"], left["step"]) > 0 else None
+
+        def take(seq: Sequence, name: str) -> ScheduledChunk:
+            size = len(seq) - seq.num_cached_tokens if name == "short" else min(left["chunk"], left["step"])
+            chunk = self._next_chunk(seq, size)
+            left[name] -= chunk.num_tokens
+            left["step"] -= chunk.num_tokens
+            return chunk
+
         # Sequences part-way through a chunked prompt or a recompute go first: they hold their blocks.
         for seq in self.running:
-            if budget <= 0:
-                break
-            if self.needs_prefill(seq):
-                chunk = self._next_chunk(seq, budget)
-                scale = self.scale_for_length(chunk.scale_len or chunk.end)
-                if self._blocks_to_rescale(seq, scale) > self.block_manager.num_free_blocks:
-                    continue  # its copy on write must wait for blocks; it keeps the ones it holds
-                chunks.append(self._plan(chunk, copies))
-                budget -= chunk.num_tokens
-        while admit and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            if not self.needs_prefill(seq):
+                continue
+            name = source(seq)
+            if name is None:
+                continue
+            planned = self._next_chunk(seq, len(seq) if name == "short" else min(left["chunk"], left["step"]))
+            scale = self.scale_for_length(planned.scale_len or planned.end)
+            if self._blocks_to_rescale(seq, scale) > self.block_manager.num_free_blocks:
+                continue  # its copy on write must wait for blocks; it keeps the ones it holds
+            chunks.append(self._plan(take(seq, name), copies))
+        while admit and self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            name = source(seq)
+            if name is None:
+                break
             key = self.prefix_key(seq) if seq.num_output_tokens == 0 else None
             if not self.block_manager.can_allocate(seq, key):
                 break
@@ -230,8 +268,8 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            chunks.append(self._plan(self._next_chunk(seq, budget), copies))  # nothing cached to re-rotate
-            budget -= chunks[-1].num_tokens
+            # Reused prefix blocks may have shortened what is left: the source is decided again.
+            chunks.append(self._plan(take(seq, source(seq) or name), copies))  # nothing cached to re-rotate
         return chunks
 
     def _can_decode(self, seq: Sequence) -> bool:

@@ -78,3 +78,21 @@ def test_an_empty_query_or_context_is_a_no_op_not_a_crash():
     assert out.shape == (1, 2, 0, 8) and lse.shape == (1, 2, 0)
     out, lse = segments.attend_with_lse(torch.zeros(1, 2, 3, 8), k[:, :, :0], k[:, :, :0])
     assert torch.isinf(lse).all() and out.abs().sum() == 0
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_a_chunk_in_one_run_with_its_cache_equals_the_merged_parts(heads, kv_heads, dtype, tolerance):
+    """A prompt chunk whose cached context and own keys are one run of the pool: one call with the causal
+    mask aligned to the end equals attending the cached run and the chunk apart and merging them."""
+    generator = torch.Generator().manual_seed(5)
+    cached, chunk, head_dim, start = 37, 9, 16, 20
+    pool_k, pool_v = (torch.randn(100, kv_heads, head_dim, generator=generator).to(dtype) for _ in range(2))
+    q = torch.randn(chunk, heads, head_dim, generator=generator).to(dtype)
+    own = slice(start + cached, start + cached + chunk)  # the chunk's keys, written after its cached ones
+    run = (start, start + cached + chunk)
+    mask = segments.causal_mask_at_end(chunk, cached + chunk, dtype)
+    mask = mask.repeat(heads // kv_heads, 1) if heads > kv_heads else mask
+    one_call = segments.prefill_in_one_run(q, pool_k, pool_v, run, mask)
+    merged = segments.prefill_one(q, pool_k[own], pool_v[own], pool_k, pool_v, [(start, start + cached)])
+    torch.testing.assert_close(one_call.float(), merged.float(), atol=tolerance, rtol=tolerance)

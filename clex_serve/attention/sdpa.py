@@ -92,6 +92,17 @@ class SdpaAttentionBackend:
                     for table, block_runs, context, new in zip(meta.block_tables_host, kept, meta.context_lens_host,
                                                                meta.query_lens)]
             meta.backend_state["runs"] = runs
+            # A prompt chunk whose cached context and own slots are one run: one fused call with an
+            # end-aligned causal mask (built here once for all layers) instead of two calls and a merge.
+            one_run = {}
+            for index, (new, context) in enumerate(zip(meta.query_lens, meta.context_lens_host)):
+                if new > 1:
+                    block_runs = kept[index]
+                    whole = (segments.slot_runs(block_runs, context, meta.block_size) if block_runs is not None
+                             else segments.contiguous_runs(meta.block_tables_host[index], context, meta.block_size))
+                    if len(whole) == 1:
+                        one_run[index] = (whole[0], segments.causal_mask_at_end(new, context, meta.cos.dtype))
+            meta.backend_state["one_run"] = one_run
             if use_cpu_kernels(meta.cos):
                 # Every decode of the step in one kernel call per layer: their runs as one tensor.
                 decodes = [index for index, new in enumerate(meta.query_lens) if new == 1]
@@ -148,8 +159,7 @@ class SdpaAttentionBackend:
             for index, query_len in enumerate(meta.query_lens):
                 if query_len > 1:
                     start, end = starts[index], starts[index + 1]
-                    out[start:end] = segments.prefill_one(q[start:end], k[start:end], v[start:end], flat_k, flat_v,
-                                                          runs[index])
+                    out[start:end] = self._chunk(index, q[start:end], k[start:end], v[start:end], flat_k, flat_v, meta)
             return out
         outputs = []
         for index, query_len in enumerate(meta.query_lens):
@@ -157,9 +167,21 @@ class SdpaAttentionBackend:
             if query_len == 1:
                 outputs.append(segments.decode_one(q[start], flat_k, flat_v, runs[index])[None])
             else:
-                outputs.append(segments.prefill_one(q[start:end], k[start:end], v[start:end], flat_k, flat_v,
-                                                    runs[index]))
+                outputs.append(self._chunk(index, q[start:end], k[start:end], v[start:end], flat_k, flat_v, meta))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    @staticmethod
+    def _chunk(index, q, k, v, flat_k, flat_v, meta) -> torch.Tensor:
+        """Sequence ``index``'s prompt chunk over its cached runs and its own keys."""
+        one_runs = meta.backend_state.get("one_run", {})
+        if index in one_runs:
+            run, mask = one_runs[index]
+            group = q.shape[1] // flat_k.shape[1]
+            if mask.shape[0] != group * q.shape[0]:  # grouped-query heads: rows per query head, once a step
+                mask = mask.repeat(group, 1)
+                one_runs[index] = (run, mask)
+            return segments.prefill_in_one_run(q, flat_k, flat_v, run, mask)
+        return segments.prefill_one(q, k, v, flat_k, flat_v, meta.backend_state["runs"][index])
 
     def _decode(self, q, k_cache, v_cache, meta) -> torch.Tensor:
         num_kv_heads = flat_slots(k_cache).shape[1]

@@ -130,3 +130,28 @@ def prefill_one(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, flat_
         for out, lse in cached_parts(grouped, flat_k, flat_v, cached_runs):
             parts.append((out.reshape(1, num_heads, length, -1), lse.reshape(1, num_heads, length)))
     return merge(parts)[0].transpose(0, 1)
+
+
+def causal_mask_at_end(num_queries: int, num_keys: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [Lq, Lk]: the queries are the last Lq positions of the keys, each seeing the keys up to
+    its own (a causal mask aligned to the end; SDPA's ``is_causal`` aligns to the start). With grouped-query
+    heads ``prefill_in_one_run`` wants its rows repeated once per query head of a KV head."""
+    own = torch.arange(num_keys - num_queries, num_keys)[:, None]
+    mask = torch.zeros(num_queries, num_keys, dtype=dtype)
+    return mask.masked_fill_(torch.arange(num_keys)[None, :] > own, float("-inf"))
+
+
+def prefill_in_one_run(q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor, run: tuple[int, int],
+                       mask: torch.Tensor) -> torch.Tensor:
+    """A chunk's queries q [Lq, Hq, D] whose whole context, its own keys included (already written), is the
+    one run ``[start, end)`` of the pool: one fused call with ``causal_mask_at_end``, instead of attending
+    the cached part and the chunk apart and merging them. -> [Lq, Hq, D]."""
+    length, num_heads, head_dim = q.shape
+    num_kv_heads = flat_k.shape[1]
+    start, end = run
+    keys = flat_k[start:end].unsqueeze(0).transpose(1, 2)  # a view: [1, Hkv, n, D]
+    values = flat_v[start:end].unsqueeze(0).transpose(1, 2)
+    # [1, Hkv, group * Lq, D]: each KV head's query heads one after the other, as the mask's rows repeat.
+    grouped = q.transpose(0, 1).reshape(1, num_kv_heads, (num_heads // num_kv_heads) * length, head_dim)
+    out, _ = _flash_with_lse(grouped, keys, values, attn_mask=mask[None, None])
+    return out.reshape(num_heads, length, head_dim).transpose(0, 1)

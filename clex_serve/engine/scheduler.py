@@ -51,7 +51,7 @@ class SchedulerConfig:
     # Short prompts beside decodes go whole, from a budget of this many times the cap (vLLM's
     # long-prefill threshold, in spirit): the cap is there for long prompts, whose late chunks attend their
     # whole cached prefix; a chat turn of a few dozen tokens held to the cap would wait several steps
-    # behind every other arrival for its first token.
+    # behind every other arrival for its first token. "Short" is the whole sequence, not what is left of it.
     SHORT_PROMPT_FACTOR = 4
 
     @property
@@ -225,15 +225,16 @@ class Scheduler:
     def _schedule_prefills(self, budget: int, admit: bool, copies: list[tuple[int, int]],
                            short_budget: int = 0) -> list[ScheduledChunk]:
         """Prompt and recompute chunks within ``budget`` tokens; new sequences only where ``admit``. A
-        sequence whose uncomputed tokens fit in ``short_budget`` may take them whole from it instead; the
+        sequence short enough to fit in ``short_budget`` whole takes what is left of it from there instead; the
         two together never exceed the larger of them (which the caller bounds by the step's budget)."""
         chunks = []
         left = {"chunk": budget, "short": short_budget, "step": max(budget, short_budget)}
 
         def source(seq: Sequence) -> str | None:
-            """Which budget the sequence's next chunk comes from, or None when neither has room."""
-            remaining = len(seq) - seq.num_cached_tokens
-            if 0 < remaining <= min(left["short"], left["step"]):
+            """Which budget the sequence's next chunk comes from, or None when neither has room. Only a
+            sequence short as a whole is short: the last chunk of a long prompt attends its whole prefix,
+            the most expensive chunk of all."""
+            if len(seq) <= min(left["short"], left["step"]) and seq.num_cached_tokens < len(seq):
                 return "short"
             return "chunk" if min(left["chunk"], left["step"]) > 0 else None
 

@@ -45,7 +45,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="tokens per step (decodes plus prompt chunks); default max(max-model-len, 2048)")
     group.add_argument("--max-prefill-tokens-with-decodes", type=positive_int,
                        help="prompt tokens in a step that also decodes running streams, which bounds their "
-                            "inter-token latency while prompts are computed; default 16 on the CPU, 2048 on CUDA")
+                            "inter-token latency while prompts are computed (prompts of at most 4x this go "
+                            "whole); default 12 on the CPU, 2048 on CUDA")
     group.add_argument("--block-size", type=positive_int, help="KV cache block size in tokens")
     group.add_argument("--kv-cache-memory", type=positive_float, metavar="GIB", help="KV cache size in GiB")
     group.add_argument("--gpu-memory-utilization", type=fraction, default=0.9,

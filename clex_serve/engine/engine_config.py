@@ -14,13 +14,14 @@ GIB = 1 << 30
 
 
 def default_prefill_tokens_with_decodes(device_type: str) -> int:
-    """On the CPU, with the 58M benchmark model in float32, 8 streams decode in 35-45 ms a step and each prompt
-    token beside them adds 1-2 ms (more as the prompt's cached context grows). Measured with 4 prompts of
+    """On the CPU, with the 58M benchmark model in float32, 8 streams decode in 28-38 ms a step and each prompt
+    token beside them adds 1-3 ms (more as the prompt's cached context grows). Measured with 4 prompts of
     6,000 tokens arriving (bench/cpu_benchmark.py), the streams' p99 inter-token latency over their
-    undisturbed p50 is 2.56 at 16 prompt tokens a step and 3.10 at 24, while computing the prompts beside
-    them takes 93 and 61 s. A prompt alone gets the whole budget. On CUDA, 2048 is vLLM's chunk size for
-    online serving."""
-    return 16 if device_type == "cpu" else 2048
+    undisturbed p50 is 2.38 at 12 prompt tokens a step and 3.00 at 16 (2.56 at 16 before decode steps got
+    faster, 3.10 at 24), while computing the prompts beside them takes 114 and about 90 s. Short prompts go
+    whole from four times this (``SchedulerConfig.short_prompt_tokens_with_decodes``); a prompt alone gets
+    the whole budget. On CUDA, 2048 is vLLM's chunk size for online serving."""
+    return 12 if device_type == "cpu" else 2048
 
 
 @dataclass
@@ -34,7 +35,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None  # default: max(max_model_len, 2048)
     # Prompt tokens in a step that also decodes running streams (bounds their inter-token latency while
-    # prompts are computed). Default: 16 on the CPU, 2048 on CUDA (``default_prefill_tokens_with_decodes``).
+    # prompts are computed). Default: 12 on the CPU, 2048 on CUDA (``default_prefill_tokens_with_decodes``).
     max_prefill_tokens_with_decodes: int | None = None
     block_size: int | None = None  # default: 16, or 256 with flash-attn
     kv_cache_memory_gib: float | None = None  # the KV pool in GiB; default: sized from the memory left

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / name for name in
            ("blocked_linear.cpp", "fused_ops.cpp", "decode_attention.cpp", "decoder_layer.cpp")]
 DISABLE_VARIABLE = "CLEX_SERVE_CPU_KERNELS"
+NAME = "clex_serve_cpu_kernels"
 
 
 @functools.cache
@@ -49,9 +50,12 @@ def _build() -> None:
     from torch.utils import cpp_extension
 
     _put_ninja_on_path()
-    logger.info("loading clex-serve's CPU kernels (compiled once on first use, about 10 s)")
+    build_directory = Path(cpp_extension._get_build_directory(NAME, False))
+    if not (build_directory / f"{NAME}.so").exists():
+        # The first start after installing: say why it pauses (later starts load the cached library).
+        logger.warning("compiling clex-serve's CPU kernels once (about 10-30 s; cached in %s)", build_directory)
     cpp_extension.load(
-        name="clex_serve_cpu_kernels",
+        name=NAME,
         sources=[str(source) for source in SOURCES],
         # OpenMP: at::parallel_for runs on torch's own thread pool (the libgomp torch loaded), so the
         # kernels use the threads --threads set. No contraction into FMAs: the fused element-wise kernels

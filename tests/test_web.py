@@ -115,7 +115,9 @@ def test_two_tabs_chat_at_once_without_mixing(browser, tmp_path):
         users = [page.locator('#conversation [data-testid="user"]').all_inner_texts() for page in (first, second)]
         assert [text.strip() for text in users[0]] == [QUESTION]
         assert [text.strip() for text in users[1]] == ["How do I read a file in Python?"]
-        assert "Tokens:" in first.locator("#status").inner_text() and "CLEX scale t = 1" in first.locator("#status").inner_text()
+        # The status line counts the conversation's tokens and shows its CLEX scale (which one depends on how
+        # long the sampled answer ran).
+        assert re.search(r"Tokens: \d+ / \d+ · CLEX scale t = \d+", first.locator("#status").inner_text())
         screenshot = Path(os.environ.get("CLEX_SERVE_SCREENSHOT", tmp_path / "web-demo.png"))
         first.screenshot(path=str(screenshot), full_page=True)
         assert screenshot.stat().st_size > 10_000

@@ -86,20 +86,23 @@ class SdpaAttentionBackend:
             # A sequence with one new token (a decode, also in a mixed step) reads its whole context from the
             # cache, where its new key already is; a prompt chunk reads what was cached before it.
             kept = meta.block_runs_host or [None] * len(meta.query_lens)
-            runs = [segments.slot_runs(block_runs, context if new == 1 else context - new, meta.block_size)
-                    if block_runs is not None else
-                    segments.contiguous_runs(table, context if new == 1 else context - new, meta.block_size)
-                    for table, block_runs, context, new in zip(meta.block_tables_host, kept, meta.context_lens_host,
-                                                               meta.query_lens)]
+
+            def slot_runs(index: int, length: int) -> list[tuple[int, int]]:
+                """Sequence ``index``'s first ``length`` slots as runs: from the runs the block manager
+                keeps, else by scanning its table."""
+                if kept[index] is not None:
+                    return segments.slot_runs(kept[index], length, meta.block_size)
+                return segments.contiguous_runs(meta.block_tables_host[index], length, meta.block_size)
+
+            runs = [slot_runs(index, context if new == 1 else context - new)
+                    for index, (context, new) in enumerate(zip(meta.context_lens_host, meta.query_lens))]
             meta.backend_state["runs"] = runs
             # A prompt chunk whose cached context and own slots are one run: one fused call with an
             # end-aligned causal mask (built here once for all layers) instead of two calls and a merge.
             one_run = {}
             for index, (new, context) in enumerate(zip(meta.query_lens, meta.context_lens_host)):
                 if new > 1:
-                    block_runs = kept[index]
-                    whole = (segments.slot_runs(block_runs, context, meta.block_size) if block_runs is not None
-                             else segments.contiguous_runs(meta.block_tables_host[index], context, meta.block_size))
+                    whole = slot_runs(index, context)
                     if len(whole) == 1:
                         one_run[index] = (whole[0], segments.causal_mask_at_end(new, context, meta.cos.dtype))
             meta.backend_state["one_run"] = one_run

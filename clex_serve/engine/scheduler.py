@@ -238,9 +238,11 @@ class Scheduler:
                 return "short"
             return "chunk" if min(left["chunk"], left["step"]) > 0 else None
 
-        def take(seq: Sequence, name: str) -> ScheduledChunk:
+        def next_chunk(seq: Sequence, name: str) -> ScheduledChunk:
             size = len(seq) - seq.num_cached_tokens if name == "short" else min(left["chunk"], left["step"])
-            chunk = self._next_chunk(seq, size)
+            return self._next_chunk(seq, size)
+
+        def take(chunk: ScheduledChunk, name: str) -> ScheduledChunk:
             left[name] -= chunk.num_tokens
             left["step"] -= chunk.num_tokens
             return chunk
@@ -252,11 +254,11 @@ class Scheduler:
             name = source(seq)
             if name is None:
                 continue
-            planned = self._next_chunk(seq, len(seq) if name == "short" else min(left["chunk"], left["step"]))
-            scale = self.scale_for_length(planned.scale_len or planned.end)
+            chunk = next_chunk(seq, name)
+            scale = self.scale_for_length(chunk.scale_len or chunk.end)
             if self._blocks_to_rescale(seq, scale) > self.block_manager.num_free_blocks:
                 continue  # its copy on write must wait for blocks; it keeps the ones it holds
-            chunks.append(self._plan(take(seq, name), copies))
+            chunks.append(self._plan(take(chunk, name), copies))
         while admit and self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             name = source(seq)
@@ -270,7 +272,8 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             # Reused prefix blocks may have shortened what is left: the source is decided again.
-            chunks.append(self._plan(take(seq, source(seq) or name), copies))  # nothing cached to re-rotate
+            name = source(seq) or name
+            chunks.append(self._plan(take(next_chunk(seq, name), name), copies))  # nothing cached to re-rotate
         return chunks
 
     def _can_decode(self, seq: Sequence) -> bool:

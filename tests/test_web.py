@@ -43,6 +43,15 @@ def send(page, text: str) -> None:
     page.locator("#message textarea").press("Enter")
 
 
+def set_slider(page, slider: str, value: str) -> None:
+    """Type into a settings slider's number box; leaving the box commits it. Waits until the slider holds it
+    (a message sent before that would race the setting)."""
+    box = page.locator(f"{slider} input[type=number]")
+    box.fill(value)
+    box.press("Tab")
+    wait_for(lambda: page.locator(f"{slider} input[type=range]").input_value() == value, timeout=10)
+
+
 def bot_text(page) -> str:
     answers = page.locator('#conversation [data-testid="bot"]')
     return answers.last.inner_text() if answers.count() else ""
@@ -78,23 +87,23 @@ def answer_settled(page, timeout: float = 60) -> str:
 
 
 def test_answer_streams_and_stop_frees_the_engine(browser, tmp_path):
-    """A model that writes hundreds of tokens: the answer grows across reads, Stop ends it, and /metrics
-    shows no request running and no KV block in use."""
+    """A model that writes thousands of tokens: the answer grows across reads, Stop ends it while the request
+    is still running, and /metrics shows no request running and no KV block in use."""
     folder = model_with_tokenizer("llama", tmp_path)
-    with running_server("--model", str(folder), "--chat-template", "vicuna", "--max-model-len", "1024",
+    with running_server("--model", str(folder), "--chat-template", "vicuna", "--max-model-len", "8192",
                         "--allow-long-max-model-len", "--ui") as (url, _):
         page = open_ui(browser, f"{url}/ui/")
-        # Greedy: this random model then never samples its end token (sampled, when it stops depends on the
-        # draws), so the answer is long whatever the sampler.
+        # Greedy, so that this random model never picks its end token (sampled, when it stops depends on the
+        # draws), and the longest answer the page allows: this tiny model writes 500 tokens in under a second,
+        # which would end the answer before the test could press Stop.
         page.locator("#settings").get_by_text("Settings").click()
-        temperature = page.locator("#temperature input[type=number]")
-        temperature.fill("0")
-        temperature.press("Tab")  # leaving the box commits the value to the slider
-        wait_for(lambda: page.locator("#temperature input[type=range]").input_value() == "0", timeout=10)
+        set_slider(page, "#temperature", "0")
+        set_slider(page, "#max-new-tokens", "4096")
         send(page, "Tell me a long story")
         first = wait_for(lambda: len(bot_text(page)) > 5 and bot_text(page))
         second = wait_for(lambda: len(bot_text(page)) > len(first) + 5 and bot_text(page))
         assert second.startswith(first[:5])
+        assert metric(url, "clex_serve_requests_running") == 1  # Stop below interrupts a running answer
         page.locator("#stop").click()
         wait_for(lambda: metric(url, "clex_serve_requests_running") == 0
                  and metric(url, "clex_serve_kv_blocks_used") == 0, timeout=30)

@@ -104,7 +104,7 @@ def build_demo(source, title: str = "clex-serve"):
             top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
             top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0: off)")
             max_new_tokens = gr.Slider(1, max(16, min(limit or 4096, 4096)), value=min(512, limit or 512), step=1,
-                                       label="Max new tokens")
+                                       label="Max new tokens", elem_id="max-new-tokens")
             repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty")
 
         controls = [system, temperature, top_p, top_k, max_new_tokens, repetition_penalty]

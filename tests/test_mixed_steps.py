@@ -359,12 +359,12 @@ def test_prompt_tokens_beside_decodes_are_capped_but_a_lone_prompt_takes_the_bud
 
 
 def test_short_prompts_beside_decodes_go_whole_long_ones_by_the_cap():
-    """Beside decodes, a prompt that fits in four times the cap is computed in one step (a chat turn does
+    """Beside decodes, a prompt that fits in eight times the cap is computed in one step (a chat turn does
     not wait several steps for its first token); a long one keeps to the cap; together they stay within
     the short budget, and the short budget within the step's."""
     manager = BlockManager(256, 4)
-    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_prefill_tokens_with_decodes=5)
-    assert config.short_prompt_tokens_with_decodes == 20
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_prefill_tokens_with_decodes=3)
+    assert config.short_prompt_tokens_with_decodes == 24
     scheduler = Scheduler(config, manager, clex_scale)
     first = _seq(0, 8)
     scheduler.add(first)
@@ -374,10 +374,10 @@ def test_short_prompts_beside_decodes_go_whole_long_ones_by_the_cap():
         scheduler.add(seq)
     out = _step(scheduler)
     # The long prompt (first in line) takes the cap; the first short one fits whole in the short budget;
-    # the second would pass it (12 + 12 > 20) and waits.
-    assert [(chunk.seq, chunk.num_tokens) for chunk in out.prefills] == [(long_prompt, 5), (short_one, 12)]
+    # the second would pass the step's share (3 + 12 + 12 > 24) and waits.
+    assert [(chunk.seq, chunk.num_tokens) for chunk in out.prefills] == [(long_prompt, 3), (short_one, 12)]
     out = _step(scheduler)
-    assert [(chunk.seq, chunk.num_tokens) for chunk in out.prefills] == [(long_prompt, 5), (short_two, 12)]
+    assert [(chunk.seq, chunk.num_tokens) for chunk in out.prefills] == [(long_prompt, 3), (short_two, 12)]
     out = _step(scheduler)
     assert {chunk.seq for chunk in out.decodes} == {first, short_one, short_two}
-    assert [(chunk.seq, chunk.num_tokens) for chunk in out.prefills] == [(long_prompt, 5)]  # long: the cap
+    assert [(chunk.seq, chunk.num_tokens) for chunk in out.prefills] == [(long_prompt, 3)]  # long: the cap

@@ -19,7 +19,7 @@ def default_prefill_tokens_with_decodes(device_type: str) -> int:
     6,000 tokens arriving (bench/cpu_benchmark.py), the streams' p99 inter-token latency over their
     undisturbed p50 is 2.38 at 12 prompt tokens a step and 3.00 at 16 (2.56 at 16 before decode steps got
     faster, 3.10 at 24), while computing the prompts beside them takes 114 and about 90 s. Short prompts go
-    whole from four times this (``SchedulerConfig.short_prompt_tokens_with_decodes``); a prompt alone gets
+    whole from eight times this (``SchedulerConfig.short_prompt_tokens_with_decodes``); a prompt alone gets
     the whole budget. On CUDA, 2048 is vLLM's chunk size for online serving."""
     return 12 if device_type == "cpu" else 2048
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
-import time
-import uuid
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,14 +18,12 @@ from clex_serve.api.metrics import ServerMetrics
 from clex_serve.api.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList, TokenizeRequest,
 )
+from clex_serve.api.request_ids import RequestIdMiddleware
 from clex_serve.api.serving import ServingContext
 from clex_serve.api.serving_chat import create_chat_completion
 from clex_serve.api.serving_completion import create_completion
 from clex_serve.engine.async_engine import AsyncLLMEngine
 from clex_serve.text.chat_template import chat_prompt
-
-logger = logging.getLogger("clex_serve.api")
-
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str, chat_template: str | None = None,
               api_key: str | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
@@ -38,6 +33,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, chat_template: str
     app.state.ctx = ctx
     if allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response, CORS preflights too, carries the id
 
     async def check_key(request: Request) -> None:
         if api_key is None:
@@ -46,17 +42,6 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, chat_template: str
         given = header[7:] if header.lower().startswith("bearer ") else ""
         if not secrets.compare_digest(given.encode(), api_key.encode()):
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-
-    @app.middleware("http")
-    async def request_ids(request: Request, call_next):
-        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        started = time.monotonic()
-        response = await call_next(request)
-        response.headers["X-Request-Id"] = request.state.request_id
-        if not request.url.path.endswith("completions"):  # generation routes log their own line, with tokens
-            logger.info("request %s %s %s status %d duration %.0fms", request.state.request_id, request.method,
-                        request.url.path, response.status_code, (time.monotonic() - started) * 1000)
-        return response
 
     # ---------------------------------------------------------------- errors, all in the OpenAI shape
 

@@ -37,6 +37,15 @@ AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// The cache lines of a K or V row a tile ahead: the hardware prefetcher alone keeps too few reads in
+// flight for one core to stream a head's keys at memory speed.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t dim) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < dim * static_cast<int64_t>(sizeof(T)); offset += 64)
+    _mm_prefetch(bytes + offset, _MM_HINT_T0);
+}
+
 // r[j] = sum of the 16 lanes of v[j], for 16 vectors: three rounds of pairwise shuffles and adds instead
 // of sixteen horizontal sums.
 AVX512 inline __m512 sum_each(const __m512* v) {
@@ -99,6 +108,7 @@ AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const 
           for (int64_t j = 0; j < 16; ++j) {
             if (j0 + j >= n) { dots[j] = _mm512_setzero_ps(); continue; }
             const T* key = k_base + (tile + j0 + j) * slot_stride;
+            if (g == 0) prefetch_row(key + kTile * slot_stride, dim);
             __m512 dot = _mm512_mul_ps(q[g][0], load16(key, masks[0]));
             for (int64_t v = 1; v < vectors; ++v) dot = _mm512_fmadd_ps(q[g][v], load16(key + v * 16, masks[v]), dot);
             dots[j] = dot;
@@ -126,6 +136,7 @@ AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const 
       }
       for (int64_t j = 0; j < n; ++j) {
         const T* value = v_base + (tile + j) * slot_stride;
+        prefetch_row(value + kTile * slot_stride, dim);
         __m512 vv[kMaxDim / 16];
         for (int64_t v = 0; v < vectors; ++v) vv[v] = load16(value + v * 16, masks[v]);
         for (int64_t g = 0; g < group; ++g) {

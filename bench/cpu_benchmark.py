@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_model import build  # noqa: E402
-from decode_benchmark import (RATIO_LEGEND, concurrency_run, engine_decode_rate, print_table,  # noqa: E402
-                              prompt_ids, ratio_rows)
+from decode_benchmark import (RATIO_LEGEND, concurrency_run, engine_decode_rate, median_rates,  # noqa: E402
+                              print_table, prompt_ids, ratio_rows)
 
 from clex_serve import LLM, SamplingParams  # noqa: E402
 
@@ -75,23 +75,28 @@ def kv_bytes_per_token(llm: LLM) -> int:
 
 
 def single_stream_table(clex: Path, bandwidth: float, new_tokens: int) -> None:
-    """The fractions use the highest read bandwidth measured, at the start and again before each row: on a
-    shared machine a neighbour's load lowers one measurement for a moment, and a yardstick taken in such a
-    moment would flatter every fraction (the highest is the conservative choice)."""
+    """Both dtypes are loaded at once and, at each context, measured in alternating runs (median of
+    ``ROUNDS`` each), so that a shared machine's slow spells hit float32 and bfloat16 alike. The fractions use
+    the highest read bandwidth measured, at the start and again before each context: a neighbour's load lowers
+    one measurement for a moment, and a yardstick taken in such a moment would flatter every fraction (the
+    highest is the conservative choice)."""
     rates: dict[tuple[str, int], float] = {}
     rows: list[tuple[int, str, float, int, int]] = []
     bandwidths = [bandwidth]
-    for dtype in DTYPES:
-        llm = LLM(str(clex), dtype=dtype, device="cpu", show_progress=False, max_model_len=BASE_WINDOW * 16,
-                  kv_cache_memory_gib=1.0)
-        weights, per_token_kv = weight_bytes(llm), kv_bytes_per_token(llm)
+    engines = {dtype: LLM(str(clex), dtype=dtype, device="cpu", show_progress=False, max_model_len=BASE_WINDOW * 16,
+                          kv_cache_memory_gib=1.0) for dtype in DTYPES}
+    for llm in engines.values():
         engine_decode_rate(llm, 32, 8)  # warm up
-        for context in CONTEXTS:
-            bandwidths.append(read_bandwidth())
-            rate = statistics.median(engine_decode_rate(llm, context, new_tokens) for _ in range(3))
+    for context in CONTEXTS:
+        bandwidths.append(read_bandwidth())
+        measured = median_rates(*(lambda llm=llm: engine_decode_rate(llm, context, new_tokens)
+                                  for llm in engines.values()))
+        for (dtype, llm), rate in zip(engines.items(), measured):
             rates[dtype, context] = rate
-            rows.append((context, dtype, rate, weights, per_token_kv * (context + new_tokens // 2)))
-        del llm
+            kv = kv_bytes_per_token(llm) * (context + new_tokens // 2)
+            rows.append((context, dtype, rate, weight_bytes(llm), kv))
+    del engines
+    rows.sort(key=lambda row: DTYPES.index(row[1]))
     yardstick = max(bandwidths)
     print(f"\nread bandwidth over the table: {min(bandwidths) / 1e9:.1f}-{yardstick / 1e9:.1f} GB/s in "
           f"{len(bandwidths)} measurements; fractions of the highest")

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -36,6 +37,26 @@ AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
   __m256i raw = _mm256_maskz_loadu_epi16(m, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+
+// Vector v of a cached row, in float32. Plain: elements 16v .. 16v+15. PAIRS (bfloat16 rows of whole 32s): one
+// 64-byte load holds 32 elements as 16 pairs, and a pair's even element is its low half shifted up, its odd
+// element its high half masked, so vector 2c holds the even elements of the c-th 32 and vector 2c+1 the odd
+// ones: one ALU operation per vector instead of a widening shuffle and a shift (the shuffle port, shared with
+// half of the multiply-adds, bounded bfloat16 attention below memory speed). Queries and outputs are held
+// in the same order (``to_pair_order`` / ``from_pair_order``).
+template <bool PAIRS, typename T>
+AVX512 inline __m512 row_vector(const T* row, int64_t v, __mmask16 mask) {
+  if constexpr (PAIRS) {
+    __m512i raw = _mm512_loadu_si512(row + (v / 2) * 32);
+    return _mm512_castsi512_ps(v % 2 == 0 ? _mm512_slli_epi32(raw, 16)
+                                          : _mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  } else {
+    return load16(row + v * 16, mask);
+  }
+}
+
+// Index of element d of a row in the PAIRS order: within its 32, evens first, then odds.
+inline int64_t pair_position(int64_t d) { return d / 32 * 32 + (d % 2) * 16 + (d % 32) / 2; }
 
 // The cache lines of a K or V row a tile ahead: the hardware prefetcher alone keeps too few reads in
 // flight for one core to stream a head's keys at memory speed.
@@ -78,7 +99,7 @@ AVX512 inline __m512 exp_nonpositive(__m512 x) {
 
 // Attention of `group` queries (float32, [group][dim], already multiplied by the softmax scale) over the
 // runs of one KV head: out [group][dim] float32.
-template <typename T>
+template <bool PAIRS, typename T>
 AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const T* k_base, const T* v_base,
                         int64_t slot_stride, const int64_t* runs, int64_t num_runs, float* out) {
   const int64_t vectors = (dim + 15) / 16;
@@ -109,8 +130,9 @@ AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const 
             if (j0 + j >= n) { dots[j] = _mm512_setzero_ps(); continue; }
             const T* key = k_base + (tile + j0 + j) * slot_stride;
             if (g == 0) prefetch_row(key + kTile * slot_stride, dim);
-            __m512 dot = _mm512_mul_ps(q[g][0], load16(key, masks[0]));
-            for (int64_t v = 1; v < vectors; ++v) dot = _mm512_fmadd_ps(q[g][v], load16(key + v * 16, masks[v]), dot);
+            __m512 dot = _mm512_mul_ps(q[g][0], row_vector<PAIRS>(key, 0, masks[0]));
+            for (int64_t v = 1; v < vectors; ++v)
+              dot = _mm512_fmadd_ps(q[g][v], row_vector<PAIRS>(key, v, masks[v]), dot);
             dots[j] = dot;
           }
           _mm512_storeu_ps(scores[g] + j0, sum_each(dots));
@@ -138,7 +160,7 @@ AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const 
         const T* value = v_base + (tile + j) * slot_stride;
         prefetch_row(value + kTile * slot_stride, dim);
         __m512 vv[kMaxDim / 16];
-        for (int64_t v = 0; v < vectors; ++v) vv[v] = load16(value + v * 16, masks[v]);
+        for (int64_t v = 0; v < vectors; ++v) vv[v] = row_vector<PAIRS>(value, v, masks[v]);
         for (int64_t g = 0; g < group; ++g) {
           __m512 p = _mm512_set1_ps(scores[g][j]);
           for (int64_t v = 0; v < vectors; ++v) acc[g][v] = _mm512_fmadd_ps(p, vv[v], acc[g][v]);
@@ -153,11 +175,22 @@ AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const 
   }
 }
 
+// attend_head with rows read in PAIRS order where ``pairs`` (bfloat16 only), plainly otherwise.
+template <typename T>
+void attend_head_in_order(bool pairs, const float* queries, int64_t group, int64_t dim, const T* k_base,
+                          const T* v_base, int64_t slot_stride, const int64_t* runs, int64_t num_runs, float* out) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (pairs) return attend_head<true>(queries, group, dim, k_base, v_base, slot_stride, runs, num_runs, out);
+  }
+  attend_head<false>(queries, group, dim, k_base, v_base, slot_stride, runs, num_runs, out);
+}
+
 template <typename T>
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& runs, const at::Tensor& run_offsets, double scale, at::Tensor& out) {
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = k_cache.size(1);
   const int64_t group = heads / kv_heads;
+  const bool pairs = std::is_same_v<T, c10::BFloat16> && dim % 32 == 0;
   const int64_t* run_data = runs.data_ptr<int64_t>();
   const int64_t* offsets = run_offsets.data_ptr<int64_t>();
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t first, int64_t last) {
@@ -166,14 +199,18 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
       const int64_t b = task / kv_heads, h = task % kv_heads;
       for (int64_t g = 0; g < group; ++g) {
         const T* row = q.data_ptr<T>() + b * q.stride(0) + (h * group + g) * q.stride(1);
-        for (int64_t d = 0; d < dim; ++d) queries[g * dim + d] = static_cast<float>(row[d]) * static_cast<float>(scale);
+        for (int64_t d = 0; d < dim; ++d)
+          queries[g * dim + (pairs ? pair_position(d) : d)] = static_cast<float>(row[d]) * static_cast<float>(scale);
       }
-      attend_head<T>(queries.data(), group, dim, k_cache.data_ptr<T>() + h * k_cache.stride(1),
-                     v_cache.data_ptr<T>() + h * v_cache.stride(1), k_cache.stride(0), run_data + 2 * offsets[b],
-                     offsets[b + 1] - offsets[b], result.data());
+      const T* keys = k_cache.data_ptr<T>() + h * k_cache.stride(1);
+      const T* values = v_cache.data_ptr<T>() + h * v_cache.stride(1);
+      const int64_t* sequence_runs = run_data + 2 * offsets[b];
+      const int64_t num_runs = offsets[b + 1] - offsets[b];
+      attend_head_in_order<T>(pairs, queries.data(), group, dim, keys, values, k_cache.stride(0), sequence_runs,
+                              num_runs, result.data());
       for (int64_t g = 0; g < group; ++g) {
         T* target = out.data_ptr<T>() + b * out.stride(0) + (h * group + g) * out.stride(1);
-        for (int64_t d = 0; d < dim; ++d) target[d] = static_cast<T>(result[g * dim + d]);
+        for (int64_t d = 0; d < dim; ++d) target[d] = static_cast<T>(result[g * dim + (pairs ? pair_position(d) : d)]);
       }
     }
   });

@@ -10,6 +10,7 @@ CPU path stays on PyTorch's own operators, a warning says why, and results do no
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -19,8 +20,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in
-           ("blocked_linear.cpp", "fused_ops.cpp", "decode_attention.cpp", "decoder_layer.cpp")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("blocked_linear.cpp", "fused_ops.cpp", "decode_attention.cpp", "decoder_layer.cpp")]
 DISABLE_VARIABLE = "CLEX_SERVE_CPU_KERNELS"
 NAME = "clex_serve_cpu_kernels"
 
@@ -60,11 +61,20 @@ def _build() -> None:
         # OpenMP: at::parallel_for runs on torch's own thread pool (the libgomp torch loaded), so the
         # kernels use the threads --threads set. No contraction into FMAs: the fused element-wise kernels
         # round like PyTorch's separate operators.
-        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
+        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", f"-DCLEX_CPU_HEADERS={_headers_digest()}"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
     )
+
+
+def _headers_digest() -> str:
+    """A digest of the headers, passed as a define: torch rebuilds a cached extension when its sources or
+    flags change, and does not look at the headers they include."""
+    digest = hashlib.sha256()
+    for header in sorted(CSRC.glob("*.h")):
+        digest.update(header.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _put_ninja_on_path() -> None:

@@ -14,6 +14,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "avx512_math.h"
 #include "clex_cpu.h"
 
 #include <immintrin.h>
@@ -27,25 +28,8 @@ constexpr int kVectors = kBlock / 16;
 constexpr int64_t kPrefetchRows = 64;  // rows of a block ahead that are prefetched (4-8 KB)
 constexpr int kMaxRows = 6;          // rows of x sharing one pass over a block (24 accumulators)
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-
-AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-
-AVX512 inline __m512 load16(const c10::BFloat16* p) {
-  // bfloat16 is the high half of a float32: widen to 32 bits and shift into place.
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-AVX512 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-
-AVX512 inline void store16(c10::BFloat16* p, __m512 v) {
-  // Round to nearest even, as c10::BFloat16's conversion does (NaNs are not produced by finite inputs).
-  __m512i bits = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-}
+using clex_cpu::load16;
+using clex_cpu::store16;
 
 // Rows [0, ROWS) of x times one block of W: out[m, 0:64] (the block's columns of y).
 template <int ROWS, typename T>

@@ -14,6 +14,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "avx512_math.h"
 #include "clex_cpu.h"
 
 #include <immintrin.h>
@@ -25,8 +26,6 @@
 #include <vector>
 
 namespace {
-
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 constexpr int64_t kTile = 64;     // keys scored before their values are accumulated (whole 16s)
 constexpr int64_t kMaxGroup = 16;  // query heads per KV head handled together
@@ -84,19 +83,6 @@ AVX512 inline __m512 sum_each(const __m512* v) {
                        _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// exp(x) for x <= 0 (scores minus their maximum): 2^n * 2^f with |f| <= 1/2, 2^f by its Taylor series to
-// degree 7 (relative error below 1e-8, under float32's rounding).
-AVX512 inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
-  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));  // f * ln 2
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  const float coefficients[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
-  for (float c : coefficients) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
-
 // Attention of `group` queries (float32, [group][dim], already multiplied by the softmax scale) over the
 // runs of one KV head: out [group][dim] float32.
 template <bool PAIRS, typename T>
@@ -148,7 +134,7 @@ AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const 
         __m512 max_vector = _mm512_set1_ps(new_max), sum = _mm512_setzero_ps();
         for (int64_t j0 = 0; j0 < n; j0 += 16) {
           __mmask16 valid = (__mmask16)(n - j0 >= 16 ? 0xFFFF : (1u << (n - j0)) - 1);
-          __m512 p = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores[g] + j0), max_vector));
+          __m512 p = clex_cpu::exp16(_mm512_sub_ps(_mm512_loadu_ps(scores[g] + j0), max_vector));
           p = _mm512_maskz_mov_ps(valid, p);
           _mm512_storeu_ps(scores[g] + j0, p);
           sum = _mm512_add_ps(sum, p);

@@ -12,6 +12,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "avx512_math.h"
 #include "clex_cpu.h"
 
 #include <immintrin.h>
@@ -91,19 +92,32 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::opti
 
 namespace {
 
+// One row: silu(gate) rounded to the dtype (F.silu's result), times up. Sixteen lanes at a time with a
+// vectorised exp (the scalar exp was most of a 16-stream step's MLP after the weights); the tail as before.
+template <typename T>
+AVX512 void silu_and_mul_row(const T* gate, const T* up, T* o, int64_t width) {
+  int64_t c = 0;
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; c + 16 <= width; c += 16) {
+    __m512 g = clex_cpu::load16(gate + c);
+    __m512 activated = clex_cpu::round16<T>(
+        _mm512_div_ps(g, _mm512_add_ps(one, clex_cpu::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+    clex_cpu::store16(o + c, _mm512_mul_ps(activated, clex_cpu::load16(up + c)));
+  }
+  for (; c < width; ++c) {
+    float g = static_cast<float>(gate[c]);
+    float activated = rounded<T>(g / (1.f + std::exp(-g)));
+    o[c] = static_cast<T>(activated * static_cast<float>(up[c]));
+  }
+}
+
 template <typename T>
 void silu_and_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
   const int64_t rows = gate_up.size(0), width = out.size(1);
   at::parallel_for(0, rows, kRowsPerTask, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       const T* gate = gate_up.data_ptr<T>() + r * gate_up.stride(0);
-      const T* up = gate + width;
-      T* o = out.data_ptr<T>() + r * out.stride(0);
-      for (int64_t c = 0; c < width; ++c) {
-        float g = static_cast<float>(gate[c]);
-        float activated = rounded<T>(g / (1.f + std::exp(-g)));  // F.silu's result, in the dtype
-        o[c] = static_cast<T>(activated * static_cast<float>(up[c]));
-      }
+      silu_and_mul_row<T>(gate, gate + width, out.data_ptr<T>() + r * out.stride(0), width);
     }
   });
 }
@@ -214,8 +228,6 @@ std::tuple<at::Tensor, at::Tensor> rotate_and_cache(const at::Tensor& q, const a
 }  // namespace clex_cpu
 
 namespace {
-
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 // The first index of a row's largest value, or of its first NaN (torch.argmax's answer): one pass for the
 // maximum, one that stops at the first lane equal to it.

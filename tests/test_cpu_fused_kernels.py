@@ -96,3 +96,32 @@ def test_argmax_rows_is_torch_argmax():
     x[7, 17] = x[7, 30] = float("nan")
     for logits in (x, torch.randn(5, 37), torch.full((2, 20), -float("inf")), torch.randn(3, 1)):
         assert torch.equal(torch.ops.clex_cpu.argmax_rows(logits), logits.argmax(dim=-1))
+
+
+def test_penalties_kernel_equals_the_pytorch_formulation(monkeypatch):
+    """Repetition, presence and frequency penalties in one C++ pass give the PyTorch path's logits bit for bit,
+    for a batch mixing rows without penalties, each penalty alone and all together, over two steps."""
+    from clex_serve.engine import penalties as penalties_module
+    from clex_serve.engine.sequence import Sequence
+    from clex_serve.sampling_params import SamplingParams
+
+    vocab, generator = 500, torch.Generator().manual_seed(3)
+    params = [SamplingParams(), SamplingParams(repetition_penalty=1.3), SamplingParams(frequency_penalty=0.4),
+              SamplingParams(presence_penalty=-0.5), SamplingParams(repetition_penalty=0.8, frequency_penalty=-0.2,
+                                                                    presence_penalty=0.7)]
+    seqs = []
+    for index, sampling in enumerate(params):
+        seq = Sequence(index, f"r{index}", 0, torch.randint(0, vocab, (30,), generator=generator).tolist(), sampling)
+        seq.token_ids += torch.randint(0, vocab, (40,), generator=generator).tolist()  # repeats among them
+        seqs.append(seq)
+    states = {kernel: penalties_module.PenaltyState(vocab, torch.device("cpu")) for kernel in (True, False)}
+    for _ in range(2):
+        logits = torch.randn(len(seqs), vocab, generator=generator) * 3
+        results = {}
+        for kernel, state in states.items():
+            monkeypatch.setattr(penalties_module, "use_cpu_kernels", lambda tensor, kernel=kernel: kernel)
+            results[kernel] = state.apply(logits.clone(), seqs)
+            state.record(seqs, torch.randint(0, vocab, (len(seqs),), generator=torch.Generator().manual_seed(5)))
+        assert torch.equal(results[True], results[False])
+        assert torch.equal(results[True][0], logits[0])  # the row without penalties is untouched
+        assert not torch.equal(results[True][1:], logits[1:])

@@ -4,7 +4,8 @@ Rebuilding each sequence's counts from its token list at every step costs time t
 (measured before this existed: 284 ms per step at 64 streams with long outputs). Here a sequence that asks
 for a penalty gets a row in two persistent tables the first time it samples: which tokens its prompt holds,
 and how often each token occurs in its output. Each step gathers the rows of the batch, and one scatter
-adds the sampled tokens: the same work at the 2,000th token as at the 10th.
+adds the sampled tokens: the same work at the 2,000th token as at the 10th. On the CPU a C++ kernel applies
+all three in one pass over each row (``kernels/csrc/penalties.cpp``).
 
 The rules are transformers' repetition penalty (over prompt and output tokens) and OpenAI's presence and
 frequency penalties (over output tokens), as before.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from clex_serve.engine.sequence import Sequence
+from clex_serve.kernels.dispatch import use_cpu_kernels
 
 
 class PenaltyState:
@@ -62,6 +64,14 @@ class PenaltyState:
         every_row = len(picked) == len(seqs)
         rows = torch.tensor([self._row(seqs[index]) for index in picked], device=self.device)
         params = [seqs[index].params for index in picked]
+        if logits.dtype == torch.float32 and logits.is_contiguous() and use_cpu_kernels(logits):
+            # One pass over each row instead of some ten vocabulary-sized ones; the same float32 operations.
+            torch.ops.clex_cpu.apply_penalties(
+                logits, self.output_counts, self.in_prompt, torch.tensor(picked), rows,
+                *(torch.tensor(values, dtype=torch.float32) for values in (
+                    [p.repetition_penalty for p in params], [p.frequency_penalty for p in params],
+                    [p.presence_penalty for p in params])))
+            return logits
         target = logits if every_row else logits[picked]
         counts = self.output_counts[rows]
         occurred = counts > 0

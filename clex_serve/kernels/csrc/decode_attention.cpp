@@ -42,7 +42,7 @@ AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
 // element its high half masked, so vector 2c holds the even elements of the c-th 32 and vector 2c+1 the odd
 // ones: one ALU operation per vector instead of a widening shuffle and a shift (the shuffle port, shared with
 // half of the multiply-adds, bounded bfloat16 attention below memory speed). Queries and outputs are held
-// in the same order (``to_pair_order`` / ``from_pair_order``).
+// in the same order (``pair_position``).
 template <bool PAIRS, typename T>
 AVX512 inline __m512 row_vector(const T* row, int64_t v, __mmask16 mask) {
   if constexpr (PAIRS) {

@@ -28,17 +28,19 @@ def test_the_cpu_kernels_build_where_the_ci_runs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prepared_layers_equal_plain_ones_for_any_row_count(blocked, dtype):
     torch.manual_seed(0)
-    # 96 and 130 outputs: a whole block plus a part, a part of a block past two whole ones.
-    model = nn.Sequential(nn.Linear(64, 96, bias=True), nn.Linear(96, 130, bias=False)).to(dtype)
+    # 96 and 130 outputs: a whole block plus a part, a part of a block past two whole ones; 40 outputs: one
+    # partial block, which the kernel also splits by rows so that both threads work.
+    model = nn.Sequential(nn.Linear(64, 96, bias=True), nn.Linear(96, 130, bias=False),
+                          nn.Linear(130, 40, bias=True)).to(dtype)
     row_counts = sorted({1, 3, BLOCKED_MAX_ROWS[dtype], BLOCKED_MAX_ROWS[dtype] + 1, 16, 70})
     inputs = {rows: torch.randn(rows, 64, dtype=dtype) for rows in row_counts}
     expected = {rows: model(x).float() for rows, x in inputs.items()}
-    assert prepare_cpu_linear_layers(model, blocked=blocked) == 2
+    assert prepare_cpu_linear_layers(model, blocked=blocked) == 3
     assert prepare_cpu_linear_layers(model, blocked=blocked) == 0  # a second runner over the model: no change
     for rows, x in inputs.items():
         tolerance = TOLERANCE[dtype]
         torch.testing.assert_close(model(x).float(), expected[rows], atol=tolerance, rtol=tolerance)
-    assert model(torch.randn(2, 5, 64, dtype=dtype)).shape == (2, 5, 130)  # leading dimensions kept
+    assert model(torch.randn(2, 5, 64, dtype=dtype)).shape == (2, 5, 40)  # leading dimensions kept
     # Plain weights are dropped wherever another layout serves every row count; float32 without the blocked
     # kernel keeps its plain weight for MKL's single-row GEMV.
     assert (model[0].weight.numel() == 0) == (blocked or dtype == torch.bfloat16)
@@ -69,3 +71,23 @@ def test_a_weight_shared_with_an_embedding_stays_in_place(blocked):
     for rows in (1, 4, 20):
         x = torch.randn(rows, 16, dtype=torch.bfloat16)
         torch.testing.assert_close(head(x).float(), (x @ embedding.weight.t()).float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels do not build here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_blocked_kernel_gives_the_same_bits_on_any_number_of_threads(dtype):
+    """With fewer blocks than threads the rows are split between threads; no output changes by a bit."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(100, 256, dtype=dtype), torch.randn(128, dtype=dtype)  # 2 blocks, 1 partial
+    blocked = to_blocked(weight)
+    threads = torch.get_num_threads()
+    try:
+        for rows in (1, 7, 13, 40):
+            x = torch.randn(rows, 256, dtype=dtype)
+            results = []
+            for count in (1, 3, 8):
+                torch.set_num_threads(count)
+                results.append(torch.ops.clex_cpu.blocked_linear(x, blocked, bias, 100))
+            assert all(torch.equal(result, results[0]) for result in results[1:])
+    finally:
+        torch.set_num_threads(threads)

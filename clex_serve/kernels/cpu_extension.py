@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("blocked_linear.cpp", "fused_ops.cpp", "decode_attention.cpp", "decoder_layer.cpp",
-                                    "penalties.cpp")]
+                                    "penalties.cpp", "sampling.cpp")]
 DISABLE_VARIABLE = "CLEX_SERVE_CPU_KERNELS"
 NAME = "clex_serve_cpu_kernels"
 

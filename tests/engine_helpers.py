@@ -25,6 +25,15 @@ def byte_level_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+def word_level_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """Words ``w3 .. w{vocab_size - 1}`` after <unk>, <s>, </s>: every token decodes to visible text, whatever
+    a random model writes (a byte-level one can write bytes that never complete a character)."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def sentencepiece_style_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     """Llama-style: metaspace (▁) pre-tokenization and byte fallback, as Llama-2's tokenizer.json has."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
@@ -43,6 +52,23 @@ def model_with_tokenizer(name: str, folder: Path) -> Path:
     folder = Path(folder) / name
     shutil.copytree(FIXTURES / name, folder, ignore=shutil.ignore_patterns("cases.safetensors"))
     byte_level_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def slow_random_llama(folder: Path, hidden: int = 512, layers: int = 8) -> Path:
+    """A random plain Llama (about 25M parameters at the defaults) with a word-level tokenizer: slow enough on
+    the CPU (several ms a token) that a long answer is still being written while a test acts on it, and every
+    token it writes shows."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=320, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
+    folder = Path(folder) / "slow_llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    word_level_tokenizer().save_pretrained(folder)
     return folder
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine_helpers import model_with_tokenizer
+from engine_helpers import slow_random_llama
 from server_helpers import free_port, running_server
 
 pytest.importorskip("gradio")
@@ -89,13 +89,14 @@ def answer_settled(page, timeout: float = 60) -> str:
 def test_answer_streams_and_stop_frees_the_engine(browser, tmp_path):
     """A model that writes thousands of tokens: the answer grows across reads, Stop ends it while the request
     is still running, and /metrics shows no request running and no KV block in use."""
-    folder = model_with_tokenizer("llama", tmp_path)
+    folder = slow_random_llama(tmp_path)
     with running_server("--model", str(folder), "--chat-template", "vicuna", "--max-model-len", "8192",
-                        "--allow-long-max-model-len", "--ui") as (url, _):
+                        "--ui") as (url, _):
         page = open_ui(browser, f"{url}/ui/")
         # Greedy, so that this random model never picks its end token (sampled, when it stops depends on the
-        # draws), and the longest answer the page allows: this tiny model writes 500 tokens in under a second,
-        # which would end the answer before the test could press Stop.
+        # draws), the longest answer the page allows, and a model of 25M parameters: the answer takes tens of
+        # seconds (the 2-layer test checkpoint wrote 4,096 tokens in a few, so the page could still be
+        # showing them after the engine had finished, and Stop found nothing running).
         page.locator("#settings").get_by_text("Settings").click()
         set_slider(page, "#temperature", "0")
         set_slider(page, "#max-new-tokens", "4096")

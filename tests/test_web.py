@@ -45,11 +45,18 @@ def send(page, text: str) -> None:
 
 def set_slider(page, slider: str, value: str) -> None:
     """Type into a settings slider's number box; leaving the box commits it. Waits until the slider holds it
-    (a message sent before that would race the setting)."""
+    (a message sent before that would race the setting), typing again while it does not: on a loaded
+    machine a first entry can land before the page is ready for it."""
     box = page.locator(f"{slider} input[type=number]")
-    box.fill(value)
-    box.press("Tab")
-    wait_for(lambda: page.locator(f"{slider} input[type=range]").input_value() == value, timeout=10)
+
+    def committed() -> bool:
+        if page.locator(f"{slider} input[type=range]").input_value() == value:
+            return True
+        box.fill(value)
+        box.press("Tab")
+        return False
+
+    wait_for(committed, timeout=60, interval=0.5)
 
 
 def bot_text(page) -> str:

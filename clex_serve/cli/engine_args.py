@@ -6,6 +6,7 @@ import argparse
 
 from clex_serve.attention.selector import BACKENDS
 from clex_serve.engine.engine_config import EngineConfig
+from clex_serve.engine.scheduler import SchedulerConfig
 from clex_serve.loading.loader import LOAD_FORMATS
 
 
@@ -45,8 +46,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="tokens per step (decodes plus prompt chunks); default max(max-model-len, 2048)")
     group.add_argument("--max-prefill-tokens-with-decodes", type=positive_int,
                        help="prompt tokens in a step that also decodes running streams, which bounds their "
-                            "inter-token latency while prompts are computed (prompts of at most 4x this go "
-                            "whole); default 12 on the CPU, 2048 on CUDA")
+                            "inter-token latency while prompts are computed (prompts of at most "
+                            f"{SchedulerConfig.SHORT_PROMPT_FACTOR}x this go whole); default 12 on the CPU, "
+                            "2048 on CUDA")
     group.add_argument("--block-size", type=positive_int, help="KV cache block size in tokens")
     group.add_argument("--kv-cache-memory", type=positive_float, metavar="GIB", help="KV cache size in GiB")
     group.add_argument("--gpu-memory-utilization", type=fraction, default=0.9,

@@ -15,6 +15,8 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 

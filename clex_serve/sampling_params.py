@@ -45,6 +45,9 @@ class SamplingParams:
     logprobs: int | None = None  # top alternatives returned per generated token (the sampled one always)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # token id -> bias added to its logit before sampling (OpenAI's logit_bias, in [-100, 100]); a dict is
+    # accepted and frozen as sorted (token id, bias) pairs.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
@@ -56,6 +59,7 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        object.__setattr__(self, "logit_bias", _frozen_logit_bias(self.logit_bias))
         self._validate()
 
     def _check_types(self) -> None:
@@ -116,3 +120,21 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _frozen_logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """``{token id: bias}`` (or pairs) as sorted pairs; each id a non-negative integer, each bias finite in
+    [-100, 100], OpenAI's range (-100 bans a token in practice, 100 all but forces it)."""
+    if value is None:
+        return ()
+    items = value.items() if isinstance(value, dict) else value
+    try:
+        pairs = [(token_id, bias) for token_id, bias in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"logit_bias must map token ids to numbers, got {value!r}") from None
+    for token_id, bias in pairs:
+        if not _is_int(token_id) or token_id < 0:
+            raise ValueError(f"logit_bias: token id {token_id!r} is not a non-negative integer")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ValueError(f"logit_bias: the bias of token {token_id} must be a number in [-100, 100], got {bias!r}")
+    return tuple(sorted((token_id, float(bias)) for token_id, bias in dict(pairs).items()))

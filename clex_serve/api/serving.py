@@ -11,16 +11,22 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
+from clex_serve.api.context_overflow import context_overflow, overflow_of
 from clex_serve.api.errors import APIError, invalid
 from clex_serve.api.metrics import ServerMetrics
 from clex_serve.engine.async_engine import AsyncLLMEngine
 from clex_serve.engine.errors import EngineDeadError, EngineShutdownError, QueueFullError
+from clex_serve.engine.input_processor import PromptTooLongError
 from clex_serve.engine.outputs import RequestOutput
 
 logger = logging.getLogger("clex_serve.api")
 
 # How often a non-streaming request checks whether its client is still there.
 _DISCONNECT_POLL = 0.2
+
+# The status a streamed request's log line gives for how it ended (the HTTP status was 200 from its start):
+# 499, nginx's "client closed request", for a client that went away.
+STREAM_STATUS = {"finished": 200, "aborted": 499, "failed": 500}
 
 
 class ClientDisconnected(Exception):
@@ -47,18 +53,25 @@ class ServingContext:
         if self.engine.dead:
             raise APIError(503, "the engine stopped after an error; restart the server", code="engine_dead")
 
-    def max_tokens(self, requested: int | None, prompt_len: int, param: str = "max_tokens") -> int:
-        """The output budget: what was asked, or the rest of the context; refused when it does not fit."""
+    def check_request(self, body, request_id: str) -> None:
+        """What every generation request passes first: the model, the engine, parameters this server does not
+        implement (refused, naming them), and fields the API does not have (ignored, with one log line)."""
+        self.check_model(body.model)
+        self.check_engine()
+        refused = body.unsupported()
+        if refused:
+            raise APIError(400, refused[1], param=refused[0], code="unsupported_parameter")
+        unknown = body.unknown_fields()
+        if unknown:
+            logger.info("request %s: ignoring fields that are not part of the API: %s", request_id, ", ".join(unknown))
+
+    def output_budget(self, requested: int | None, prompt_len: int, prompt_param: str) -> int:
+        """The output budget: what was asked, or the rest of the context; a prompt and budget that do not fit
+        the context are refused in one shape, naming the prompt (or the messages) and both numbers."""
         room = self.max_model_len - prompt_len
-        if requested is not None and requested < 1:
-            raise APIError(400, f"{param} must be at least 1, got {requested}", param=param)
-        total = prompt_len + (requested if requested is not None else 1)
-        if total > self.max_model_len or room < 1:
-            asked = requested if requested is not None else 1
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                                f"requested {prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} in the "
-                                f"completion). Please reduce the length of the prompt or completion.",
-                           param=param, code="context_length_exceeded")
+        asked = requested if requested is not None else 1
+        if asked > room:
+            raise context_overflow(self.max_model_len, prompt_len, asked, prompt_param, requested is not None)
         return requested if requested is not None else room
 
     @staticmethod
@@ -70,6 +83,8 @@ class ServingContext:
             return APIError(429, str(error), code="queue_full", headers={"Retry-After": "1"})
         if isinstance(error, (EngineDeadError, EngineShutdownError)):
             return APIError(503, str(error), code="engine_unavailable")
+        if isinstance(error, PromptTooLongError):
+            return overflow_of(error, "prompt")
         if isinstance(error, ValueError):
             return invalid(error)
         return APIError(500, f"generation failed: {error}", code="generation_failed")

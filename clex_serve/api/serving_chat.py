@@ -9,9 +9,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
+from clex_serve.api.context_overflow import overflow_of
 from clex_serve.api.errors import APIError, invalid
 from clex_serve.api.protocol import ChatCompletionRequest, usage
-from clex_serve.api.serving import ClientDisconnected, ServingContext, prompt_logprobs_json, sse
+from clex_serve.api.serving import STREAM_STATUS, ClientDisconnected, ServingContext, prompt_logprobs_json, sse
+from clex_serve.engine.input_processor import PromptTooLongError
 from clex_serve.engine.outputs import CompletionOutput
 from clex_serve.text.chat_template import chat_prompt
 
@@ -35,22 +37,25 @@ def chat_logprobs(ctx: ServingContext, completion: CompletionOutput, top_n: int)
 async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, raw_request: Request,
                                  request_id: str):
     started = time.monotonic()
-    ctx.check_model(body.model)
-    ctx.check_engine()
+    ctx.check_request(body, request_id)
     template = ctx.chat_template
     if template is None:
         raise APIError(400, "this model has no chat template: start the server with --chat-template (vicuna, "
                             "zephyr, or a Jinja file), or use /v1/completions", param="messages",
                        code="no_chat_template")
+    conversation = body.conversation()
     try:
-        prompt = await asyncio.to_thread(chat_prompt, ctx.tokenizer, body.conversation(), ctx.family, True, template)
+        ctx.engine.engine.inputs.check_text_length(sum(len(m["content"]) for m in conversation), "the messages")
+        prompt = await asyncio.to_thread(chat_prompt, ctx.tokenizer, conversation, ctx.family, True, template)
+    except PromptTooLongError as error:
+        raise overflow_of(error, "messages") from None
     except ValueError as error:
         raise invalid(error, "messages") from None
     except Exception as error:  # a template that fails on these messages (raise_exception in Jinja)
         raise APIError(400, f"the chat template cannot render these messages: {error}", param="messages") from None
     prompt_len = len(prompt["prompt_token_ids"])
-    max_tokens = ctx.max_tokens(body.requested_max_tokens(), prompt_len,
-                                "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+    requested, _ = body.requested_max_tokens()
+    max_tokens = ctx.output_budget(requested, prompt_len, "messages")
     try:
         params = body.to_sampling_params(max_tokens)
     except ValueError as error:
@@ -115,6 +120,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
         finally:
             await stream.aclose()
             ctx.metrics.request_ended(outcome, metrics, prompt_len, generated)
-            ctx.log(request_id, 200, prompt_len, generated, metrics.time_to_first_token if metrics else None, started)
+            ctx.log(request_id, STREAM_STATUS[outcome], prompt_len, generated,
+                    metrics.time_to_first_token if metrics else None, started)
 
     return EventSourceResponse(events(), ping=15, headers={"X-Request-Id": request_id})

@@ -1,4 +1,10 @@
-"""``POST /v1/completions``: one or several prompts (text or token ids), whole or streamed."""
+"""``POST /v1/completions``: one or several prompts (text or token ids), whole or streamed.
+
+``echo`` with ``logprobs`` returns the prompt's tokens and their logprobs before the generated ones (the
+first prompt token has none), as lm-evaluation-harness's loglikelihood tasks read them; ``max_tokens: 0``
+with ``echo`` scores the prompt alone. The engine still samples one token there (it comes from the same
+forward pass that scores the prompt, so it costs nothing more) and the handler drops it.
+"""
 
 from __future__ import annotations
 
@@ -10,51 +16,86 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from clex_serve.api.errors import invalid
+from clex_serve.api.context_overflow import overflow_of
+from clex_serve.api.errors import APIError, invalid
 from clex_serve.api.protocol import CompletionRequest, usage
-from clex_serve.api.serving import ClientDisconnected, ServingContext, merge_streams, prompt_logprobs_json, sse
-from clex_serve.engine.outputs import CompletionOutput
+from clex_serve.api.serving import (
+    STREAM_STATUS, ClientDisconnected, ServingContext, merge_streams, prompt_logprobs_json, sse,
+)
+from clex_serve.engine.input_processor import PromptTooLongError
+from clex_serve.engine.outputs import CompletionOutput, RequestOutput
+
+
+def _logprobs_entries(ctx: ServingContext, token_ids, entries, offset: int) -> dict:
+    """The legacy completions format for ``token_ids`` and their logprob entries (None where a position
+    has none): tokens, their logprobs, the top alternatives, text offsets from ``offset``."""
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    for token_id, alternatives in zip(token_ids, entries):
+        text = ctx.tokenizer.decode([token_id])
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        if alternatives is None:
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+        else:
+            token_logprobs.append(alternatives[token_id].logprob)
+            top_logprobs.append({ctx.tokenizer.decode([tid]): lp.logprob for tid, lp in alternatives.items()})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
 def completion_logprobs(ctx: ServingContext, completion: CompletionOutput, text_offset: int) -> dict | None:
-    """The legacy completions format: tokens, their logprobs, the top alternatives, text offsets."""
     if completion.logprobs is None:
         return None
-    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    offset = text_offset
-    for token_id, alternatives in zip(completion.token_ids, completion.logprobs):
-        text = ctx.tokenizer.decode([token_id])
-        tokens.append(text)
-        token_logprobs.append(alternatives[token_id].logprob)
-        top_logprobs.append({ctx.tokenizer.decode([tid]): lp.logprob for tid, lp in alternatives.items()})
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+    return _logprobs_entries(ctx, completion.token_ids, completion.logprobs, text_offset)
+
+
+def echoed_logprobs(ctx: ServingContext, output: RequestOutput) -> dict:
+    """The prompt's part of an echoed completion's logprobs."""
+    entries = output.prompt_logprobs or [None] * len(output.prompt_token_ids)
+    return _logprobs_entries(ctx, output.prompt_token_ids, entries, 0)
+
+
+def _end_offset(prompt_part: dict | None, echo: str) -> int:
+    """Where the generated tokens' text offsets start: after the echoed prompt's tokens when they are listed
+    (their strings include special tokens such as BOS that the echoed text lacks), else after the text."""
+    if prompt_part and prompt_part["tokens"]:
+        return prompt_part["text_offset"][-1] + len(prompt_part["tokens"][-1])
+    return len(echo)
+
+
+def _joined(first: dict | None, second: dict | None) -> dict | None:
+    if first is None or second is None:
+        return first or second
+    return {key: first[key] + second[key] for key in first}
 
 
 async def create_completion(ctx: ServingContext, body: CompletionRequest, raw_request: Request, request_id: str):
     started = time.monotonic()
-    ctx.check_model(body.model)
-    ctx.check_engine()
+    ctx.check_request(body, request_id)
+    scoring = body.scores_only()
+    if scoring and not body.echo:
+        raise APIError(400, "max_tokens: 0 is allowed only with echo, to score the prompt; ask for at least 1 token",
+                       param="max_tokens")
     try:
         prompts = body.prompts()
         processed = [await asyncio.to_thread(ctx.engine.engine.process_inputs, prompt) for prompt in prompts]
+    except PromptTooLongError as error:
+        raise overflow_of(error, "prompt") from None
     except ValueError as error:
         raise invalid(error, "prompt") from None
     lengths = [len(item.token_ids) for item in processed]
-    max_tokens = ctx.max_tokens(body.max_tokens, max(lengths))
+    requested = 1 if scoring else body.max_tokens
+    budgets = [ctx.output_budget(requested, length, "prompt") for length in lengths]
     try:
-        params = body.to_sampling_params(max_tokens)
+        params = body.to_sampling_params(min(budgets))
     except ValueError as error:
         raise invalid(error) from None
-    if body.max_tokens is None:  # the rest of each prompt's own context
-        per_prompt = [ctx.max_tokens(None, length) for length in lengths]
-    else:
-        per_prompt = [max_tokens] * len(prompts)
+    echo_logprobs = body.echo and body.logprobs is not None
     echoes = [item.text if item.text is not None else ctx.tokenizer.decode(item.token_ids) for item in processed]
     streams = [ctx.engine.generate({"prompt": item.text, "prompt_token_ids": item.token_ids},
                                    dataclasses.replace(params, max_tokens=budget), f"{request_id}-{index}")
-               for index, (item, budget) in enumerate(zip(processed, per_prompt))]
+               for index, (item, budget) in enumerate(zip(processed, budgets))]
     model, created, n = ctx.served_model_name, int(time.time()), params.n
     prompt_tokens = sum(lengths)
 
@@ -71,16 +112,21 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw_re
         choices, generated = [], 0
         for prompt_index, output in enumerate(outputs):
             echo = echoes[prompt_index] if body.echo else ""
+            prompt_part = echoed_logprobs(ctx, output) if echo_logprobs else None
             for c in output.outputs:
-                generated += len(c.token_ids)
-                choice = {"index": choice_index(prompt_index, c), "text": echo + c.text,
-                          "logprobs": completion_logprobs(ctx, c, len(echo)),
-                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                if scoring:
+                    text, logprobs, finish_reason, stop_reason = echo, prompt_part, "length", None
+                else:
+                    generated += len(c.token_ids)
+                    text, finish_reason, stop_reason = echo + c.text, c.finish_reason, c.stop_reason
+                    logprobs = _joined(prompt_part, completion_logprobs(ctx, c, _end_offset(prompt_part, echo)))
+                choice = {"index": choice_index(prompt_index, c), "text": text, "logprobs": logprobs,
+                          "finish_reason": finish_reason, "stop_reason": stop_reason}
                 if body.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = prompt_logprobs_json(ctx, output)
                 choices.append(choice)
             ctx.metrics.request_ended("finished", output.metrics, lengths[prompt_index],
-                                      sum(len(c.token_ids) for c in output.outputs))
+                                      0 if scoring else sum(len(c.token_ids) for c in output.outputs))
         choices.sort(key=lambda choice: choice["index"])
         ctx.log(request_id, 200, prompt_tokens, generated, outputs[0].metrics.time_to_first_token, started)
         return JSONResponse({"id": request_id, "object": "text_completion", "created": created, "model": model,
@@ -108,17 +154,23 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw_re
         offsets: dict[int, int] = {}
         try:
             if body.echo:
-                for prompt_index in range(len(prompts)):
+                for prompt_index, first in enumerate(firsts):
+                    prompt_part = echoed_logprobs(ctx, first) if echo_logprobs else None
                     for i in range(n):
-                        offsets[prompt_index * n + i] = len(echoes[prompt_index])
-                        yield chunk([{"index": prompt_index * n + i, "text": echoes[prompt_index], "logprobs": None,
-                                      "finish_reason": None}])
+                        offsets[prompt_index * n + i] = _end_offset(prompt_part, echoes[prompt_index])
+                        yield chunk([{"index": prompt_index * n + i, "text": echoes[prompt_index],
+                                      "logprobs": prompt_part, "finish_reason": None}])
             async for prompt_index, output in merge_streams([replay_first(i) for i in range(len(streams))]):
                 ctx.metrics.observe_tokens(output.metrics)
                 for c in output.outputs:
+                    index = choice_index(prompt_index, c)
+                    if scoring:  # the sampled token is dropped: only the end is told
+                        if c.finish_reason:
+                            yield chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": "length",
+                                          "stop_reason": None}])
+                        continue
                     generated += len(c.token_ids)
                     if c.text or c.token_ids or c.finish_reason:
-                        index = choice_index(prompt_index, c)
                         logprobs = completion_logprobs(ctx, c, offsets.get(index, 0))
                         offsets[index] = offsets.get(index, 0) + len(c.text)
                         yield chunk([{"index": index, "text": c.text, "logprobs": logprobs,
@@ -134,6 +186,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw_re
             for stream in streams:
                 await stream.aclose()
             ctx.metrics.request_ended(outcome, first_metrics, prompt_tokens, generated)
-            ctx.log(request_id, 200, prompt_tokens, generated, first_metrics.time_to_first_token, started)
+            ctx.log(request_id, STREAM_STATUS[outcome], prompt_tokens, generated, first_metrics.time_to_first_token,
+                    started)
 
     return EventSourceResponse(events(), ping=15, headers={"X-Request-Id": request_id})

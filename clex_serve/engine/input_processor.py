@@ -24,13 +24,54 @@ def _is_token_id(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+class PromptTooLongError(ValueError):
+    """A prompt that leaves no room for output: ``num_tokens`` is its length, or a lower bound on it when it
+    was refused by its length in characters, before tokenizing (``exact`` is then False)."""
+
+    def __init__(self, message: str, num_tokens: int, max_model_len: int, exact: bool = True) -> None:
+        super().__init__(message)
+        self.num_tokens = num_tokens
+        self.max_model_len = max_model_len
+        self.exact = exact
+
+
+def longest_token_chars(tokenizer) -> int:
+    """An upper bound on the characters one token covers: the longest vocabulary entry (byte-level and
+    byte-fallback entries are at least as long as the text they stand for)."""
+    try:
+        return max(1, max(len(token) for token in tokenizer.get_vocab()))
+    except (AttributeError, TypeError, ValueError):
+        return 1 << 16  # unknown: a bound that refuses nothing a body limit lets through
+
+
+def check_unicode(text: str, what: str = "the prompt") -> None:
+    """Lone surrogates (possible in JSON and in Python strings) cannot be encoded: say so, by position."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{what} has a lone surrogate {text[error.start]!r} at character {error.start}: "
+                         f"send valid Unicode") from None
+
+
 class InputProcessor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        # Text longer than this cannot fit the context whatever it says: refused before it is tokenized.
+        self.max_prompt_chars = max_model_len * longest_token_chars(tokenizer)
+
+    def check_text_length(self, num_chars: int, what: str = "the prompt") -> None:
+        if num_chars > self.max_prompt_chars:
+            at_least = -(-num_chars // (self.max_prompt_chars // self.max_model_len))
+            raise PromptTooLongError(
+                f"{what} has {num_chars} characters, more than the {self.max_model_len} tokens this model reads "
+                f"can hold (no token is longer than {self.max_prompt_chars // self.max_model_len} characters)",
+                at_least, self.max_model_len, exact=False)
 
     def tokenize(self, text: str) -> list[int]:
+        check_unicode(text)
+        self.check_text_length(len(text))
         return self.tokenizer.encode(text, add_special_tokens=True)
 
     def process(self, prompt, params: SamplingParams | None = None) -> ProcessedPrompt:
@@ -45,13 +86,16 @@ class InputProcessor:
                 raise ValueError(f"prompt token id {token_id!r} at position {position} is not in the vocabulary "
                                  f"[0, {self.vocab_size})")
         if len(token_ids) >= self.max_model_len:
-            raise ValueError(
+            raise PromptTooLongError(
                 f"the prompt has {len(token_ids)} tokens, but this model reads at most {self.max_model_len} "
-                f"(prompt and output together); shorten it or raise max_model_len"
-            )
+                f"(prompt and output together); shorten it or raise max_model_len",
+                len(token_ids), self.max_model_len)
         for token_id in params.stop_token_ids:
             if token_id >= self.vocab_size:
                 raise ValueError(f"stop_token_ids: {token_id} is not in the vocabulary [0, {self.vocab_size})")
+        for token_id, _ in params.logit_bias:
+            if token_id >= self.vocab_size:
+                raise ValueError(f"logit_bias: token id {token_id} is not in the vocabulary [0, {self.vocab_size})")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
             if value is not None and value > self.vocab_size:

@@ -1,4 +1,4 @@
-"""Sampling for a whole batch at once: penalties, temperature, top-k, top-p, min-p, seeds, logprobs.
+"""Sampling for a whole batch at once: penalties, logit bias, temperature, top-k, top-p, min-p, seeds, logprobs.
 
 Rows that ask for nothing special cost nothing special: each transformation runs only when some row in the
 batch needs it, and then on the whole batch. A seeded request draws its noise from its own generator, so
@@ -77,10 +77,15 @@ class Sampler:
         want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         held_back = [seq.params.min_tokens and seq.num_output_tokens < seq.params.min_tokens for seq in seqs]
-        if any(held_back) or any(seq.params.has_penalties for seq in seqs):
-            # Both edit the logits in place: on a copy, so that the caller's stay raw (a batch without either,
-            # the common case, skips copying [B, vocab]).
+        biased = [row for row, seq in enumerate(seqs) if seq.params.logit_bias]
+        if any(held_back) or biased or any(seq.params.has_penalties for seq in seqs):
+            # These edit the logits in place: on a copy, so that the caller's stay raw (and logprobs report
+            # the model's own distribution, as vLLM's do); a batch with none of them, the common case, skips
+            # copying [B, vocab].
             logits = self.penalties.apply(logits.clone(), seqs)
+        for row in biased:
+            token_ids, biases = zip(*seqs[row].params.logit_bias)
+            logits[row, list(token_ids)] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
         for row, seq in enumerate(seqs):
             if held_back[row]:
                 stops = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else eos_token_ids)

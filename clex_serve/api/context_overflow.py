@@ -18,7 +18,7 @@ def context_overflow(max_model_len: int, prompt_len: int, asked: int, prompt_par
         detail = (f"you requested {'' if exact else 'at least '}{prompt_len + asked} tokens ({tokens} in the {what}, "
                   f"{asked} in the completion). Please reduce the length of the {what} or completion.")
     else:
-        detail = (f"the {what} take {tokens} tokens, which leaves no room for the completion. Please reduce the "
+        detail = (f"the {what} {'take' if what == 'messages' else 'takes'} {tokens} tokens, which leaves no room for the completion. Please reduce the "
                   f"length of the {what}.")
     return APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, {detail}",
                     param=prompt_param, code="context_length_exceeded")

@@ -86,6 +86,8 @@ def validation_error(errors: list[dict]) -> APIError:
     same_place = [error for error in errors if _param_path(error.get("loc", ())) == param]
     # A check of our own (a value error: a lone surrogate, say) says more than the union's other members.
     same_place = [error for error in same_place if error.get("type") == "value_error"] or same_place
+    # Where a value has a member's type but breaks its bounds, the bound is the news, not the other types.
+    same_place = [error for error in same_place if not error.get("type", "").endswith("_type")] or same_place
     complaints = []
     for error in same_place:
         if _plain(error.get("msg", "")) not in complaints:

@@ -33,11 +33,17 @@ GENERATION_ERRORS = error_responses(400, 401, 404, 413, 429, 503)
 BODY_ERRORS = error_responses(400, 401, 404, 413)  # tokenize and detokenize: no engine work
 
 
+# One server-sent event: its data a JSON chunk of the answer, an OpenAI error body, or "[DONE]" at the end.
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string", "description": "a JSON chunk, an error body, or [DONE]"},
+                             "event": {"type": "string"}, "id": {"type": "string"}}}
+
+
 def streaming_response(model) -> dict[int, dict[str, Any]]:
     """A 200 that is JSON, or an event stream of JSON chunks (each a ``data:`` line, then ``data: [DONE]``)
     when the request asked for ``stream``."""
     return {200: {"model": model, "description": "The answer, or with stream: true an event stream of chunks",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+                  "content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
 
 
 def install(app: FastAPI) -> None:

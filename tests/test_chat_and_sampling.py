@@ -75,6 +75,22 @@ def test_min_tokens_masks_eos_and_stop_ids():
     assert sample(logits, [_seq(params)], eos_token_ids=[2])[0].token_id == 4
 
 
+def test_logit_bias_moves_greedy_and_sampled_rows_and_leaves_logprobs_raw():
+    vocab = 64  # more than one 16-lane block, so the C++ sampling path sees a full row
+    logits = torch.zeros(3, vocab)
+    logits[:, 7] = 5.0
+    rows = [_seq(SamplingParams(temperature=0, logit_bias={3: 100}, logprobs=0)),
+            _seq(SamplingParams(temperature=1.0, seed=1, logit_bias={9: 100})),
+            _seq(SamplingParams(temperature=0, logit_bias={7: -100}, presence_penalty=0.5), output=(9,))]
+    raw = logits.clone()
+    chosen = sample(logits, rows, [])
+    assert [token.token_id for token in chosen][:2] == [3, 9]
+    assert chosen[2].token_id not in (7, 9)  # banned, and penalised below the untouched tokens
+    assert torch.equal(logits, raw)  # the caller's logits stay raw
+    # logprobs describe the model's own distribution, before the bias (as vLLM's do by default)
+    assert abs(chosen[0].logprobs[3].logprob - torch.log_softmax(raw[0], -1)[3].item()) < 1e-6
+
+
 def test_logprobs_report_rank_and_alternatives():
     logits = torch.tensor([[2.0, 1.0, 0.0, 3.0]])
     [token] = sample(logits, [_seq(SamplingParams(temperature=0, logprobs=2))], [])

@@ -64,11 +64,20 @@ def test_config_values_of_the_wrong_type_name_their_key(tmp_path, changes, named
     (dict(ignore_eos="yes"), "ignore_eos must be true or false, got 'yes'"),
     (dict(min_tokens=5, max_tokens=2), "min_tokens (5) must not exceed max_tokens (2)"),
     (dict(temperature=-1), "temperature must be non-negative, got -1"),
+    (dict(logit_bias={5: 101}), "logit_bias: the bias of token 5 must be a number in [-100, 100], got 101"),
+    (dict(logit_bias={-1: 1}), "logit_bias: token id -1 is not a non-negative integer"),
+    (dict(logit_bias={"5": 1}), "logit_bias: token id '5' is not a non-negative integer"),
+    (dict(logit_bias=[1, 2]), "logit_bias must map token ids to numbers"),
 ])
 def test_bad_sampling_params_name_the_parameter(bad, named):
     with pytest.raises(ValueError) as error:
         SamplingParams(**bad)
     assert named in _one_line(error)
+
+
+def test_logit_bias_is_frozen_as_sorted_pairs():
+    assert SamplingParams(logit_bias={7: -100, 3: 2.5}).logit_bias == ((3, 2.5), (7, -100.0))
+    assert SamplingParams(logit_bias=None).logit_bias == ()
 
 
 @pytest.mark.parametrize("bad,named", [

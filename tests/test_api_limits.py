@@ -141,6 +141,7 @@ def test_no_op_values_of_those_parameters_are_accepted(client):
     ("/v1/completions", {"prompt": "hi", "stop": ["x"] * 33}, "stop", "at most 32"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", "only with echo"),
     ("/tokenize", {"messages": []}, "messages", "at least 1"),
+    ("/v1/completions", [1, 2], None, "the body must be a JSON object"),
 ])
 def test_messages_name_the_parameter_and_say_what_is_wrong(server, route, body, param, says):
     response = post(server, route, json.dumps(body))  # lone surrogates travel as JSON escapes

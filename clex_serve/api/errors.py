@@ -79,6 +79,8 @@ def validation_error(errors: list[dict]) -> APIError:
     if first.get("type") == "json_invalid":
         return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg', ''))}")
     param = _param_path(first.get("loc", ()))
+    if param is None and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        return APIError(400, "the body must be a JSON object, sent with Content-Type: application/json")
     if first.get("type") == "missing":
         if param is None:
             return APIError(400, "the body is missing: send a JSON object")

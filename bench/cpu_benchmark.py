@@ -56,7 +56,7 @@ def weight_bytes(llm: LLM) -> int:
     """Bytes a single-stream decode step reads from the weights: all but the input embedding (one row of it
     is read); a linear layer prepared for the CPU counts the layout one row reads (blocked, else oneDNN's)."""
     total = 0
-    for name, module in llm.engine.runner.model.named_modules():
+    for name, module in llm.engine.worker.runner.model.named_modules():
         prepared = getattr(module, "blocked_weight", None)
         if prepared is None:
             prepared = getattr(module, "packed_weight", None)
@@ -70,7 +70,7 @@ def weight_bytes(llm: LLM) -> int:
 
 def kv_bytes_per_token(llm: LLM) -> int:
     config = llm.engine.model_config
-    element = torch.empty(0, dtype=llm.engine.runner.dtype).element_size()
+    element = torch.empty(0, dtype=llm.engine.worker.runner.dtype).element_size()
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
 
 
@@ -178,7 +178,7 @@ def host_time_per_step(folder: Path, streams: int = 64, new_tokens: int = 256) -
     llm = LLM(str(tiny), dtype="float32", device="cpu", show_progress=False, max_model_len=BASE_WINDOW * 16,
               kv_cache_memory_gib=1.0)
     engine = llm.engine
-    model = engine.runner.model
+    model = engine.worker.runner.model
     forward_time = [0.0]
     originals = {name: getattr(model, name) for name in ("forward", "compute_logits")}
 

@@ -103,7 +103,7 @@ def decode_rate(llm: LLM, context: int, new_tokens: int) -> float:
 def graph_replay_ms(llm: LLM, replays: int = 30) -> float | None:
     """GPU time of one batch-1 decode forward alone: the bucket-1 graph replayed on the last step's inputs
     (the engine step around it adds scheduling, sampling and output processing on the host)."""
-    graphs = llm.engine.runner.decode_graphs
+    graphs = llm.engine.worker.runner.decode_graphs
     if graphs is None:
         return None
     graphs.graphs[1].replay()
@@ -121,7 +121,7 @@ def kernel_profile(llm: LLM, context: int, steps: int = 4) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     engine = llm.engine
-    runner = engine.runner
+    runner = engine.worker.runner
     engine.add_request({"prompt_token_ids": prompt_ids(context - steps - 1, 2, engine.model_config.vocab_size)},
                        SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True))
     engine.step()
@@ -143,9 +143,9 @@ def kernel_profile(llm: LLM, context: int, steps: int = 4) -> str:
 
 def bytes_per_token(llm: LLM, mean_context: float) -> float:
     """What one decode step must read at least: every weight once (the embedding: one row) and the cache."""
-    model = llm.engine.runner.model
+    model = llm.engine.worker.runner.model
     config = llm.engine.model_config
-    element = torch.empty(0, dtype=llm.engine.runner.dtype).element_size()
+    element = torch.empty(0, dtype=llm.engine.worker.runner.dtype).element_size()
     weights = sum(p.numel() for p in model.parameters()) * element
     if not config.tie_word_embeddings:
         weights -= (config.vocab_size - 1) * config.hidden_size * element
@@ -157,7 +157,7 @@ def transformers_rate(llm: LLM, shape: dict, context: int, new_tokens: int, roun
     """transformers ``generate`` (its default cache and attention) on the plain engine's weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    device, dtype = llm.engine.device, llm.engine.runner.dtype
+    device, dtype = llm.engine.device, llm.engine.worker.runner.dtype
     config = LlamaConfig(**{**shape, "max_position_embeddings": shape["max_position_embeddings"] * MAX_FACTOR},
                          rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
                          tie_word_embeddings=False)
@@ -170,7 +170,7 @@ def transformers_rate(llm: LLM, shape: dict, context: int, new_tokens: int, roun
         torch.set_default_dtype(default_dtype)
     theirs = dict(model.named_parameters())
     with torch.no_grad():
-        for name, tensor in checkpoint_tensors(llm.engine.runner.model).items():
+        for name, tensor in checkpoint_tensors(llm.engine.worker.runner.model).items():
             theirs[name].copy_(tensor)
     inputs = torch.tensor([prompt_ids(context - new_tokens, 1, shape["vocab_size"])], device=device)
 
@@ -248,10 +248,10 @@ def main() -> None:
         started = time.perf_counter()
         clex = LLM(str(write_model(Path(folder) / "clex", shape, clex=True)), **engine_args)
         print(f"CLEX engine ready in {time.perf_counter() - started:.1f} s (graphs: "
-              f"{clex.engine.runner.decode_graphs is not None}, attention: {clex.engine.runner.backend.name})",
+              f"{clex.engine.worker.runner.decode_graphs is not None}, attention: {clex.engine.worker.runner.backend.name})",
               flush=True)
         plain = LLM(str(write_model(Path(folder) / "plain", shape, clex=False)), **engine_args)
-        parameters = sum(p.numel() for p in clex.engine.runner.model.parameters())
+        parameters = sum(p.numel() for p in clex.engine.worker.runner.model.parameters())
         print(f"model: {parameters / 1e9:.2f}B parameters", flush=True)
 
         decode = {}
@@ -263,9 +263,9 @@ def main() -> None:
             replay = graph_replay_ms(clex)
             mean_context = context - args.new_tokens / 2
             bound = bandwidth / bytes_per_token(clex, mean_context)
-            graphs, clex.engine.runner.decode_graphs = clex.engine.runner.decode_graphs, None
+            graphs, clex.engine.worker.runner.decode_graphs = clex.engine.worker.runner.decode_graphs, None
             eager = decode_rate(clex, context, args.new_tokens)
-            clex.engine.runner.decode_graphs = graphs
+            clex.engine.worker.runner.decode_graphs = graphs
             decode[context] = dict(clex=statistics.median(clex_rates), plain=statistics.median(plain_rates),
                                    eager=eager, bound=bound, replay_ms=replay, clex_rounds=clex_rates, plain_rounds=plain_rates)
             print(f"context {context}: {decode[context]}", flush=True)

@@ -118,7 +118,7 @@ def test_requests_are_answered_while_a_step_is_in_progress(engine, llm, monkeypa
     """The engine thread is held inside a prefill step (it waits on an event): meanwhile the event loop
     keeps running, a bad request is refused, a good one is accepted and an abort goes through. Released,
     every request completes."""
-    runner = llm.engine.runner
+    runner = llm.engine.worker.runner
     original = runner.execute
     entered, release = threading.Event(), threading.Event()
 
@@ -197,7 +197,7 @@ def test_a_consumer_that_reads_nothing_holds_one_pending_output(engine, llm, mon
 
 
 def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(engine, llm, monkeypatch):
-    runner = llm.engine.runner
+    runner = llm.engine.worker.runner
     original = runner.execute
     failures = {"left": 1}
 
@@ -221,7 +221,7 @@ def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(engine, llm, mo
 
 def test_a_cuda_error_marks_the_engine_dead(llm, monkeypatch):
     engine = AsyncLLMEngine(llm.engine, idle_wait=0.05)
-    runner = llm.engine.runner
+    runner = llm.engine.worker.runner
 
     def broken_execute(steps):
         raise RuntimeError("CUDA error: device-side assert triggered")

@@ -108,7 +108,7 @@ def test_kv_pool_sized_by_profiling_leaves_room_for_the_longest_prefill(tmp_path
     llm = LLM(str(tmp_path), load_format="dummy", dtype="bfloat16", device="cuda", max_num_seqs=64,
               max_num_batched_tokens=16384, gpu_memory_utilization=utilization, show_progress=False)
     engine = llm.engine
-    cap = 64 * (engine.max_model_len // engine.runner.block_size)
+    cap = 64 * (engine.max_model_len // engine.worker.runner.block_size)
     assert 0 < engine.block_manager.num_blocks < cap
 
     prompt = {"prompt_token_ids": [3 + i % 300 for i in range(16000)]}
@@ -132,7 +132,7 @@ def test_engine_greedy_generation_on_cuda_matches_golden(enforce_eager, tmp_path
     expected = cases[f"greedy_from_{prompt_len}"].tolist()
     llm = LLM(str(model_with_tokenizer(name, tmp_path)), dtype="float32", device="cuda", show_progress=False,
               enforce_eager=enforce_eager, kv_cache_memory_gib=0.05)
-    assert (llm.engine.runner.decode_graphs is None) == enforce_eager
+    assert (llm.engine.worker.runner.decode_graphs is None) == enforce_eager
     prompt = {"prompt_token_ids": cases["sequence"][:prompt_len].tolist()}
     output = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]
     assert output.outputs[0].token_ids == expected

@@ -220,8 +220,8 @@ def test_copy_on_write_blocks_are_reserved_when_planned(engines, monkeypatch):
     engine = llm.engine
     assert engine.block_manager.num_blocks == 43
     copies = []
-    original_copy = engine.runner.copy_blocks
-    monkeypatch.setattr(engine.runner, "copy_blocks", lambda pairs: (copies.extend(pairs), original_copy(pairs)))
+    original_copy = engine.worker.runner.copy_blocks
+    monkeypatch.setattr(engine.worker.runner, "copy_blocks", lambda pairs: (copies.extend(pairs), original_copy(pairs)))
     preemptions = engine.scheduler.num_preemptions
 
     engine.add_request(_prompt(name, 35), GREEDY_TO_LIMIT, "first")

@@ -336,7 +336,7 @@ def test_requests_arriving_while_others_decode_give_golden_outputs(name, options
         assert scheduler.num_preemptions > 0
         assert any(chunk.per_token_scale for plan in mixed for chunk in plan.prefills)  # recomputes
     if device == "cuda":
-        assert engine.runner.decode_graphs is not None and any(not plan.prefills for plan in plans)
+        assert engine.worker.runner.decode_graphs is not None and any(not plan.prefills for plan in plans)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 

@@ -83,7 +83,7 @@ def test_a_finished_sequence_keeps_its_last_incomplete_character(folder, monkeyp
     its tokens gives, not with the byte dropped."""
     llm = _llm(folder)
     lead_byte = llm.get_tokenizer().convert_tokens_to_ids("ð")
-    sampler = llm.engine.sampler
+    sampler = llm.engine.worker.sampler
     original = sampler.sample
 
     def forced(logits, seqs, eos):

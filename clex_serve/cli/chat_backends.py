@@ -40,7 +40,7 @@ class InProcessBackend:
         return len(self.prompt(messages)["prompt_token_ids"])
 
     def scale_for(self, num_tokens: int) -> int | None:
-        return self.engine.runner.rope.scale_for_length(max(1, num_tokens))
+        return self.engine.scale_for_length(num_tokens)
 
     def is_idle(self) -> bool:
         stats = self.async_engine.stats()

@@ -17,14 +17,15 @@ from clex_serve.engine.engine_config import EngineConfig, default_prefill_tokens
 from clex_serve.engine.errors import QueueFullError
 from clex_serve.engine.input_processor import InputProcessor, ProcessedPrompt
 from clex_serve.engine.memory_profile import peak_step_memory
-from clex_serve.engine.model_runner import ModelRunner, SequenceStep
+from clex_serve.engine.model_runner import ModelRunner
 from clex_serve.engine.output_processor import OutputProcessor
 from clex_serve.engine.outputs import RequestMetrics, RequestOutput
 from clex_serve.engine.request import Request
 from clex_serve.engine.sampler import Sampler
-from clex_serve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from clex_serve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from clex_serve.engine.sequence import Sequence
 from clex_serve.engine.stats import EngineStats
+from clex_serve.engine.worker import Worker
 from clex_serve.loading.loader import load_model
 from clex_serve.loading.model_source import resolve_model_path
 from clex_serve.sampling_params import SamplingParams
@@ -63,21 +64,23 @@ class LLMEngine:
                 f"the KV cache holds {num_blocks * block_size} tokens, less than one sequence of "
                 f"max_model_len {self.max_model_len}; give the cache more memory or lower max_model_len"
             )
-        self.runner = ModelRunner(loaded, num_blocks, block_size, config.attention_backend,
-                                  max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-                                  enforce_eager=config.enforce_eager)
+        runner = ModelRunner(loaded, num_blocks, block_size, config.attention_backend,
+                             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+                             enforce_eager=config.enforce_eager)
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching,
-                                          keep_sequences_contiguous=self.runner.reads_cache_in_runs)
-        rope = self.runner.rope
+                                          keep_sequences_contiguous=runner.reads_cache_in_runs)
+        rope = runner.rope
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max_num_batched_tokens,
                             config.max_prefill_tokens_with_decodes
                             or default_prefill_tokens_with_decodes(loaded.device.type)),
             self.block_manager, rope.scale_for_length, self._prefix_key, rope.cache_follows_scale,
+            self.eos_token_ids, self.max_model_len,
         )
         self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len)
-        self.outputs = OutputProcessor(self.eos_token_ids, self.max_model_len)
-        self.sampler = Sampler(self.model_config.vocab_size, self.device, config.seed)
+        self.outputs = OutputProcessor()
+        self.worker = Worker(runner, Sampler(self.model_config.vocab_size, self.device, config.seed),
+                             self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
@@ -90,7 +93,7 @@ class LLMEngine:
         if seq.params.prompt_logprobs is not None:
             return None  # prompt logprobs need every prompt position's logits
         length = seq.num_prompt_tokens
-        scale = self.runner.rope.scale_for_length(length)
+        scale = self.scheduler.scale_for_length(length)
         return PrefixKey(scale, length if self.model_config.applies_log_scale else None)
 
     def tokenize(self, prompt: str) -> list[int]:
@@ -162,53 +165,52 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
-        self.sampler.release(seq)
+        self.worker.release(seq)
+
+    def scale_for_length(self, num_tokens: int) -> int:
+        """The CLEX scale ``t`` a sequence of ``num_tokens`` tokens runs at (1 for plain RoPE models)."""
+        return self.scheduler.scale_for_length(max(1, num_tokens))
 
     # ------------------------------------------------------------------ stepping
 
     def step(self) -> list[RequestOutput]:
+        """One step: the scheduler plans it, the worker runs it, the scheduler takes in what it returned, and
+        the requests it advanced get their outputs."""
         if not self.scheduler.has_work():
             return []
-        batch = self.scheduler.schedule()
-        if not batch.chunks:
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
             return []
+        self._start_step(plan)
+        result = self.worker.execute(plan)
+        advanced = self.scheduler.update_from_output(plan, result.sampled)
+        for chunk in plan.chunks:
+            if chunk.seq.seq_id in result.prompt_logprobs:
+                self.outputs.add_prompt_logprobs(self.requests[chunk.seq.request_id], chunk.start,
+                                                 result.prompt_logprobs[chunk.seq.seq_id])
         now = time.monotonic()
-        self._step_request_ids = list(dict.fromkeys(chunk.seq.request_id for chunk in batch.chunks))
+        for seq, tokens in advanced:
+            self.outputs.append_tokens(self.requests[seq.request_id], seq, tokens, now)
+        self._step_request_ids = []
+        return self._outputs_of(seq for seq, _ in advanced)
+
+    def _start_step(self, plan: SchedulerOutput) -> None:
+        """Remember the step's requests (to end them if it raises) and when each was first scheduled."""
+        now = time.monotonic()
+        self._step_request_ids = list(dict.fromkeys(chunk.seq.request_id for chunk in plan.chunks))
         for request_id in self._step_request_ids:
             metrics = self.requests[request_id].metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
-        self.runner.copy_blocks(batch.block_copies)
-        result = self.runner.execute([self._sequence_step(chunk) for chunk in batch.chunks])
 
-        sampling_rows, sampling_seqs = [], []
-        for row, chunk in enumerate(batch.chunks):
-            seq = chunk.seq
-            request = self.requests[seq.request_id]
-            seq.num_cached_tokens = chunk.end
-            seq.cache_scale = chunk.scale
-            if row in result.all_hidden:
-                self.outputs.add_prompt_logprobs(request, seq, chunk.start, result.all_hidden[row],
-                                                 result.compute_logits)
-            if chunk.is_prompt_pass and chunk.end == seq.num_prompt_tokens and seq.num_output_tokens == 0:
-                self.block_manager.register_prompt_blocks(seq, self._prefix_key(seq))
-            if chunk.samples:
-                sampling_rows.append(row)
-                sampling_seqs.append(seq)
-
+    def _outputs_of(self, seqs) -> list[RequestOutput]:
+        """Free the sequences that finished, then build each advanced request's output (once per request);
+        a finished request leaves the engine."""
         touched: dict[str, Request] = {}
-        if sampling_seqs:
-            logits = result.last_logits
-            if len(sampling_rows) < logits.shape[0]:  # a prompt chunk short of its end samples nothing
-                logits = logits[sampling_rows]
-            now = time.monotonic()
-            for seq, sampled in zip(sampling_seqs, self.sampler.sample(logits, sampling_seqs, self.eos_token_ids)):
-                request = self.requests[seq.request_id]
-                self.outputs.append_token(request, seq, sampled.token_id, sampled.logprobs, now)
-                if seq.finish_reason is not None:
-                    self._finish(seq)
-                touched[seq.request_id] = request
-        self._step_request_ids = []
+        for seq in seqs:
+            if seq.finish_reason is not None:
+                self._finish(seq)
+            touched[seq.request_id] = self.requests[seq.request_id]
         outputs = []
         for request in touched.values():
             output = self.outputs.make_output(request)
@@ -223,20 +225,3 @@ class LLMEngine:
         the engine can go on with the others. Returns their final outputs."""
         request_ids, self._step_request_ids = self._step_request_ids, []
         return [output for output in map(self.abort_request, request_ids) if output is not None]
-
-    def _sequence_step(self, chunk: ScheduledChunk) -> SequenceStep:
-        """The runner's view of a planned chunk."""
-        seq = chunk.seq
-        want_prompt_logits = (chunk.is_prompt_pass and seq.params.prompt_logprobs is not None
-                              and seq.index == 0 and seq.num_output_tokens == 0)
-        return SequenceStep(
-            token_ids=seq.token_ids[chunk.start:chunk.end],
-            num_cached=seq.num_cached_tokens,
-            block_table=seq.block_table,
-            block_runs=seq.block_runs,
-            cache_scale=chunk.rescale_from or chunk.scale,
-            scale=chunk.scale,
-            all_logits=want_prompt_logits,
-            scale_len=chunk.scale_len,
-            per_token_scale=chunk.per_token_scale,
-        )

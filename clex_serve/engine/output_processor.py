@@ -1,4 +1,4 @@
-"""After sampling: append each token, detokenize, check stops, and build the outputs a request asked for.
+"""After a step: each new token's logprobs, timing and text, stop strings, and the outputs a request asked for.
 
 Per step the work is proportional to what is new: a token is appended, its text decoded from a short
 window, the stop strings searched in the new text's neighbourhood, and a delta output sliced from the
@@ -11,62 +11,49 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import torch
-
 from clex_serve.engine.outputs import CompletionOutput, RequestOutput
 from clex_serve.engine.request import Request
-from clex_serve.engine.sampler import token_logprobs
+from clex_serve.engine.sampler import SampledToken
 from clex_serve.engine.sequence import Logprob, Sequence
 from clex_serve.sampling_params import RequestOutputKind
-from clex_serve.text.stop_checker import check_stop_strings, check_stop_tokens, visible_length
-
-# Rows of prompt logits materialised at once when computing prompt logprobs.
-_PROMPT_LOGPROB_ROWS = 256
+from clex_serve.text.stop_checker import find_stop_string, visible_length
 
 
 class OutputProcessor:
-    def __init__(self, eos_token_ids: list[int], max_model_len: int) -> None:
-        self.eos_token_ids = eos_token_ids
-        self.max_model_len = max_model_len
-
-    def append_token(self, request: Request, seq: Sequence, token_id: int, logprobs: dict[int, Logprob] | None,
-                     now: float) -> None:
-        seq.token_ids.append(token_id)
-        if logprobs is not None:
-            seq.output_logprobs.append(logprobs)
-            seq.cumulative_logprob += logprobs[token_id].logprob
-        metrics = request.metrics
-        if metrics.first_token_time is None:
-            metrics.first_token_time = now
-        elif metrics.last_token_time is not None:
-            request.pending_inter_token_times.append(now - metrics.last_token_time)
-        metrics.last_token_time = now
-        metrics.num_generation_tokens += 1
-
-        check_stop_tokens(seq, token_id, self.eos_token_ids, self.max_model_len)
-        detokenizer = request.detokenizers[seq.index]
-        new_text = detokenizer.add(token_id)
-        seq.output_text += new_text
-        if new_text:
-            check_stop_strings(seq, len(new_text))
+    def append_tokens(self, request: Request, seq: Sequence, tokens: list[SampledToken], now: float) -> None:
+        """Take the tokens the scheduler just appended to ``seq``: their logprobs, the request's timing, the
+        detokenized text, and the stop strings it may now contain (which end the sequence there)."""
+        for token in tokens:
+            if token.logprobs is not None:
+                seq.output_logprobs.append(token.logprobs)
+                seq.cumulative_logprob += token.logprobs[token.token_id].logprob
+            metrics = request.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            elif metrics.last_token_time is not None:
+                request.pending_inter_token_times.append(now - metrics.last_token_time)
+            metrics.last_token_time = now
+            metrics.num_generation_tokens += 1
+            detokenizer = request.detokenizers[seq.index]
+            new_text = detokenizer.add(token.token_id)
+            seq.output_text += new_text
+            if new_text:  # a stop string also overrides a token's stop (max_tokens reached on it)
+                found = find_stop_string(seq.params, seq.output_text, len(new_text), seq.num_output_tokens)
+                if found is not None:
+                    end, stop = found
+                    seq.output_text = seq.output_text[:end]
+                    seq.finish_reason, seq.stop_reason = "stop", stop
         if seq.finish_reason is not None and not isinstance(seq.stop_reason, str):
             # Finished by a token, not by a stop string: show what the detokenizer still held back (a
             # character whose bytes never completed decodes to U+FFFD, as a full decode would give).
-            seq.output_text += detokenizer.flush()
+            seq.output_text += request.detokenizers[seq.index].flush()
 
-    def add_prompt_logprobs(self, request: Request, seq: Sequence, start: int, hidden: torch.Tensor,
-                            compute_logits) -> None:
-        """Logprob of each prompt token given the tokens before it, for a prompt chunk starting at ``start``;
-        in row pieces so that a long prompt never materialises [tokens, vocab] logits at once."""
+    @staticmethod
+    def add_prompt_logprobs(request: Request, start: int, entries: list[dict[int, Logprob]]) -> None:
+        """The logprobs of a prompt chunk starting at ``start`` (the first prompt token has none)."""
         if start == 0:
-            request.prompt_logprobs = [None]  # the first prompt token has no context
-        rows = min(hidden.shape[0], seq.num_prompt_tokens - 1 - start)  # the last prompt row predicts output
-        for offset in range(0, rows, _PROMPT_LOGPROB_ROWS):
-            end = min(offset + _PROMPT_LOGPROB_ROWS, rows)
-            logprobs = torch.log_softmax(compute_logits(hidden[offset:end]).float(), dim=-1).cpu()
-            for row in range(end - offset):
-                target = seq.token_ids[start + offset + row + 1]
-                request.prompt_logprobs.append(token_logprobs(logprobs[row], target, seq.params.prompt_logprobs))
+            request.prompt_logprobs = [None]
+        request.prompt_logprobs.extend(entries)
 
     def make_output(self, request: Request) -> RequestOutput | None:
         """The output the request's kind asks for now; None for a final-only request still running."""
@@ -90,7 +77,7 @@ class OutputProcessor:
 
     @staticmethod
     def _completion(seq: Sequence, sent, with_logprobs: bool, delta: bool) -> CompletionOutput:
-        visible = visible_length(seq)
+        visible = visible_length(seq.params, seq.output_text, seq.finish_reason is not None)
         first_token = seq.num_prompt_tokens + (sent.tokens if delta else 0)
         token_ids = seq.token_ids[first_token:]
         text = seq.output_text[sent.text if delta else 0:visible]

@@ -26,7 +26,9 @@ log_scale), which equals decoding them one by one.
 The scheduler is the one owner of each step's plan: which sequences run, the scale each chunk rotates with,
 and, when that scale differs from the one a sequence's cached keys carry, the copy-on-write block copies
 its re-rotation needs. Those blocks are taken when the chunk is planned, before the next sequence is
-considered, so what was counted is what is reserved. The runner only executes the plan.
+considered, so what was counted is what is reserved. The worker only executes the plan; what it returns
+comes back through ``update_from_output``, the one place where the step's results enter the scheduler's
+state (cached tokens, the scale the cache carries, prefix blocks, sampled tokens and the stops they make).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 
 from clex_serve.engine.block_manager import BlockManager
 from clex_serve.engine.sequence import Sequence, SequenceStatus
+from clex_serve.text.stop_checker import token_stop
 
 
 @dataclass(frozen=True)
@@ -124,10 +127,14 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
                  scale_for_length: Callable[[int], int],
                  prefix_key: Callable[[Sequence], Hashable | None] = lambda seq: None,
-                 cache_follows_scale: bool = True) -> None:
+                 cache_follows_scale: bool = True, eos_token_ids: list[int] = (),
+                 max_model_len: int | None = None) -> None:
         """``cache_follows_scale``: cached keys are re-rotated when their sequence's scale changes (CLEX);
-        False where keys keep the rotation they were written with (dynamic NTK, as in transformers)."""
+        False where keys keep the rotation they were written with (dynamic NTK, as in transformers).
+        ``eos_token_ids`` and ``max_model_len`` end sequences as their tokens arrive."""
         self.config = config
+        self.eos_token_ids = list(eos_token_ids)
+        self.max_model_len = max_model_len
         self.block_manager = block_manager
         self.scale_for_length = scale_for_length
         self.cache_follows_scale = cache_follows_scale
@@ -150,6 +157,34 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def update_from_output(self, plan: SchedulerOutput, sampled: dict[int, list]) -> list[tuple[Sequence, list]]:
+        """Take a step's results into the sequences: what is now cached and at which scale, the prompt
+        blocks a finished prompt pass publishes to the prefix cache, and the tokens sampled (``seq_id ->``
+        objects with a ``token_id``), each checked for the stops a token makes (EOS, stop token ids,
+        max_tokens, the model's length). Returns (sequence, its new tokens) in the plan's order; a sequence
+        that finished has ``finish_reason`` set (the caller frees it, once its output is built)."""
+        advanced = []
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            seq.num_cached_tokens = chunk.end
+            seq.cache_scale = chunk.scale
+            if chunk.is_prompt_pass and chunk.end == seq.num_prompt_tokens and seq.num_output_tokens == 0:
+                self.block_manager.register_prompt_blocks(seq, self.prefix_key(seq))
+            tokens = sampled.get(seq.seq_id)
+            if not tokens:
+                continue
+            accepted = []
+            for token in tokens:
+                seq.token_ids.append(token.token_id)
+                accepted.append(token)
+                stop = token_stop(seq.params, token.token_id, seq.num_output_tokens, len(seq), self.eos_token_ids,
+                                  self.max_model_len or len(seq) + 1)
+                if stop is not None:
+                    seq.finish_reason, seq.stop_reason = stop
+                    break
+            advanced.append((seq, accepted))
+        return advanced
 
     # ------------------------------------------------------------------ scheduling
 

@@ -40,10 +40,11 @@ class SingleSequence:
         self.scale = 1
 
     def feed(self, token_ids: list[int], all_logits: bool = False):
-        step = SequenceStep(token_ids, self.num_cached, self.block_table, self.scale, all_logits)
+        scale = self.runner.rope.scale_for_length(self.num_cached + len(token_ids))
+        step = SequenceStep(token_ids, self.num_cached, self.block_table, self.scale, all_logits, scale=scale)
         result = self.runner.execute([step])
         self.num_cached += len(token_ids)
-        self.scale = result.scales[0]
+        self.scale = scale
         return result
 
 

@@ -82,10 +82,12 @@ def batched_decode_logits(runner, tokens: list[int], prompt_lens: list[int], ste
     count = len(prompt_lens)
     tables = [list(range(i, runner.kv_cache.num_blocks, count)) for i in range(count)]
     scales = [runner.rope.scale_for_length(p) for p in prompt_lens]
-    runner.execute([SequenceStep(tokens[:p], 0, tables[i]) for i, p in enumerate(prompt_lens)])
+    runner.execute([SequenceStep(tokens[:p], 0, tables[i], scale=scales[i]) for i, p in enumerate(prompt_lens)])
     lengths, logits = list(prompt_lens), []
     for _ in range(steps):
-        result = runner.execute([SequenceStep([tokens[n]], n, tables[i], scales[i]) for i, n in enumerate(lengths)])
+        new_scales = [runner.rope.scale_for_length(n + 1) for n in lengths]
+        result = runner.execute([SequenceStep([tokens[n]], n, tables[i], scales[i], scale=new_scales[i])
+                                 for i, n in enumerate(lengths)])
         logits.append(result.last_logits.cpu())
-        scales, lengths = result.scales, [n + 1 for n in lengths]
+        scales, lengths = new_scales, [n + 1 for n in lengths]
     return torch.stack(logits), scales

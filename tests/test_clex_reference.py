@@ -91,16 +91,18 @@ def test_batch_of_sequences_at_different_scales(device, reference_runner):
     runner = ModelRunner(loaded, num_blocks=4 * 32, block_size=4, max_num_seqs=8)
     tables = [list(range(i, 128, 4)) for i in range(4)]  # interleaved blocks
 
-    steps = [SequenceStep(tokens[:p], 0, tables[i]) for i, p in enumerate(prompt_lens)]
+    cache_scales = [runner.rope.scale_for_length(p) for p in prompt_lens]
+    steps = [SequenceStep(tokens[:p], 0, tables[i], scale=cache_scales[i]) for i, p in enumerate(prompt_lens)]
     batched = [runner.execute(steps).last_logits.cpu()]
     lengths = list(prompt_lens)
-    cache_scales = [runner.rope.scale_for_length(p) for p in prompt_lens]
     assert cache_scales == [1, 2, 3, 4]
     for _ in range(decode_steps):
-        steps = [SequenceStep([tokens[n]], n, tables[i], cache_scales[i]) for i, n in enumerate(lengths)]
+        scales = [runner.rope.scale_for_length(n + 1) for n in lengths]
+        steps = [SequenceStep([tokens[n]], n, tables[i], cache_scales[i], scale=scales[i])
+                 for i, n in enumerate(lengths)]
         result = runner.execute(steps)
         batched.append(result.last_logits.cpu())
-        cache_scales = result.scales
+        cache_scales = scales
         lengths = [n + 1 for n in lengths]
     batched = torch.stack(batched, dim=1)  # [sequence, step, vocab]
 

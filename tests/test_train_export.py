@@ -28,7 +28,8 @@ def _engine_logits(folder, ids):
     loaded = load_model(folder, dtype="float32", device="cpu", show_progress=False)
     runner = ModelRunner(loaded, num_blocks=8, block_size=16)
     blocks = list(range((len(ids) + 15) // 16))
-    return runner.execute([SequenceStep(ids, 0, blocks, all_logits=True)]).all_logits[0]
+    step = SequenceStep(ids, 0, blocks, all_logits=True, scale=runner.rope.scale_for_length(len(ids)))
+    return runner.execute([step]).all_logits[0]
 
 
 @pytest.mark.parametrize("use_clex", [True, False])

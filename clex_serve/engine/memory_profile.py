@@ -28,8 +28,9 @@ def peak_step_memory(loaded: LoadedModel, block_size: int, attention_backend: st
     decode_tables = [[len(prefill_blocks) + index] for index in range(max_num_seqs)]
     peaks = []
     for steps in (
-        [SequenceStep([0] * max_prefill_tokens, 0, prefill_blocks)],
-        [SequenceStep([0], 1, table) for table in decode_tables],
+        [SequenceStep([0] * max_prefill_tokens, 0, prefill_blocks,
+                      scale=runner.rope.scale_for_length(max_prefill_tokens))],
+        [SequenceStep([0], 1, table, scale=runner.rope.scale_for_length(2)) for table in decode_tables],
     ):
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -1,8 +1,8 @@
 """Run one forward step (prefill or decode) for a batch of sequences against the paged KV cache.
 
-Each sequence carries its own rotary scale: the runner computes the scale its length implies, brings its
-cached keys to that scale when it changed (once, in place), builds per-token cos/sin from per-sequence
-frequency rows, and applies the CLEX log scale to queries where the config asks for it. On CUDA, decode
+Each sequence carries its own rotary scale, as the scheduler planned it: the runner brings its cached keys
+to that scale when it changed (once, in place), builds per-token cos/sin from per-sequence frequency rows,
+and applies the CLEX log scale to queries where the config asks for it. On CUDA, decode
 steps replay captured graphs (``cuda_graphs``); prefill and re-rotation stay eager.
 """
 
@@ -36,9 +36,9 @@ class SequenceStep:
     scale_len: int | None = None
     # log_scale per query from its own length: replaying tokens that were decoded one at a time.
     per_token_scale: bool = False
-    # The scale to rotate with, as the scheduler planned it; the cached keys are re-rotated from
-    # ``cache_scale`` first when the two differ. None (direct use: tests, evaluation, profiling): the scale
-    # of ``rotary_len``.
+    # The scale to rotate with, as the scheduler planned it (direct users, such as evaluation, ask the
+    # rope: ``rope.scale_for_length(step.rotary_len)``); the cached keys are re-rotated from ``cache_scale``
+    # first when the two differ. Required: the runner decides no scale.
     scale: int | None = None
     # ``block_table`` as [first_block, count] runs, as the block manager keeps them (None: found here).
     block_runs: list[list[int]] | None = None
@@ -61,7 +61,6 @@ class SequenceStep:
 @dataclass
 class StepResult:
     last_logits: torch.Tensor  # [B, vocab] float32: next-token logits of each sequence
-    scales: list[int]  # the scale each sequence's cache now carries
     # index -> [new tokens, hidden] final hidden states, for sequences that asked for every token's logits.
     # Kept as hidden states because [tokens, vocab] logits of a long prompt do not fit in memory at once.
     all_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -155,14 +154,16 @@ class ModelRunner:
             raise ValueError("execute needs at least one sequence")
         if getattr(self.model, "bound_runner", None) is not self:
             self._bind_to_model()
-        scales = [step.scale if step.scale is not None else self.rope.scale_for_length(step.rotary_len)
-                  for step in steps]
+        if any(step.scale is None for step in steps):
+            raise ValueError("every SequenceStep needs its scale (the scheduler's plan, or "
+                             "rope.scale_for_length(step.rotary_len) for direct use)")
+        scales = [step.scale for step in steps]
         if self.rope.cache_follows_scale:
             rerotate_all(self.kv_cache, self.rope, [Rerotation(step.block_table, step.num_cached, step.cache_scale,
                                                                scale) for step, scale in zip(steps, scales)])
         graphs = self.decode_graphs
         if graphs is not None and len(steps) <= graphs.max_batch_size and all(s.is_plain_decode for s in steps):
-            return StepResult(self._run_decode_graph(steps, scales), scales, {}, self.model.compute_logits)
+            return StepResult(self._run_decode_graph(steps, scales), {}, self.model.compute_logits)
         input_ids, meta = self._prepare(steps, scales)
         self.backend.prepare(meta)
         hidden = self.model(input_ids, meta)
@@ -174,7 +175,7 @@ class ModelRunner:
         for index, step in enumerate(steps):
             if step.all_logits:
                 all_hidden[index] = hidden[starts[index]:starts[index + 1]]
-        return StepResult(last_logits, scales, all_hidden, self.model.compute_logits)
+        return StepResult(last_logits, all_hidden, self.model.compute_logits)
 
     def _run_decode_graph(self, steps: list[SequenceStep], scales: list[int]) -> torch.Tensor:
         for step in steps:

@@ -47,7 +47,8 @@ class Method:
 def window_nll(runner: ModelRunner, window: list[int]) -> tuple[float, int]:
     """(sum of next-token negative log-likelihoods, number of predictions) for one window in one pass."""
     num_blocks = math.ceil(len(window) / runner.block_size)
-    step = SequenceStep(token_ids=window, num_cached=0, block_table=list(range(num_blocks)), all_logits=True)
+    step = SequenceStep(token_ids=window, num_cached=0, block_table=list(range(num_blocks)), all_logits=True,
+                        scale=runner.rope.scale_for_length(len(window)))
     logits = runner.execute([step]).all_logits[0]
     targets = torch.tensor(window[1:], device=logits.device)
     nll = F.cross_entropy(logits[:-1].float(), targets, reduction="sum")

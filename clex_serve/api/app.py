@@ -94,7 +94,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, chat_template: str
         return {"version": clex_serve.__version__}
 
     def model_card() -> ModelCard:
-        return ModelCard(id=served_model_name, root=str(engine.engine.model_path), max_model_len=ctx.max_model_len)
+        return ModelCard(id=served_model_name, root=str(engine.model_path), max_model_len=ctx.max_model_len)
 
     @app.get("/v1/models", dependencies=[Depends(check_key)], response_model=ModelList,
              responses=openapi.error_responses(401))
@@ -110,7 +110,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, chat_template: str
     @app.get("/tokenizer_info", dependencies=[Depends(check_key)], response_model=TokenizerInfo,
              responses=openapi.error_responses(401))
     async def tokenizer_info_route():
-        return tokenizer_info(ctx.tokenizer, engine.engine.model_config.vocab_size, ctx.max_model_len,
+        return tokenizer_info(ctx.tokenizer, engine.model_config.vocab_size, ctx.max_model_len,
                               ctx.chat_template)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)],
@@ -153,7 +153,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, chat_template: str
     @app.post("/v1/detokenize", dependencies=[Depends(check_key)], include_in_schema=False)
     async def detokenize(body: DetokenizeRequest):
         ctx.check_model(body.model)
-        vocab = engine.engine.model_config.vocab_size
+        vocab = engine.model_config.vocab_size
         bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise invalid(ValueError(f"tokens: {bad} is not in the vocabulary [0, {vocab})"))

@@ -1,4 +1,5 @@
-"""Run the app under uvicorn: say where it listens once the socket is open, stop gracefully on SIGTERM.
+"""Run the app under uvicorn on sockets bound beforehand: say where it listens once they are open, stop
+gracefully on SIGTERM.
 
 On SIGTERM (or Ctrl-C) uvicorn stops accepting connections and lets requests in flight finish for
 ``graceful_timeout`` seconds; requests still running then are cancelled, which aborts them in the engine;
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 
 import uvicorn
@@ -36,25 +38,27 @@ class _AnnouncingServer(uvicorn.Server):
             print(self.announcement, flush=True)
 
 
-def serve(engine: AsyncLLMEngine, served_model_name: str, host: str, port: int, chat_template: str | None,
+def serve(engine: AsyncLLMEngine, served_model_name: str, sockets: list[socket.socket], chat_template: str | None,
           api_key: str | None, allowed_origins: list[str] | None, log_level: str, graceful_timeout: float,
           ui: bool = False) -> int:
+    """``sockets``: bound, not yet listening (``clex_serve.cli.listen_sockets``); uvicorn listens on them."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     # sse-starlette ends every stream as soon as uvicorn is asked to stop; streams in flight should finish
     # instead, within uvicorn's grace period (after it, uvicorn cancels them, which aborts their requests).
     AppStatus.disable_automatic_graceful_drain()
     app = build_app(engine, served_model_name, chat_template, api_key, allowed_origins)
+    host, port = sockets[0].getsockname()[:2]  # the real port, also for --port 0
     shown_host = f"[{host}]" if ":" in host else host
     announcement = f"clex-serve: serving {served_model_name} at http://{shown_host}:{port}/v1"
     if ui:
         app = _mount_ui(app, served_model_name, api_key)
         announcement += f", web UI at http://{shown_host}:{port}/ui"
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    config = uvicorn.Config(app, log_level=log_level,
                             timeout_graceful_shutdown=graceful_timeout, access_log=False)
     server = _AnnouncingServer(config, announcement)
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
         engine.shutdown()
     return 0 if server.started else 1

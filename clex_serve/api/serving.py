@@ -40,9 +40,9 @@ class ServingContext:
         self.served_model_name = served_model_name
         self.chat_template = chat_template
         self.metrics = metrics
-        self.tokenizer = engine.engine.tokenizer
-        self.max_model_len = engine.engine.max_model_len
-        self.family = engine.engine.model_config.family
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.family = engine.model_config.family
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_model_name:

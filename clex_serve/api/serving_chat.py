@@ -45,7 +45,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
                        code="no_chat_template")
     conversation = body.conversation()
     try:
-        ctx.engine.engine.inputs.check_text_length(sum(len(m["content"]) for m in conversation), "the messages")
+        ctx.engine.check_text_length(sum(len(m["content"]) for m in conversation), "the messages")
         prompt = await asyncio.to_thread(chat_prompt, ctx.tokenizer, conversation, ctx.family, True, template)
     except PromptTooLongError as error:
         raise overflow_of(error, "messages") from None

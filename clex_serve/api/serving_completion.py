@@ -8,7 +8,6 @@ forward pass that scores the prompt, so it costs nothing more) and the handler d
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 
@@ -79,7 +78,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw_re
                        param="max_tokens")
     try:
         prompts = body.prompts()
-        processed = [await asyncio.to_thread(ctx.engine.engine.process_inputs, prompt) for prompt in prompts]
+        processed = [await ctx.engine.process_inputs(prompt) for prompt in prompts]
     except PromptTooLongError as error:
         raise overflow_of(error, "prompt") from None
     except ValueError as error:
@@ -89,13 +88,13 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw_re
     budgets = [ctx.output_budget(requested, length, "prompt") for length in lengths]
     try:
         params = body.to_sampling_params(min(budgets))
+        submitted = [ctx.engine.with_params(item, dataclasses.replace(params, max_tokens=budget))
+                     for item, budget in zip(processed, budgets)]
     except ValueError as error:
         raise invalid(error) from None
     echo_logprobs = body.echo and body.logprobs is not None
     echoes = [item.text if item.text is not None else ctx.tokenizer.decode(item.token_ids) for item in processed]
-    streams = [ctx.engine.generate({"prompt": item.text, "prompt_token_ids": item.token_ids},
-                                   dataclasses.replace(params, max_tokens=budget), f"{request_id}-{index}")
-               for index, (item, budget) in enumerate(zip(processed, budgets))]
+    streams = [ctx.engine.generate(item, request_id=f"{request_id}-{index}") for index, item in enumerate(submitted)]
     model, created, n = ctx.served_model_name, int(time.time()), params.n
     prompt_tokens = sum(lengths)
 

@@ -98,6 +98,42 @@ class AsyncLLMEngine:
         if self._stopping:
             raise EngineShutdownError("the engine is shut down")
 
+    # ------------------------------------------------------------------ the model, for front ends
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def model_config(self):
+        return self.engine.model_config
+
+    @property
+    def model_path(self):
+        return self.engine.model_path
+
+    def scale_for_length(self, num_tokens: int) -> int:
+        """The CLEX scale ``t`` a prompt of ``num_tokens`` tokens runs at."""
+        return self.engine.scale_for_length(num_tokens)
+
+    def check_text_length(self, num_chars: int, what: str = "the prompt") -> None:
+        """Refuse text that cannot fit the context whatever it says (``PromptTooLongError``), before it is
+        tokenized."""
+        self.engine.inputs.check_text_length(num_chars, what)
+
+    async def process_inputs(self, prompt, params: SamplingParams | None = None) -> ProcessedPrompt:
+        """Tokenize and check a request off the event loop; ``generate`` takes the result as it is."""
+        return await asyncio.to_thread(self.engine.process_inputs, prompt, params)
+
+    def with_params(self, processed: ProcessedPrompt, params: SamplingParams) -> ProcessedPrompt:
+        """A checked prompt with other sampling parameters, themselves checked against the model."""
+        self.engine.inputs.check_params(params)
+        return dataclasses.replace(processed, params=params)
+
     # ------------------------------------------------------------------ requests
 
     async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None
@@ -114,7 +150,12 @@ class AsyncLLMEngine:
         finished = False
         try:
             arrival = time.monotonic()
-            processed = await asyncio.to_thread(self.engine.process_inputs, prompt, params)
+            if isinstance(prompt, ProcessedPrompt):  # already checked (process_inputs, with_params)
+                if params is not None:
+                    raise ValueError("a processed prompt carries its own sampling params")
+                processed = prompt
+            else:
+                processed = await self.process_inputs(prompt, params)
             self._check_usable()
             if request_id in self._aborted_early:
                 finished = True

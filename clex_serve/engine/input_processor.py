@@ -90,6 +90,11 @@ class InputProcessor:
                 f"the prompt has {len(token_ids)} tokens, but this model reads at most {self.max_model_len} "
                 f"(prompt and output together); shorten it or raise max_model_len",
                 len(token_ids), self.max_model_len)
+        self.check_params(params)
+        return ProcessedPrompt(text, token_ids, params)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """What of the sampling parameters depends on the model: token ids in the vocabulary."""
         for token_id in params.stop_token_ids:
             if token_id >= self.vocab_size:
                 raise ValueError(f"stop_token_ids: {token_id} is not in the vocabulary [0, {self.vocab_size})")
@@ -100,7 +105,6 @@ class InputProcessor:
             value = getattr(params, name)
             if value is not None and value > self.vocab_size:
                 raise ValueError(f"{name} must be at most the vocabulary size {self.vocab_size}, got {value}")
-        return ProcessedPrompt(text, token_ids, params)
 
     def _prompt_tokens(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

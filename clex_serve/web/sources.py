@@ -27,7 +27,7 @@ class EngineSource:
         return len((await asyncio.to_thread(self._prompt, messages))["prompt_token_ids"])
 
     def scale_for(self, num_tokens: int) -> int | None:
-        return self.ctx.engine.engine.scale_for_length(num_tokens)
+        return self.ctx.engine.scale_for_length(num_tokens)
 
     async def stream(self, messages: list[dict], params: SamplingParams) -> AsyncIterator[str]:
         import dataclasses

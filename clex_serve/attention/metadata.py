@@ -1,7 +1,9 @@
 """What one forward step tells attention: where each new token's K/V goes and what each query may see.
 
 Built once per step by the model runner and shared by every layer. Positions, block tables and the rotary
-tables are per step, never per layer.
+tables are per step, never per layer. It is also the step's forward context: the KV cache views of every
+layer and the attention backend come with it, so that layers hold no cache and no runner is "bound" to a
+model (two runners over one model, as tests use, each pass their own).
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class AttentionMetadata:
     # Each table as [first_block, count] runs where the block manager keeps them (None entries: not kept).
     block_runs_host: list[list[list[int]] | None] | None = None
     backend_state: dict[str, Any] = field(default_factory=dict)
+    # The forward context: (K, V) cache views by layer index, and the backend that reads and writes them.
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    backend: Any = None
 
     @property
     def num_sequences(self) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from clex_serve.attention.metadata import AttentionMetadata
+from clex_serve.engine.kv_cache import KVCachePool
 from clex_serve.models.base import CausalLM
 
 
@@ -29,14 +30,15 @@ def capture_batch_sizes(max_batch_size: int) -> list[int]:
 
 
 class DecodeCudaGraphs:
-    def __init__(self, model: CausalLM, backend, scale_table: torch.Tensor, padding_block: int, padding_slot: int,
-                 block_size: int,
+    def __init__(self, model: CausalLM, backend, kv_cache: KVCachePool, scale_table: torch.Tensor,
                  max_batch_size: int, max_blocks_per_sequence: int, dtype: torch.dtype,
                  log_scale_divisor: float | None) -> None:
         """``scale_table`` [num_scales, rotary_dim / 2]: row ``scale - 1`` holds that scale's inverse
         frequencies. ``log_scale_divisor``: log(L0) when the model applies the CLEX log scale, else None."""
         self.model = model
         self.backend = backend
+        self.kv_caches = kv_cache.layer_views
+        padding_block, padding_slot, block_size = kv_cache.padding_block, kv_cache.padding_slot, kv_cache.block_size
         self.scale_table = scale_table
         self.padding_block = padding_block
         self.padding_slot = padding_slot
@@ -102,6 +104,8 @@ class DecodeCudaGraphs:
             cu_seqlens_q=self.cu_seqlens_q[:batch_size + 1],
             block_size=self.block_size,
             is_decode=True,
+            kv_caches=self.kv_caches,
+            backend=self.backend,
         )
         self.backend.prepare(meta)
         hidden = self.model(self.input_ids[:batch_size], meta)

@@ -38,6 +38,8 @@ class KVCachePool:
         shape = ((layers, 2, heads, (num_blocks + 1) * block_size, head_dim) if head_major
                  else (layers, 2, num_blocks + 1, block_size, heads, head_dim))
         self.tensor = torch.zeros(shape, dtype=dtype, device=device)
+        # Every layer's (K, V) views, made once: a step's metadata hands them to the layers.
+        self.layer_views = [(self.tensor[layer, 0], self.tensor[layer, 1]) for layer in range(layers)]
 
     @property
     def num_layers(self) -> int:

@@ -16,7 +16,6 @@ from clex_serve.engine.block_manager import BlockManager, PrefixKey
 from clex_serve.engine.engine_config import EngineConfig, default_prefill_tokens_with_decodes, num_kv_blocks
 from clex_serve.engine.errors import QueueFullError
 from clex_serve.engine.input_processor import InputProcessor, ProcessedPrompt
-from clex_serve.engine.memory_profile import peak_step_memory
 from clex_serve.engine.model_runner import ModelRunner
 from clex_serve.engine.output_processor import OutputProcessor
 from clex_serve.engine.outputs import RequestMetrics, RequestOutput
@@ -51,12 +50,16 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(loaded.path, self.model_config, self.tokenizer)
         self.max_model_len = config.resolved_max_model_len(self.model_config)
 
-        block_size = config.block_size or ModelRunner.default_block_size(loaded, config.attention_backend)
+        # One runner: it chooses the backend and block size, measures a step's memory on CUDA (before the
+        # pool exists), then gets the pool sized from what is left.
+        runner = ModelRunner(loaded, None, config.block_size, config.attention_backend,
+                             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+                             enforce_eager=config.enforce_eager)
+        block_size = runner.block_size
         max_num_batched_tokens = config.max_num_batched_tokens or max(self.max_model_len, 2048)
         activation_bytes = 0
         if loaded.device.type == "cuda" and config.kv_cache_memory_gib is None:
-            activation_bytes = peak_step_memory(loaded, block_size, config.attention_backend,
-                                                min(max_num_batched_tokens, self.max_model_len), config.max_num_seqs)
+            activation_bytes = runner.profile_peak_memory(min(max_num_batched_tokens, self.max_model_len))
         num_blocks = num_kv_blocks(config, self.model_config, block_size, loaded.dtype, loaded.device,
                                    self.max_model_len, activation_bytes)
         if num_blocks * block_size < self.max_model_len:
@@ -64,9 +67,7 @@ class LLMEngine:
                 f"the KV cache holds {num_blocks * block_size} tokens, less than one sequence of "
                 f"max_model_len {self.max_model_len}; give the cache more memory or lower max_model_len"
             )
-        runner = ModelRunner(loaded, num_blocks, block_size, config.attention_backend,
-                             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-                             enforce_eager=config.enforce_eager)
+        runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching,
                                           keep_sequences_contiguous=runner.reads_cache_in_runs)
         rope = runner.rope

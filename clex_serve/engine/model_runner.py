@@ -73,11 +73,15 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int | None = None,
+    """One per model: chooses the attention backend and block size once, profiles a step's memory (CUDA),
+    then holds the KV pool it is given (``allocate_kv_cache``) and runs steps against it."""
+
+    def __init__(self, loaded: LoadedModel, num_blocks: int | None = None, block_size: int | None = None,
                  attention_backend: str = "auto", max_num_seqs: int = 64, max_model_len: int | None = None,
                  enforce_eager: bool = False) -> None:
-        """``max_num_seqs`` and ``max_model_len`` size the CUDA graphs' buffers; ``enforce_eager`` turns the
-        graphs off (vLLM's flag)."""
+        """``num_blocks`` allocates the KV pool at once (direct use; the engine profiles first and allocates
+        then). ``max_num_seqs`` and ``max_model_len`` size the CUDA graphs' buffers; ``enforce_eager`` turns
+        the graphs off (vLLM's flag)."""
         self.model = loaded.model
         if loaded.device.type == "cpu":
             embedding = self.model.model.embed_tokens.weight
@@ -88,16 +92,15 @@ class ModelRunner:
         self.backend = get_attention_backend(attention_backend, self.device, self.config.sliding_window,
                                              self.dtype)
         self.block_size = block_size or default_block_size(self.backend)
-        self.kv_cache = KVCachePool(self.config, num_blocks, self.block_size, self.dtype, self.device,
-                                    head_major=self.reads_cache_in_runs)
-        self._bind_to_model()
         self.rope = self.model.rotary_emb
         self._log_base = torch.log(torch.tensor(float(self.config.max_position_embeddings)))
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len or self.config.max_model_len
+        self.enforce_eager = enforce_eager
+        self.kv_cache: KVCachePool | None = None
         self.decode_graphs: DecodeCudaGraphs | None = None
-        if not enforce_eager and self.device.type == "cuda" and self.cuda_graphs_supported():
-            self.enable_decode_graphs()
+        if num_blocks is not None:
+            self.allocate_kv_cache(num_blocks)
 
     @property
     def reads_cache_in_runs(self) -> bool:
@@ -105,23 +108,44 @@ class ModelRunner:
         kept contiguous."""
         return self.backend.reads_cache_in_runs(self.device)
 
-    def _bind_to_model(self) -> None:
-        """Point the model's attention layers at this runner's pool and backend. Done again whenever another
-        runner over the same model (the profiling one, a test's second runner) ran last; captured graphs keep
-        the addresses they were captured with."""
-        for index, attention in enumerate(self.model.attention_layers()):
-            attention.k_cache = self.kv_cache.keys(index)
-            attention.v_cache = self.kv_cache.values(index)
-            attention.backend = self.backend
-        self.model.bound_runner = self
-
-    def release_kv_cache(self) -> None:
-        """Point the attention layers away from this runner's pool, so that the pool can be freed."""
-        for attention in self.model.attention_layers():
-            attention.k_cache = attention.v_cache = torch.empty(0)
-        self.kv_cache = None
+    def allocate_kv_cache(self, num_blocks: int, capture_graphs: bool = True) -> None:
+        """The pool steps run against, and (on CUDA, unless eager) the decode graphs captured over it."""
         self.decode_graphs = None
-        self.model.bound_runner = None
+        self.kv_cache = None  # the old pool's memory is free before the new one is taken
+        self.kv_cache = KVCachePool(self.config, num_blocks, self.block_size, self.dtype, self.device,
+                                    head_major=self.reads_cache_in_runs)
+        if (capture_graphs and not self.enforce_eager and self.device.type == "cuda"
+                and self.cuda_graphs_supported()):
+            self.enable_decode_graphs()
+
+    def profile_peak_memory(self, max_prefill_tokens: int) -> int:
+        """Bytes of activation memory at the peak of (a) one prefill of ``max_prefill_tokens`` tokens and (b)
+        one eager decode step of ``max_num_seqs`` sequences, added: decode graphs keep their own memory pool
+        (vLLM's profile run, on dummy tokens and a temporary pool of just these tokens; CUDA only). The
+        pool is released afterwards: the caller sizes the real one from what is left."""
+        decode_len = 2
+        prefill_blocks = list(range(-(-max_prefill_tokens // self.block_size)))
+        decode_tables = [[len(prefill_blocks) + index] for index in range(self.max_num_seqs)]
+        self.allocate_kv_cache(len(prefill_blocks) + self.max_num_seqs * -(-decode_len // self.block_size),
+                               capture_graphs=False)
+        peaks = []
+        for steps in (
+            [SequenceStep([0] * max_prefill_tokens, 0, prefill_blocks,
+                          scale=self.rope.scale_for_length(max_prefill_tokens))],
+            [SequenceStep([0], 1, table, scale=self.rope.scale_for_length(decode_len)) for table in decode_tables],
+        ):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            logits = self.execute(steps).last_logits
+            # The sampler's working set: a softmax over every sequence's logits at once.
+            torch.softmax(logits.expand(self.max_num_seqs, -1).contiguous(), dim=-1)
+            torch.cuda.synchronize(self.device)
+            peaks.append(torch.cuda.max_memory_allocated(self.device) - before)
+            del logits
+        self.kv_cache = None
+        torch.cuda.empty_cache()
+        return sum(peaks)
 
     def cuda_graphs_supported(self) -> bool:
         return (self.backend.supports_cuda_graphs and self.model.supports_cuda_graphs
@@ -134,8 +158,7 @@ class ModelRunner:
             raise ValueError(f"decode graphs need a capturable attention backend (not {self.backend.name}), a "
                              f"model without host-side routing, and a rope with a finite scale table")
         self.decode_graphs = DecodeCudaGraphs(
-            self.model, self.backend, self.rope.scale_table(), self.kv_cache.padding_block,
-            self.kv_cache.padding_slot, self.block_size,
+            self.model, self.backend, self.kv_cache, self.rope.scale_table(),
             max_batch_size=self.max_num_seqs, max_blocks_per_sequence=-(-self.max_model_len // self.block_size),
             dtype=self.dtype,
             log_scale_divisor=float(self._log_base) if self.config.applies_log_scale else None,
@@ -143,17 +166,10 @@ class ModelRunner:
         if capture:
             self.decode_graphs.capture()
 
-    @staticmethod
-    def default_block_size(loaded: LoadedModel, attention_backend: str = "auto") -> int:
-        backend = get_attention_backend(attention_backend, loaded.device, loaded.config.sliding_window, loaded.dtype)
-        return default_block_size(backend)
-
     @torch.inference_mode()
     def execute(self, steps: list[SequenceStep]) -> StepResult:
         if not steps:
             raise ValueError("execute needs at least one sequence")
-        if getattr(self.model, "bound_runner", None) is not self:
-            self._bind_to_model()
         if any(step.scale is None for step in steps):
             raise ValueError("every SequenceStep needs its scale (the scheduler's plan, or "
                              "rope.scale_for_length(step.rotary_len) for direct use)")
@@ -232,6 +248,8 @@ class ModelRunner:
             is_decode=all(query_len == 1 for query_len in query_lens),
             block_tables_host=[step.block_table for step in steps],
             block_runs_host=[step.block_runs for step in steps],
+            kv_caches=self.kv_cache.layer_views,
+            backend=self.backend,
         )
         return on_device(input_ids, torch.long), meta
 

@@ -1,7 +1,7 @@
 """Self-attention shared by every architecture: projections, rotary, CLEX log scale, paged KV cache.
 
-The module owns no cache tensors of its own: the model runner points ``k_cache``/``v_cache`` at this
-layer's views of the one preallocated pool, and the attention backend reads and writes them. The backend
+The module owns no cache tensors of its own: the step's metadata carries every layer's views of the one
+preallocated pool, and the backend that reads and writes them; ``layer_index`` picks this layer's. The backend
 also applies the rotary tables and the log scale of ``meta`` (``rotate_queries_and_keys``), so that a CUDA
 backend can do it in the same kernel that writes the cache.
 """
@@ -29,9 +29,7 @@ class Attention(nn.Module):
             bias=config.qkv_bias,
         )
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
-        self.backend = None  # set by the model runner
+        self.layer_index = 0  # set by the decoder stack that holds the layer
 
     def forward(self, hidden_states: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         tokens = hidden_states.shape[0]
@@ -39,5 +37,6 @@ class Attention(nn.Module):
         q = q.reshape(tokens, self.num_heads, self.head_dim)
         k = k.reshape(tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta)
+        k_cache, v_cache = meta.kv_caches[self.layer_index]
+        out = meta.backend.forward(q, k, v, k_cache, v_cache, meta)
         return self.o_proj(out)

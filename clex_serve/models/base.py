@@ -24,6 +24,8 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(layers)
+        for index, layer in enumerate(layers):
+            layer.self_attn.layer_index = index  # which of the step's cache views is this layer's
         self.norm = norm
         self.rotary_emb = get_rope(config)
 

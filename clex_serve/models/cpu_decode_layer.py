@@ -61,6 +61,7 @@ def fused_decode_layer(layer: nn.Module, hidden: torch.Tensor, meta: AttentionMe
     attention = layer.self_attn
     scale = meta.query_scale.flatten() if meta.query_scale is not None else None
     runs, offsets, _ = decode_runs
+    k_cache, v_cache = meta.kv_caches[attention.layer_index]
     return torch.ops.clex_cpu.llama_decode_layer(
         hidden.contiguous(), *arguments, meta.cos, meta.sin, scale, meta.slot_mapping,
-        flat_slots(attention.k_cache), flat_slots(attention.v_cache), runs, offsets)
+        flat_slots(k_cache), flat_slots(v_cache), runs, offsets)

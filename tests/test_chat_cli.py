@@ -148,3 +148,61 @@ def test_a_conversation_too_long_for_the_context_drops_its_oldest_turns(tmp_path
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ASSISTANT:") == 4
     assert "is too long for the context of 400. Drop the oldest turn? [Y/n] y" in result.stdout
+
+
+def _main_dependency_closure() -> set[str]:
+    """The distributions a plain `pip install .` brings: pyproject's main dependencies and, recursively, what
+    they require outside extras."""
+    import importlib.metadata as metadata
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    pending = [Requirement(text) for text in pyproject["project"]["dependencies"]]
+    closure: set[str] = set()
+    while pending:
+        requirement = pending.pop()
+        name = canonicalize_name(requirement.name)
+        if name in closure or (requirement.marker and not requirement.marker.evaluate({"extra": ""})):
+            continue
+        closure.add(name)
+        try:
+            pending += [Requirement(text) for text in metadata.requires(requirement.name) or []]
+        except metadata.PackageNotFoundError:
+            pass  # not installed here (a platform's optional dependency): nothing can import it anyway
+    return closure
+
+
+def test_client_mode_needs_only_the_main_dependencies():
+    """`clex-chat --url` as on a plain `pip install .`: every module of a distribution outside the main
+    dependencies (test and web extras, whatever else is installed here) is made unimportable, and client
+    mode still gets as far as trying the server. (It once failed there: "No module named 'httpx'".)"""
+    import importlib.metadata as metadata
+
+    from packaging.utils import canonicalize_name
+
+    closure = _main_dependency_closure()
+    hidden = sorted(module for module, distributions in metadata.packages_distributions().items()
+                    if module.isidentifier() and module not in sys.stdlib_module_names and module != "clex_serve"
+                    and not {canonicalize_name(name) for name in distributions} & closure)
+    assert "pexpect" in hidden  # a test extra: the probe does hide what a plain install lacks
+    # Hidden from imports and from importlib.util.find_spec, which optional imports ask first.
+    probe = ("import importlib.util, sys\n"
+             "names = set(sys.argv[1].split(','))\n"
+             "class Hidden:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] in names:\n"
+             "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+             "sys.meta_path.insert(0, Hidden())\n"
+             "find_spec = importlib.util.find_spec\n"
+             "importlib.util.find_spec = lambda name, package=None: (\n"
+             "    None if name.split('.')[0] in names else find_spec(name, package))\n"
+             "from clex_serve.cli.chat import main\n"
+             "main(['--url', 'http://127.0.0.1:9/v1'])\n")
+    result = subprocess.run([sys.executable, "-c", probe, ",".join(hidden)], capture_output=True, text=True,
+                            timeout=60, input="")
+    assert "No module named" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2 and "cannot reach a server at http://127.0.0.1:9/v1" in result.stderr

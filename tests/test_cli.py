@@ -74,3 +74,20 @@ def test_unreachable_hub_gives_the_one_line_hint_quickly(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
     assert "DAMO-NLP-SG/CLEX-7B-16K" in line and "--model DIR" in line
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads():
+    """A real listening socket on 127.0.0.1 holds the port. The model folder does not exist: the port is
+    checked before it (a load would have failed on the folder), and stdout never announces a server."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        for model_args in (["--model", "/no/such/model"], []):
+            result = run_cli("--port", str(port), *model_args)
+            assert result.returncode != 0 and "Traceback" not in result.stderr
+            [line] = result.stderr.strip().splitlines()
+            assert f"port {port} is already in use on 127.0.0.1" in line and "--port" in line
+            assert "serving" not in result.stdout and "no such" not in line

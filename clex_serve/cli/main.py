@@ -80,6 +80,17 @@ def _stream(engine, prompt: str, params: SamplingParams) -> None:
 
 
 def _serve(args) -> int:
+    from clex_serve.cli.listen_sockets import bind_listening_sockets
+
+    sockets = bind_listening_sockets(args.host, args.port)  # a taken port is found before the model loads
+    try:
+        return _serve_on(sockets, args)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _serve_on(sockets, args) -> int:
     from clex_serve.api.server import serve
     from clex_serve.engine.async_engine import AsyncLLMEngine
     from clex_serve.engine.llm_engine import LLMEngine
@@ -90,7 +101,7 @@ def _serve(args) -> int:
     template = resolve_chat_template(engine.tokenizer, args.model or "", args.chat_template)
     origins = [origin.strip() for origin in args.allowed_origins.split(",") if origin.strip()]
     api_key = args.api_key or os.environ.get("CLEX_SERVE_API_KEY") or None
-    return serve(AsyncLLMEngine(engine), name, args.host, args.port, template, api_key, origins,
+    return serve(AsyncLLMEngine(engine), name, sockets, template, api_key, origins,
                  args.uvicorn_log_level, args.graceful_timeout, ui=args.ui)
 
 

@@ -1,8 +1,11 @@
 """The ``clex-serve`` command as a user runs it: a real subprocess, its output and exit status."""
 
 import os
+import re
 import subprocess
 import sys
+
+import pytest
 
 from engine_helpers import model_with_tokenizer
 
@@ -91,3 +94,20 @@ def test_a_port_in_use_is_one_line_before_the_model_loads():
             [line] = result.stderr.strip().splitlines()
             assert f"port {port} is already in use on 127.0.0.1" in line and "--port" in line
             assert "serving" not in result.stdout and "no such" not in line
+
+
+HELP_COMMANDS = [["serve"], ["generate"], ["chat"], ["web"]]
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=lambda command: command[0])
+def test_help_says_each_default_once(command):
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # help entries wrap across lines
+    assert "(default: None)" not in text and "(default: )" not in text and "(default: [])" not in text
+    assert not re.search(r"\bdefault\b[^()]*\)\s*\(default:", text)  # "(default: X) (default: Y)"
+    assert "2048 on CUDA (default" not in text and "max(max-model-len, 2048) (default" not in text
+    if command == ["serve"]:
+        assert "--uvicorn-log-level {critical,error,warning,info,debug,trace} how much uvicorn" in text
+        assert "(default: no limit)" in text  # --max-queued-requests
+        assert "(default: 8000)" in text  # defaults the help does not mention are still shown

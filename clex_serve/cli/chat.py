@@ -20,6 +20,7 @@ from pathlib import Path
 from clex_serve.cli.chat_backends import ChatBackendError, InProcessBackend, ServerBackend
 from clex_serve.cli.chat_io import COMMANDS, ChatIO, RichChatIO, SimpleChatIO
 from clex_serve.cli.engine_args import add_engine_args, engine_config_from_args, positive_int
+from clex_serve.cli.help_format import DefaultsOnceHelpFormatter
 from clex_serve.sampling_params import SamplingParams
 
 DEFAULT_HISTORY = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "clex-serve" / "chat_history"
@@ -27,7 +28,7 @@ DEFAULT_HISTORY = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" /
 
 def build_parser(prog: str = "clex-chat") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Chat with a CLEX model in the terminal.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsOnceHelpFormatter)
     add_engine_args(parser)
     parser.add_argument("--model-path", dest="model_path", help="the same as --model (FastChat's name)")
     client = parser.add_argument_group("client mode")

@@ -35,7 +35,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and engine")
     group.add_argument("--model", help="Hugging Face folder or hub id (default: the embedded demo model)")
     group.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the model's)")
-    group.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    group.add_argument("--revision", help="hub revision (branch, tag or commit; default: the main branch)")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="auto: bfloat16 on CUDA, float32 on the CPU")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -49,8 +49,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "inter-token latency while prompts are computed (prompts of at most "
                             f"{SchedulerConfig.SHORT_PROMPT_FACTOR}x this go whole); default 12 on the CPU, "
                             "2048 on CUDA")
-    group.add_argument("--block-size", type=positive_int, help="KV cache block size in tokens")
-    group.add_argument("--kv-cache-memory", type=positive_float, metavar="GIB", help="KV cache size in GiB")
+    group.add_argument("--block-size", type=positive_int,
+                       help="KV cache block size in tokens (default: the attention backend's)")
+    group.add_argument("--kv-cache-memory", type=positive_float, metavar="GIB",
+                       help="KV cache size in GiB (default: what the memory fraction below for the device gives)")
     group.add_argument("--gpu-memory-utilization", type=fraction, default=0.9,
                        help="CUDA: fraction of the GPU's memory for weights, activations and KV cache together; "
                             "the KV cache gets what a profiling step leaves")
@@ -66,7 +68,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="override the checkpoint's CLEX log_scale")
     group.add_argument("--allow-long-max-model-len", action="store_true",
                        help="accept --max-model-len above the model's limit (CLEX stays at its largest scale)")
-    group.add_argument("--max-queued-requests", type=positive_int, help="refuse requests beyond this many waiting")
+    group.add_argument("--max-queued-requests", type=positive_int,
+                       help="refuse requests beyond this many waiting (default: no limit)")
     group.add_argument("--seed", type=int, default=0, help="random seed of unseeded sampling and dummy weights")
     group.add_argument("--no-progress-bar", action="store_true", help="no progress bar while loading weights")
     group.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: the physical cores)")

@@ -14,6 +14,7 @@ import os
 import sys
 
 from clex_serve.cli.engine_args import add_engine_args, engine_config_from_args, positive_int
+from clex_serve.cli.help_format import DefaultsOnceHelpFormatter
 from clex_serve.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -31,7 +32,7 @@ def port_number(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clex-serve", description="Serve CLEX long-context language models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = DefaultsOnceHelpFormatter
     serve = commands.add_parser(
         "serve", formatter_class=formatter, help="the OpenAI-compatible server (the default command)",
         description="Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, /health, "
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     server = serve.add_argument_group("server")
     server.add_argument("--host", default=os.environ.get("CLEX_SERVE_HOST", "127.0.0.1"),
-                        help="address to listen on (0.0.0.0: every interface; default from $CLEX_SERVE_HOST)")
+                        help="address to listen on (0.0.0.0: every interface; $CLEX_SERVE_HOST sets it too)")
     server.add_argument("--port", type=port_number, default=8000, help="port to listen on")
     server.add_argument("--served-model-name", help="the model name clients use (default: --model, or "
                                                     f"{DEMO_MODEL_NAME} for the embedded model)")
@@ -47,9 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "or the released CLEX chat models' format)")
     server.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes "
                                           "(default: $CLEX_SERVE_API_KEY, else none)")
-    server.add_argument("--allowed-origins", default="", help="comma-separated CORS origins ('*' for any)")
+    server.add_argument("--allowed-origins", default="",
+                        help="comma-separated CORS origins ('*' for any; default: none, so browsers allow "
+                             "same-origin pages only)")
     server.add_argument("--uvicorn-log-level", default="warning",
-                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+                        choices=["critical", "error", "warning", "info", "debug", "trace"],
+                        help="how much uvicorn itself logs (its start-up and connection errors); clex-serve's "
+                             "own line per request is logged whatever this says")
     server.add_argument("--graceful-timeout", type=float, default=30.0,
                         help="seconds requests in flight may run on after SIGTERM")
     server.add_argument("--ui", action="store_true",

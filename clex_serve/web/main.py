@@ -7,12 +7,13 @@ import importlib
 import os
 import sys
 
+from clex_serve.cli.help_format import DefaultsOnceHelpFormatter
 from clex_serve.web import INSTALL_HINT
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="The Gradio chat demo, against an OpenAI-compatible "
-                                     "server.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     "server.", formatter_class=DefaultsOnceHelpFormatter)
     parser.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--api-key", help="the server's API key (default: $CLEX_SERVE_API_KEY)")
     parser.add_argument("--model", help="the served model to use (default: the server's first)")

@@ -111,3 +111,31 @@ def test_help_says_each_default_once(command):
         assert "--uvicorn-log-level {critical,error,warning,info,debug,trace} how much uvicorn" in text
         assert "(default: no limit)" in text  # --max-queued-requests
         assert "(default: 8000)" in text  # defaults the help does not mention are still shown
+
+
+def test_float16_on_the_cpu_is_warned_about_by_name():
+    result = run_cli("generate", "--dtype", "float16", "--device", "cpu", "--prompt", "def f(x):", "--max-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    [warning] = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warning.startswith("clex-serve: warning: --dtype float16 on the CPU") and "float32" in warning
+    quiet = run_cli("generate", "--dtype", "bfloat16", "--device", "cpu", "--prompt", "def f(x):", "--max-tokens", "2")
+    assert "warning" not in quiet.stderr
+
+
+def test_a_tokenizer_with_ids_past_the_vocabulary_is_refused_at_load(tmp_path):
+    """The model reads 320 token ids; a tokenizer of 400 is refused in one line that names both sizes,
+    before any request. A smaller tokenizer (many real checkpoints pad their embedding) is fine."""
+    from engine_helpers import word_level_tokenizer
+
+    folder = model_with_tokenizer("llama", tmp_path)
+    big, small = tmp_path / "big_tokenizer", tmp_path / "small_tokenizer"
+    word_level_tokenizer(400).save_pretrained(big)
+    word_level_tokenizer(300).save_pretrained(small)
+    refused = run_cli("generate", "--model", str(folder), "--tokenizer", str(big), "--device", "cpu",
+                      "--prompt", "CLEX", "--max-tokens", "2")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    [line] = refused.stderr.strip().splitlines()
+    assert "has 400 tokens (ids up to 399)" in line and "vocabulary has 320" in line and "--tokenizer" in line
+    accepted = run_cli("generate", "--model", str(folder), "--tokenizer", str(small), "--device", "cpu",
+                       "--prompt", "CLEX", "--max-tokens", "2")
+    assert accepted.returncode == 0, accepted.stderr

@@ -136,3 +136,22 @@ def test_dummy_load_format_fills_every_weight_from_the_config_alone(tmp_path):
 def test_unknown_load_format_is_refused(tmp_path):
     with pytest.raises(ValueError, match="load format 'npz'"):
         load_model(FIXTURES / "llama", load_format="npz", device="cpu", show_progress=False)
+
+
+def test_a_tokenizer_fits_when_its_ids_are_rows_of_the_embedding():
+    """Fewer tokens than embedding rows is common and fine (Llama-2: 32000 of 32000, Qwen2: 151646 of 151936);
+    an id at vocab_size or past it, even only a special token's, is refused with both sizes named."""
+    from engine_helpers import word_level_tokenizer
+
+    from clex_serve.loading.tokenizer_fit import check_tokenizer_fits
+
+    check_tokenizer_fits(word_level_tokenizer(320), 320, "here")
+    check_tokenizer_fits(word_level_tokenizer(300), 320, "here")
+    with pytest.raises(ValueError, match=r"from here has 321 tokens \(ids up to 320\), but the model's vocabulary "
+                                         r"has 320 \(vocab_size in config.json\)"):
+        check_tokenizer_fits(word_level_tokenizer(321), 320, "here")
+    padded = word_level_tokenizer(300)
+    padded.add_special_tokens({"pad_token": "<pad>"})  # id 300: still inside a 320-row embedding
+    check_tokenizer_fits(padded, 320, "here")
+    with pytest.raises(ValueError, match="ids up to 300"):
+        check_tokenizer_fits(padded, 300, "here")

@@ -12,15 +12,12 @@ import dataclasses
 import time
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
-from sse_starlette.sse import EventSourceResponse
 
 from clex_serve.api.context_overflow import overflow_of
 from clex_serve.api.errors import APIError, invalid
 from clex_serve.api.protocol import CompletionRequest, usage
-from clex_serve.api.serving import (
-    STREAM_STATUS, ClientDisconnected, ServingContext, merge_streams, prompt_logprobs_json, sse,
-)
+from clex_serve.api.generation import Generation
+from clex_serve.api.serving import ServingContext, prompt_logprobs_json
 from clex_serve.engine.input_processor import PromptTooLongError
 from clex_serve.engine.outputs import CompletionOutput, RequestOutput
 
@@ -95,20 +92,14 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw_re
     echo_logprobs = body.echo and body.logprobs is not None
     echoes = [item.text if item.text is not None else ctx.tokenizer.decode(item.token_ids) for item in processed]
     streams = [ctx.engine.generate(item, request_id=f"{request_id}-{index}") for index, item in enumerate(submitted)]
+    generation = Generation(ctx, request_id, streams, lengths, counts_tokens=not scoring, started=started)
     model, created, n = ctx.served_model_name, int(time.time()), params.n
-    prompt_tokens = sum(lengths)
 
     def choice_index(prompt_index: int, completion: CompletionOutput) -> int:
         return prompt_index * n + completion.index
 
-    if not body.stream:
-        try:
-            outputs = await ctx.run_to_end(streams, raw_request)
-        except ClientDisconnected:
-            ctx.metrics.request_ended("aborted")
-            ctx.log(request_id, 499, prompt_tokens, 0, None, started)
-            return JSONResponse({}, status_code=499)
-        choices, generated = [], 0
+    def whole(outputs):
+        choices = []
         for prompt_index, output in enumerate(outputs):
             echo = echoes[prompt_index] if body.echo else ""
             prompt_part = echoed_logprobs(ctx, output) if echo_logprobs else None
@@ -116,7 +107,6 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw_re
                 if scoring:
                     text, logprobs, finish_reason, stop_reason = echo, prompt_part, "length", None
                 else:
-                    generated += len(c.token_ids)
                     text, finish_reason, stop_reason = echo + c.text, c.finish_reason, c.stop_reason
                     logprobs = _joined(prompt_part, completion_logprobs(ctx, c, _end_offset(prompt_part, echo)))
                 choice = {"index": choice_index(prompt_index, c), "text": text, "logprobs": logprobs,
@@ -124,68 +114,41 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw_re
                 if body.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = prompt_logprobs_json(ctx, output)
                 choices.append(choice)
-            ctx.metrics.request_ended("finished", output.metrics, lengths[prompt_index],
-                                      0 if scoring else sum(len(c.token_ids) for c in output.outputs))
         choices.sort(key=lambda choice: choice["index"])
-        ctx.log(request_id, 200, prompt_tokens, generated, outputs[0].metrics.time_to_first_token, started)
-        return JSONResponse({"id": request_id, "object": "text_completion", "created": created, "model": model,
-                             "choices": choices, "usage": usage(prompt_tokens, generated)})
+        return {"id": request_id, "object": "text_completion", "created": created, "model": model,
+                "choices": choices, "usage": usage(generation.prompt_tokens, generation.generated)}
 
-    try:
-        firsts = [await ctx.first_output(stream) for stream in streams]
-    except Exception:
-        for stream in streams:
-            await stream.aclose()
-        raise
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    async def replay_first(index):
-        yield firsts[index]
-        async for output in streams[index]:
-            yield output
+    if not body.stream:
+        return await generation.whole(raw_request, whole)
 
     def chunk(choices, **extra):
-        return sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
-                    "choices": choices, **extra})
+        return {"id": request_id, "object": "text_completion", "created": created, "model": model,
+                "choices": choices, **extra}
 
-    async def events():
-        generated, outcome, first_metrics = 0, "aborted", firsts[0].metrics
+    async def chunks(firsts, outputs):
         offsets: dict[int, int] = {}
-        try:
-            if body.echo:
-                for prompt_index, first in enumerate(firsts):
-                    prompt_part = echoed_logprobs(ctx, first) if echo_logprobs else None
-                    for i in range(n):
-                        offsets[prompt_index * n + i] = _end_offset(prompt_part, echoes[prompt_index])
-                        yield chunk([{"index": prompt_index * n + i, "text": echoes[prompt_index],
-                                      "logprobs": prompt_part, "finish_reason": None}])
-            async for prompt_index, output in merge_streams([replay_first(i) for i in range(len(streams))]):
-                ctx.metrics.observe_tokens(output.metrics)
-                for c in output.outputs:
-                    index = choice_index(prompt_index, c)
-                    if scoring:  # the sampled token is dropped: only the end is told
-                        if c.finish_reason:
-                            yield chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": "length",
-                                          "stop_reason": None}])
-                        continue
-                    generated += len(c.token_ids)
-                    if c.text or c.token_ids or c.finish_reason:
-                        logprobs = completion_logprobs(ctx, c, offsets.get(index, 0))
-                        offsets[index] = offsets.get(index, 0) + len(c.text)
-                        yield chunk([{"index": index, "text": c.text, "logprobs": logprobs,
-                                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}])
-            if include_usage:
-                yield chunk([], usage=usage(prompt_tokens, generated))
-            outcome = "finished"
-            yield "[DONE]"
-        except Exception as error:
-            outcome = "failed"
-            yield ctx.engine_error(error).sse_data()
-        finally:
-            for stream in streams:
-                await stream.aclose()
-            ctx.metrics.request_ended(outcome, first_metrics, prompt_tokens, generated)
-            ctx.log(request_id, STREAM_STATUS[outcome], prompt_tokens, generated, first_metrics.time_to_first_token,
-                    started)
+        if body.echo:
+            for prompt_index, first in enumerate(firsts):
+                prompt_part = echoed_logprobs(ctx, first) if echo_logprobs else None
+                for i in range(n):
+                    offsets[prompt_index * n + i] = _end_offset(prompt_part, echoes[prompt_index])
+                    yield chunk([{"index": prompt_index * n + i, "text": echoes[prompt_index],
+                                  "logprobs": prompt_part, "finish_reason": None}])
+        async for prompt_index, output in outputs:
+            for c in output.outputs:
+                index = choice_index(prompt_index, c)
+                if scoring:  # the sampled token is dropped: only the end is told
+                    if c.finish_reason:
+                        yield chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": "length",
+                                      "stop_reason": None}])
+                    continue
+                if c.text or c.token_ids or c.finish_reason:
+                    logprobs = completion_logprobs(ctx, c, offsets.get(index, 0))
+                    offsets[index] = offsets.get(index, 0) + len(c.text)
+                    yield chunk([{"index": index, "text": c.text, "logprobs": logprobs,
+                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}])
 
-    return EventSourceResponse(events(), ping=15, headers={"X-Request-Id": request_id})
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await generation.event_stream(
+        chunks, (lambda generated: chunk([], usage=usage(generation.prompt_tokens, generated))) if include_usage
+        else None)

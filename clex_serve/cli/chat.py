@@ -19,7 +19,8 @@ from pathlib import Path
 
 from clex_serve.cli.chat_backends import ChatBackendError, InProcessBackend, ServerBackend
 from clex_serve.cli.chat_io import COMMANDS, ChatIO, RichChatIO, SimpleChatIO
-from clex_serve.cli.engine_args import add_engine_args, engine_config_from_args, positive_int
+from clex_serve.cli.engine_args import add_engine_args, positive_int
+from clex_serve.cli.engine_start import start_engine
 from clex_serve.cli.help_format import DefaultsOnceHelpFormatter
 from clex_serve.sampling_params import SamplingParams
 
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None, prog: str = "clex-chat") -> int:
         parser.exit(2, f"{prog}: error: {error}\n")
     style = args.style or ("rich" if sys.stdin.isatty() and sys.stdout.isatty() else "simple")
     try:
-        backend = _backend(args)
+        backend = _backend(args, prog)
     except (ValueError, ChatBackendError) as error:
         parser.exit(2, f"{prog}: error: {error}\n")
     io = RichChatIO(args.history_file) if style == "rich" else SimpleChatIO()
@@ -224,14 +225,13 @@ def main(argv: list[str] | None = None, prog: str = "clex-chat") -> int:
         backend.close()
 
 
-def _backend(args):
+def _backend(args, prog: str):
     if args.url:
         return ServerBackend(args.url, args.api_key or os.environ.get("CLEX_SERVE_API_KEY"), args.model)
-    from clex_serve.engine.llm_engine import LLMEngine
     from clex_serve.text.chat_template import fallback_template, resolve_chat_template
 
     args.model = args.model or args.model_path
-    engine = LLMEngine(engine_config_from_args(args))
+    engine = start_engine(args, prog)
     template = resolve_chat_template(engine.tokenizer, args.model or "", args.chat_template)
     return InProcessBackend(engine, template or fallback_template(engine.model_config.family))
 

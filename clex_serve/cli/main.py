@@ -13,7 +13,8 @@ import argparse
 import os
 import sys
 
-from clex_serve.cli.engine_args import add_engine_args, engine_config_from_args, positive_int
+from clex_serve.cli.engine_args import add_engine_args, positive_int
+from clex_serve.cli.engine_start import start_engine
 from clex_serve.cli.help_format import DefaultsOnceHelpFormatter
 from clex_serve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -98,10 +99,9 @@ def _serve(args) -> int:
 def _serve_on(sockets, args) -> int:
     from clex_serve.api.server import serve
     from clex_serve.engine.async_engine import AsyncLLMEngine
-    from clex_serve.engine.llm_engine import LLMEngine
     from clex_serve.text.chat_template import resolve_chat_template
 
-    engine = LLMEngine(engine_config_from_args(args))
+    engine = start_engine(args, "clex-serve")
     name = args.served_model_name or args.model or DEMO_MODEL_NAME
     template = resolve_chat_template(engine.tokenizer, args.model or "", args.chat_template)
     origins = [origin.strip() for origin in args.allowed_origins.split(",") if origin.strip()]
@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, stop=args.stop, output_kind=RequestOutputKind.DELTA)
-        from clex_serve.engine.llm_engine import LLMEngine
-
-        engine = LLMEngine(engine_config_from_args(args))
+        engine = start_engine(args, "clex-serve")
         prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
         for prompt in prompts:
             _stream(engine, prompt, params)

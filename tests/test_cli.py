@@ -79,6 +79,24 @@ def test_unreachable_hub_gives_the_one_line_hint_quickly(tmp_path):
     assert "DAMO-NLP-SG/CLEX-7B-16K" in line and "--model DIR" in line
 
 
+def test_the_readme_generate_example_writes_code():
+    """The README's `clex-serve generate` line on the embedded model (a chat model that knows Python's
+    standard library): lines of code, not a sentence ended at once by the end token."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    [prompt] = re.findall(r'`clex-serve generate --prompt "([^"]+)"`', readme)
+    result = run_cli("generate", "--prompt", prompt)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) >= 5 and len(result.stdout.split()) >= 20
+
+
+def test_ignore_eos_writes_every_token():
+    result = run_cli("generate", "--prompt", "Once upon a time", "--max-tokens", "24", "--ignore-eos")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip()) > 20  # without it, the chat model ends after "."
+
+
 def test_a_port_in_use_is_one_line_before_the_model_loads():
     """A real listening socket on 127.0.0.1 holds the port. The model folder does not exist: the port is
     checked before it (a load would have failed on the folder), and stdout never announces a server."""

@@ -1,7 +1,8 @@
 """The ``clex-serve`` command.
 
     clex-serve --model DAMO-NLP-SG/CLEX-7B-Chat-16K        # the OpenAI-compatible server (= clex-serve serve)
-    clex-serve generate --model DAMO-NLP-SG/CLEX-7B-16K --prompt "Once upon a time"
+    clex-serve generate --model DAMO-NLP-SG/CLEX-7B-16K --prompt "Once upon a time" --temperature 0.8
+    clex-serve generate --prompt "def read_file(path):"  # the embedded model knows Python's standard library
 
 ``serve`` (the default) serves the OpenAI API; ``generate`` streams a completion for ``--prompt`` (or for
 each line of standard input) to standard output.
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     sampling.add_argument("--top-k", type=int, default=0, help="0: no top-k")
     sampling.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    sampling.add_argument("--ignore-eos", action="store_true",
+                          help="write on past the end-of-sequence token, up to --max-tokens")
     return parser
 
 
@@ -133,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, stop=args.stop, output_kind=RequestOutputKind.DELTA)
+                                top_k=args.top_k, stop=args.stop, ignore_eos=args.ignore_eos,
+                                output_kind=RequestOutputKind.DELTA)
         engine = start_engine(args, "clex-serve")
         prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
         for prompt in prompts:

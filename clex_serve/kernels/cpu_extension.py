@@ -1,10 +1,16 @@
 """clex-serve's C++ CPU kernels (``csrc/``), compiled on first use and cached, as DeepSpeed's ops are.
 
 The kernels register as ``torch.ops.clex_cpu.*``. They are built with the machine's C++ compiler through
-``torch.utils.cpp_extension`` (about 10 s once; the cache lives under ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``) and compiled for AVX-512, which they check for at run time. Where any of this
-is missing (no compiler, another architecture, an older CPU), or ``CLEX_SERVE_CPU_KERNELS=0`` is set, the
-CPU path stays on PyTorch's own operators, a warning says why, and results do not change.
+``torch.utils.cpp_extension`` (10 s to over a minute, once; the cache lives under ``TORCH_EXTENSIONS_DIR``,
+by default ``~/.cache/torch_extensions``) and compiled for AVX-512, which they check for at run time. Where
+any of this is missing (no compiler, another architecture, an older CPU), or ``CLEX_SERVE_CPU_KERNELS=0`` is
+set, the CPU path stays on PyTorch's own operators, a warning says why, and results do not change.
+
+Each build has a library of its own, named by a digest of what it is built from: the sources and headers,
+the flags, torch's version and the Python installation (``sys.prefix``). Two virtual environments, or two
+versions of clex-serve, never rebuild each other's library: each finds its own in the cache and loads it
+without invoking the compiler, and a build runs (with a notice, since it pauses the start) only when that
+library is not there yet.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -24,7 +31,12 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("blocked_linear.cpp", "fused_ops.cpp", "decode_attention.cpp", "decoder_layer.cpp",
                                     "penalties.cpp", "sampling.cpp")]
 DISABLE_VARIABLE = "CLEX_SERVE_CPU_KERNELS"
-NAME = "clex_serve_cpu_kernels"
+NAME_PREFIX = "clex_serve_cpu_kernels"
+# OpenMP: at::parallel_for runs on torch's own thread pool (the libgomp torch loaded), so the kernels use the
+# threads --threads set. No contraction into FMAs: the fused element-wise kernels round like PyTorch's
+# separate operators.
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
+LDFLAGS = ["-fopenmp"]
 
 
 @functools.cache
@@ -48,34 +60,34 @@ def cpu_kernels_available() -> bool:
     return True
 
 
+def extension_name() -> str:
+    """The library's name for this build: a digest of everything that makes it differ (torch rebuilds a
+    cached extension when its sources' paths, mtimes or flags change, but does not look at the headers, and
+    one shared name would make every installation overwrite the others' library)."""
+    digest = hashlib.sha256()
+    for part in (torch.__version__, torch.version.git_version, sys.prefix, sys.version, *CFLAGS, *LDFLAGS):
+        digest.update(str(part).encode() + b"\0")
+    for file in sorted(SOURCES) + sorted(CSRC.glob("*.h")):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return f"{NAME_PREFIX}_{digest.hexdigest()[:16]}"
+
+
 def _build() -> None:
     from torch.utils import cpp_extension
 
+    name = extension_name()
+    build_directory = Path(cpp_extension._get_build_directory(name, False))
+    library = build_directory / f"{name}.so"
+    # torch's "lock" file is there while a build runs (another process may be building this very library).
+    if library.is_file() and not (build_directory / "lock").exists():
+        torch.ops.load_library(str(library))  # built before from exactly these sources: no compiler needed
+        return
+    logger.warning("compiling clex-serve's CPU kernels for this installation (once: 10 s to over a minute; "
+                   "cached in %s)", build_directory)
     _put_ninja_on_path()
-    build_directory = Path(cpp_extension._get_build_directory(NAME, False))
-    if not (build_directory / f"{NAME}.so").exists():
-        # The first start after installing: say why it pauses (later starts load the cached library).
-        logger.warning("compiling clex-serve's CPU kernels once (about 10-30 s; cached in %s)", build_directory)
-    cpp_extension.load(
-        name=NAME,
-        sources=[str(source) for source in SOURCES],
-        # OpenMP: at::parallel_for runs on torch's own thread pool (the libgomp torch loaded), so the
-        # kernels use the threads --threads set. No contraction into FMAs: the fused element-wise kernels
-        # round like PyTorch's separate operators.
-        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", f"-DCLEX_CPU_HEADERS={_headers_digest()}"],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=False,
-    )
-
-
-def _headers_digest() -> str:
-    """A digest of the headers, passed as a define: torch rebuilds a cached extension when its sources or
-    flags change, and does not look at the headers they include."""
-    digest = hashlib.sha256()
-    for header in sorted(CSRC.glob("*.h")):
-        digest.update(header.read_bytes())
-    return digest.hexdigest()[:16]
+    cpp_extension.load(name=name, sources=[str(source) for source in SOURCES], extra_cflags=CFLAGS,
+                       extra_ldflags=LDFLAGS, build_directory=str(build_directory), is_python_module=False,
+                       verbose=False)
 
 
 def _put_ninja_on_path() -> None:

@@ -8,7 +8,7 @@ import sys
 import pexpect
 import pytest
 
-from engine_helpers import model_with_tokenizer
+from engine_helpers import model_with_tokenizer, slow_random_llama
 from server_helpers import running_server
 
 CHAT = [sys.executable, "-m", "clex_serve.cli.chat"]
@@ -87,6 +87,56 @@ def test_ctrl_c_mid_answer_returns_to_the_prompt_with_the_engine_idle(tmp_path):
     kept = json.loads((tmp_path / "after.json").read_text())[1]["content"]
     assert kept  # the conversation keeps what was shown
     child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def _screen_until(child, screen, stream, done, what: str):
+    """Feed the child's output to a terminal emulator until ``done(screen text)``; pexpect's timeout bounds
+    every read."""
+    while not done("\n".join(screen.display)):
+        try:
+            stream.feed(child.read_nonblocking(4096, timeout=child.timeout))
+        except pexpect.TIMEOUT:
+            raise AssertionError(f"the screen never showed {what}:\n" + "\n".join(screen.display)) from None
+
+
+def test_ctrl_c_in_the_rich_chat_leaves_each_line_of_the_answer_on_screen_once(tmp_path):
+    """A real terminal (xterm, 40x120) as a user sees it, through a terminal emulator: Ctrl-C while an
+    answer several lines long is drawn leaves exactly what the conversation kept, with no line twice (the
+    echoed ^C used to move the cursor under rich's redraw, which then left the first line a second time)."""
+    pyte = pytest.importorskip("pyte")
+    folder = slow_random_llama(tmp_path)  # words, at a pace that keeps the answer streaming
+    rows, columns = 40, 120
+    child = pexpect.spawn(CHAT[0], CHAT[1:] + [
+        "--model", str(folder), "--chat-template", "vicuna", "--temperature", "0", "--max-model-len", "4096",
+        "--max-new-tokens", "3000", "--history-file", str(tmp_path / "history")], encoding="utf-8", timeout=90,
+        dimensions=(rows, columns), env={"TERM": "xterm-256color", "PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+    screen = pyte.Screen(columns, rows)
+    stream = pyte.Stream(screen)
+    _screen_until(child, screen, stream, lambda text: "USER" in text, "the prompt")
+    child.sendline("Tell me a long story")
+
+    def answer_lines(text: str) -> list[str]:
+        lines = [line.rstrip() for line in text.split("\n")]
+        start = next(i for i, line in enumerate(lines) if line.startswith("ASSISTANT"))
+        return [line for line in lines[start + 1:] if line][:-1]  # the last may still be growing
+
+    _screen_until(child, screen, stream, lambda text: "ASSISTANT" in text and len(answer_lines(text)) >= 2,
+                  "two lines of the answer")
+    child.sendintr()
+    _screen_until(child, screen, stream, lambda text: "(stopped" in text, "the stop notice")
+    lines = [line.rstrip() for line in screen.display]
+    start = next(i for i, line in enumerate(lines) if line.startswith("ASSISTANT"))
+    stop = next(i for i, line in enumerate(lines) if line.startswith("(stopped"))
+    on_screen = " ".join(" ".join(lines[start + 1:stop]).split())
+
+    child.sendline(f"!!save {tmp_path / 'kept.json'}")
+    child.expect_exact("(saved 2 messages")
+    kept = json.loads((tmp_path / "kept.json").read_text())[1]["content"]
+    assert on_screen == " ".join(kept.split())
+    child.sendline("!!exit")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0

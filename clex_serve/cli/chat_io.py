@@ -3,8 +3,9 @@ terminals, a simple one for pipes and plain terminals. The chat loop only talks 
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 COMMANDS = {
@@ -125,7 +126,8 @@ class RichChatIO(ChatIO):
 
         shown = self.last_shown = ""
         self.console.print("[bold]ASSISTANT[/bold]:")
-        with Live(Markdown(""), console=self.console, refresh_per_second=12, vertical_overflow="visible") as live:
+        with _keys_not_echoed(), Live(Markdown(""), console=self.console, refresh_per_second=12,
+                                      vertical_overflow="visible") as live:
             for delta in deltas:
                 shown = self.last_shown = shown + delta
                 live.update(Markdown(shown))
@@ -133,3 +135,28 @@ class RichChatIO(ChatIO):
 
     def info(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False)
+
+
+@contextlib.contextmanager
+def _keys_not_echoed() -> Iterator[None]:
+    """While an answer is drawn, the terminal does not echo keys. rich redraws the answer by moving the cursor
+    up as many lines as it drew; an echoed ``^C`` (or any key typed meanwhile) moves the cursor on behind its
+    back, and the redraw then leaves its first line on the screen twice."""
+    try:
+        import termios
+    except ImportError:  # not a POSIX terminal
+        yield
+        return
+    try:
+        descriptor = sys.stdin.fileno()
+        saved = termios.tcgetattr(descriptor)
+    except (termios.error, OSError, ValueError, AttributeError):  # standard input is not a terminal
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))  # [3]: the local modes
+    termios.tcsetattr(descriptor, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(descriptor, termios.TCSANOW, saved)

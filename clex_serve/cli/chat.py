@@ -144,21 +144,24 @@ class ChatSession:
         self.io.info(f"(loaded {len(messages)} messages from {path})")
 
     def _fit_context(self) -> bool:
-        """Before a turn would overflow the context: say so, offer to drop the oldest turns."""
+        """Before a turn would overflow the context: say so, offer to drop the oldest turns. A turn needs room
+        for its answer too: up to --max-new-tokens of it, at most a quarter of the context."""
         limit = self.backend.max_model_len
         if not limit:
             return True
+        reserve = min(self.params.max_tokens or 0, limit // 4)
         while True:
             used = self.backend.count_tokens(self.messages)
-            if used is None or used + 1 <= limit - min(self.params.max_tokens or 0, limit // 4):
+            if used is None or used + 1 <= limit - reserve:
                 return True
             first_turn = 1 if self.messages and self.messages[0]["role"] == "system" else 0
             if len(self.messages) - first_turn <= 1:
-                self.io.info(f"(this message alone takes {used} of the {limit} tokens the model reads: shorten it)")
+                self.io.info(f"(this message takes {used} tokens; with the {reserve} kept for the answer, the "
+                             f"{limit} tokens the model reads are not enough: shorten it)")
                 self.messages.pop()
                 return False
-            if not self.io.confirm(f"The conversation ({used} tokens) is too long for the context of {limit}. "
-                                   f"Drop the oldest turn?"):
+            if not self.io.confirm(f"The conversation ({used} tokens) and the {reserve} tokens kept for the "
+                                   f"answer do not fit the context of {limit}. Drop the oldest turn?"):
                 self.messages.pop()
                 return False
             del self.messages[first_turn:first_turn + 2]

@@ -10,6 +10,7 @@ import pexpect
 import pytest
 
 from engine_helpers import model_with_tokenizer, slow_random_llama
+from scripted_server import CODE_ANSWER, scripted_server
 from server_helpers import running_server
 
 CHAT = [sys.executable, "-m", "clex_serve.cli.chat"]
@@ -141,6 +142,33 @@ def test_ctrl_c_in_the_rich_chat_leaves_each_line_of_the_answer_on_screen_once(t
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_code_in_an_answer_reads_as_code_in_the_rich_chat(tmp_path):
+    """A server that answers with code, unfenced and fenced, a few characters at a time; the terminal
+    (through an emulator) shows every identifier's underscores, the comments as comments, the indentation."""
+    pyte = pytest.importorskip("pyte")
+    rows, columns = 40, 120
+    with scripted_server(CODE_ANSWER) as url:
+        child = pexpect.spawn(CHAT[0], CHAT[1:] + ["--url", url, "--history-file", str(tmp_path / "history")],
+                              encoding="utf-8", timeout=60, dimensions=(rows, columns),
+                              env={"TERM": "xterm-256color", "PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+        screen = pyte.Screen(columns, rows)
+        stream = pyte.Stream(screen)
+        _screen_until(child, screen, stream, lambda text: "USER" in text, "the prompt")
+        child.sendline("How do I write a class?")
+        _screen_until(child, screen, stream, lambda text: "That is __init__ and emphasis." in text, "the answer")
+        lines = [line.rstrip() for line in screen.display]
+        assert any(line.startswith("Use __init__ to set up an object, as in snake_case_names:") for line in lines)
+        header = next(line for line in lines if line.strip() == "class Reader:")
+        comment = next(line for line in lines if line.strip() == "# set up the _private state")
+        assert comment.index("#") == header.index("c") + 4
+        assert any(line.strip() == "def __init__(self, file_name):" for line in lines)
+        assert any(line.strip() == "# read it all" for line in lines)
+        child.sendline("!!exit")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
 
 
 def test_rich_style_in_a_terminal(tmp_path):

@@ -7,12 +7,14 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from engine_helpers import slow_random_llama
+from scripted_server import CODE_ANSWER, scripted_server
 from server_helpers import free_port, running_server
 
 pytest.importorskip("gradio")
@@ -146,23 +148,50 @@ def test_two_tabs_chat_at_once_without_mixing(browser, tmp_path):
 
 
 def test_standalone_demo_against_a_live_server(browser):
-    with running_server() as (url, _):
-        port = free_port()
-        process = subprocess.Popen([sys.executable, "-m", "clex_serve.cli.main", "web", "--url", f"{url}/v1",
-                                    "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            line = ""
-            deadline = time.monotonic() + 120
-            while "web UI" not in line and time.monotonic() < deadline and process.poll() is None:
-                line = process.stdout.readline()
-            assert "web UI" in line, process.stderr.read() if process.poll() is not None else line
-            page = open_ui(browser, f"http://127.0.0.1:{port}/")
-            send(page, QUESTION)
-            assert answer_settled(page)
-            assert "Tokens:" in page.locator("#status").inner_text()
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    with running_server() as (url, _), standalone_demo(f"{url}/v1") as page_url:
+        page = open_ui(browser, page_url)
+        send(page, QUESTION)
+        assert answer_settled(page)
+        assert "Tokens:" in page.locator("#status").inner_text()
+
+
+@contextmanager
+def standalone_demo(url: str):
+    """``clex-serve web --url URL`` on a free port; yields the page's address once it says where it is."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "clex_serve.cli.main", "web", "--url", url, "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while "web UI" not in line and time.monotonic() < deadline and process.poll() is None:
+            line = process.stdout.readline()
+        assert "web UI" in line, process.stderr.read() if process.poll() is not None else line
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_code_in_an_answer_renders_as_code(browser):
+    """An answer with code written without a fence and with one (streamed a few characters at a time): the
+    page shows both as code blocks, comments as comments (no heading), identifiers with their underscores
+    (no bold or italics), while the prose's own *emphasis* still renders."""
+    with scripted_server(CODE_ANSWER) as url, standalone_demo(url) as page_url:
+        page = open_ui(browser, page_url)
+        send(page, "How do I write a class?")
+        wait_for(lambda: "That is" in bot_text(page))
+        answer = page.locator('#conversation [data-testid="bot"]').last
+        wait_for(lambda: answer.locator("em").count() == 1)
+        text = answer.inner_text()
+        assert "Use __init__ to set up an object, as in snake_case_names:" in text
+        blocks = answer.locator("pre").all_inner_texts()
+        assert len(blocks) == 2, blocks
+        assert "# set up the _private state" in blocks[0] and "def __init__(self, file_name):" in blocks[0]
+        assert "    # set up the _private state" in blocks[0]  # indentation kept
+        assert "# read it all" in blocks[1] and "def read_all(path_name):" in blocks[1]
+        assert answer.locator("h1, h2, h3, h4, h5, h6, strong").count() == 0
+        assert answer.locator("em").all_inner_texts() == ["emphasis"]
 
 
 def test_ui_flag_without_gradio_says_what_to_install(tmp_path):

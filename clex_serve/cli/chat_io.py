@@ -8,6 +8,8 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from clex_serve.cli.answer_markdown import display_markdown
+
 COMMANDS = {
     "!!exit": "leave (an empty line or Ctrl-D does too)",
     "!!reset": "start a new conversation",
@@ -130,7 +132,7 @@ class RichChatIO(ChatIO):
                                       vertical_overflow="visible") as live:
             for delta in deltas:
                 shown = self.last_shown = shown + delta
-                live.update(Markdown(shown))
+                live.update(Markdown(display_markdown(shown)))
         return shown
 
     def info(self, text: str) -> None:

@@ -1,35 +1,25 @@
 """The Gradio chat: streaming answers, a system prompt, sampling controls, Stop / Retry / Undo / Clear, and a
 line with the tokens used against the context and the CLEX scale the next turn runs at.
 
-Each browser tab holds its own conversation (Gradio's per-session state). Events run without Gradio's
-one-at-a-time queue limit, so several users stream at once and the engine batches them. Stop cancels the
-streaming handler, which closes its source stream and so ends the request where it runs.
+Each browser tab holds its own conversation (Gradio's per-session state): the messages as written, which
+the model reads back; the chat box shows them through ``display_markdown``, so that code stays code. Events
+run without Gradio's one-at-a-time queue limit, so several users stream at once and the engine batches them.
+Stop cancels the streaming handler, which closes its source stream and so ends the request where it runs.
 """
 
 from __future__ import annotations
 
+from clex_serve.cli.answer_markdown import display_markdown
 from clex_serve.sampling_params import SamplingParams
 
 
-def _text(content) -> str:
-    """Gradio hands message content back as a string or as a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
-    if isinstance(content, dict):
-        return str(content.get("text", ""))
-    return "" if content is None else str(content)
+def _with_system(conversation: list[dict], system: str) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system and system.strip() else []) + conversation
 
 
-def _conversation(history: list, system: str) -> list[dict]:
-    messages = [{"role": "system", "content": system}] if system and system.strip() else []
-    for item in history:
-        role = item.get("role") if isinstance(item, dict) else getattr(item, "role", None)
-        content = item.get("content") if isinstance(item, dict) else getattr(item, "content", None)
-        if role in ("user", "assistant"):
-            messages.append({"role": role, "content": _text(content)})
-    return messages
+def _shown(conversation: list[dict]) -> list[dict]:
+    """The chat box's messages: the conversation's, as markdown that keeps their code as code."""
+    return [{"role": message["role"], "content": display_markdown(message["content"])} for message in conversation]
 
 
 def build_demo(source, title: str = "clex-serve"):
@@ -45,45 +35,47 @@ def build_demo(source, title: str = "clex-serve"):
             parts.append(f"CLEX scale t = {scale}")
         return " · ".join(parts)
 
-    async def respond(message, history, system, temperature, top_p, top_k, max_new_tokens, repetition_penalty):
-        history = list(history or [])
+    async def respond(message, conversation, system, temperature, top_p, top_k, max_new_tokens,
+                      repetition_penalty):
+        conversation = list(conversation or [])
         if message and message.strip():
-            history.append({"role": "user", "content": message})
-        messages = _conversation(history, system)
+            conversation.append({"role": "user", "content": message})
+        messages = _with_system(conversation, system)
         if not messages or messages[-1]["role"] != "user":
-            yield history, "", await status_line(messages)
+            yield _shown(conversation), "", await status_line(messages), conversation
             return
         used = await source.count_tokens(messages)
         if used is not None and limit and used >= limit:
-            history.append({"role": "assistant", "content": (
+            conversation.append({"role": "assistant", "content": (
                 f"(This conversation is {used} tokens; the model reads at most {limit}. Shorten the message, "
                 f"undo it, or clear the conversation.)")})
-            yield history, "", await status_line(messages)
+            yield _shown(conversation), "", await status_line(messages), conversation
             return
         budget = int(max_new_tokens) if not limit or used is None else max(1, min(int(max_new_tokens), limit - used))
         params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                                 repetition_penalty=float(repetition_penalty), max_tokens=budget)
-        history.append({"role": "assistant", "content": ""})
+        answer = {"role": "assistant", "content": ""}
+        conversation.append(answer)
         status = await status_line(messages)
-        yield history, "", status
+        yield _shown(conversation), "", status, conversation
         async for delta in source.stream(messages, params):
-            history[-1]["content"] += delta
-            yield history, "", status
-        yield history, "", await status_line(_conversation(history, system))
+            answer["content"] += delta
+            yield _shown(conversation), "", status, conversation
+        yield _shown(conversation), "", await status_line(_with_system(conversation, system)), conversation
 
-    def undo(history):
-        history = list(history or [])
-        while history and (history[-1].get("role") if isinstance(history[-1], dict) else None) == "assistant":
-            history.pop()
-        if history:
-            history.pop()
-        return history
+    def undo(conversation):
+        conversation = list(conversation or [])
+        while conversation and conversation[-1]["role"] == "assistant":
+            conversation.pop()
+        if conversation:
+            conversation.pop()
+        return _shown(conversation), conversation
 
-    def drop_answer(history):
-        history = list(history or [])
-        if history and isinstance(history[-1], dict) and history[-1].get("role") == "assistant":
-            history.pop()
-        return history
+    def drop_answer(conversation):
+        conversation = list(conversation or [])
+        if conversation and conversation[-1]["role"] == "assistant":
+            conversation.pop()
+        return _shown(conversation), conversation
 
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"## {title}\nModel: `{source.model_name}`")
@@ -107,13 +99,15 @@ def build_demo(source, title: str = "clex-serve"):
                                        label="Max new tokens", elem_id="max-new-tokens")
             repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty")
 
+        conversation = gr.State([])  # the messages as written; the chat box shows them as display markdown
         controls = [system, temperature, top_p, top_k, max_new_tokens, repetition_penalty]
-        outputs = [chatbot, box, status]
-        submitted = box.submit(respond, [box, chatbot, *controls], outputs, concurrency_limit=None)
-        clicked = send.click(respond, [box, chatbot, *controls], outputs, concurrency_limit=None)
-        retried = retry.click(drop_answer, chatbot, chatbot).then(
-            respond, [gr.State(""), chatbot, *controls], outputs, concurrency_limit=None)
+        outputs = [chatbot, box, status, conversation]
+        submitted = box.submit(respond, [box, conversation, *controls], outputs, concurrency_limit=None)
+        clicked = send.click(respond, [box, conversation, *controls], outputs, concurrency_limit=None)
+        retried = retry.click(drop_answer, conversation, [chatbot, conversation]).then(
+            respond, [gr.State(""), conversation, *controls], outputs, concurrency_limit=None)
         stop.click(None, None, None, cancels=[submitted, clicked, retried])
-        undo_button.click(undo, chatbot, chatbot)
-        clear.click(lambda: ([], "Tokens: 0" + (f" / {limit}" if limit else "")), None, [chatbot, status])
+        undo_button.click(undo, conversation, [chatbot, conversation])
+        clear.click(lambda: ([], "Tokens: 0" + (f" / {limit}" if limit else ""), []), None,
+                    [chatbot, status, conversation])
     return demo

@@ -4,5 +4,5 @@ from clex_serve.engine.outputs import CompletionOutput, RequestOutput
 from clex_serve.llm import LLM
 from clex_serve.sampling_params import SamplingParams
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # read by pyproject.toml (tool.setuptools.dynamic)
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]

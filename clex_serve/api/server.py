@@ -40,14 +40,14 @@ class _AnnouncingServer(uvicorn.Server):
 
 def serve(engine: AsyncLLMEngine, served_model_name: str, sockets: list[socket.socket], chat_template: str | None,
           api_key: str | None, allowed_origins: list[str] | None, log_level: str, graceful_timeout: float,
-          ui: bool = False) -> int:
+          ui: bool = False, max_request_body_bytes: int | None = None) -> int:
     """``sockets``: bound, not yet listening (``clex_serve.cli.listen_sockets``); uvicorn listens on them."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     # sse-starlette ends every stream as soon as uvicorn is asked to stop; streams in flight should finish
     # instead, within uvicorn's grace period (after it, uvicorn cancels them, which aborts their requests).
     AppStatus.disable_automatic_graceful_drain()
-    app = build_app(engine, served_model_name, chat_template, api_key, allowed_origins)
+    app = build_app(engine, served_model_name, chat_template, api_key, allowed_origins, max_request_body_bytes)
     host, port = sockets[0].getsockname()[:2]  # the real port, also for --port 0
     shown_host = f"[{host}]" if ":" in host else host
     announcement = f"clex-serve: serving {served_model_name} at http://{shown_host}:{port}/v1"

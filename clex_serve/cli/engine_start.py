@@ -1,5 +1,5 @@
-"""The engine every command starts from its flags: with a word about flags that work but cost, and a refusal,
-at load, of a tokenizer that does not fit the model."""
+"""The engine every command starts from its flags, with a word about flags that work but cost (the engine
+itself refuses, at load, a tokenizer that does not fit the model)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,6 @@ def warn_about_slow_flags(args: argparse.Namespace, prog: str) -> None:
 def start_engine(args: argparse.Namespace, prog: str):
     """The LLMEngine for ``args``; ``ValueError`` (one line) for what the user must change."""
     from clex_serve.engine.llm_engine import LLMEngine
-    from clex_serve.loading.tokenizer_fit import check_tokenizer_fits
 
     warn_about_slow_flags(args, prog)
-    engine = LLMEngine(engine_config_from_args(args))
-    check_tokenizer_fits(engine.tokenizer, engine.model_config.vocab_size,
-                         str(engine.engine_config.tokenizer or engine.model_path))
-    return engine
+    return LLMEngine(engine_config_from_args(args))

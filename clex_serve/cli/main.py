@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "own line per request is logged whatever this says")
     server.add_argument("--graceful-timeout", type=float, default=30.0,
                         help="seconds requests in flight may run on after SIGTERM")
+    server.add_argument("--max-request-body-bytes", type=positive_int, default=None,
+                        help="larger request bodies are refused with a 413 before they are read (default: "
+                             "sized from the longest prompt the model can read, 64 bytes per token of context, "
+                             "at least 1 MiB)")
     server.add_argument("--ui", action="store_true",
                         help="also serve the Gradio chat demo at /ui (pip install 'clex-serve[web]')")
     commands.add_parser("chat", help="the terminal chat (the same as clex-chat; `clex-serve chat --help`)")
@@ -110,7 +114,8 @@ def _serve_on(sockets, args) -> int:
     origins = [origin.strip() for origin in args.allowed_origins.split(",") if origin.strip()]
     api_key = args.api_key or os.environ.get("CLEX_SERVE_API_KEY") or None
     return serve(AsyncLLMEngine(engine), name, sockets, template, api_key, origins,
-                 args.uvicorn_log_level, args.graceful_timeout, ui=args.ui)
+                 args.uvicorn_log_level, args.graceful_timeout, ui=args.ui,
+                 max_request_body_bytes=args.max_request_body_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:

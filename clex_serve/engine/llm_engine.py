@@ -26,6 +26,7 @@ from clex_serve.engine.sequence import Sequence
 from clex_serve.engine.stats import EngineStats
 from clex_serve.engine.worker import Worker
 from clex_serve.loading.loader import load_model
+from clex_serve.loading.tokenizer_fit import check_tokenizer_fits
 from clex_serve.loading.model_source import resolve_model_path
 from clex_serve.sampling_params import SamplingParams
 from clex_serve.text.detokenizer import IncrementalDetokenizer
@@ -46,6 +47,7 @@ class LLMEngine:
                             load_format=config.load_format, seed=config.seed)
         self.model_config = loaded.config
         self.model_path = loaded.path
+        check_tokenizer_fits(self.tokenizer, self.model_config.vocab_size, str(config.tokenizer or model_path))
         self.device = loaded.device
         self.eos_token_ids = eos_token_ids(loaded.path, self.model_config, self.tokenizer)
         self.max_model_len = config.resolved_max_model_len(self.model_config)

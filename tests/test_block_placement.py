@@ -1,11 +1,12 @@
-"""Where the block manager puts sequences: with ``keep_sequences_contiguous`` (CPU attention reads runs of
-consecutive blocks in place), streams that grow side by side each keep a run of their own."""
+"""Where the block manager puts sequences: under a layout that keeps sequences contiguous (CPU attention reads
+runs of consecutive blocks in place), streams that grow side by side each keep a run of their own."""
 
 import random
 
 import pytest
 
 from clex_serve import SamplingParams
+from clex_serve.attention.cache_layout import PAGED, RUNS
 from clex_serve.attention.segments import contiguous_runs
 from clex_serve.engine.block_manager import BlockManager
 from clex_serve.engine.sequence import Sequence
@@ -32,7 +33,7 @@ def _runs(seq: Sequence, block_size: int) -> int:
 
 @pytest.mark.parametrize("contiguous", [True, False])
 def test_streams_decoding_side_by_side_keep_their_own_runs(contiguous):
-    manager = BlockManager(num_blocks=1024, block_size=4, keep_sequences_contiguous=contiguous)
+    manager = BlockManager(num_blocks=1024, block_size=4, layout=RUNS if contiguous else PAGED)
     seqs = _grow_side_by_side(manager, streams=16, prompt_len=10, steps=120)
     runs = [_runs(seq, 4) for seq in seqs]
     if contiguous:
@@ -42,7 +43,7 @@ def test_streams_decoding_side_by_side_keep_their_own_runs(contiguous):
 
 
 def test_a_prompt_is_placed_in_one_run_centred_in_the_longest_free_one():
-    manager = BlockManager(num_blocks=100, block_size=4, keep_sequences_contiguous=True)
+    manager = BlockManager(num_blocks=100, block_size=4, layout=RUNS)
     first = _seq(0, 44)  # 11 blocks in an empty pool of 100: blocks 44..54
     manager.allocate(first)
     assert first.block_table == list(range(44, 55))
@@ -53,7 +54,7 @@ def test_a_prompt_is_placed_in_one_run_centred_in_the_longest_free_one():
 
 def test_free_blocks_stay_consistent_through_random_allocation_and_freeing():
     rng = random.Random(0)
-    manager = BlockManager(num_blocks=64, block_size=4, keep_sequences_contiguous=True)
+    manager = BlockManager(num_blocks=64, block_size=4, layout=RUNS)
     live: list[Sequence] = []
     for step in range(400):
         if live and (rng.random() < 0.3 or manager.num_free_blocks < 8):
@@ -81,12 +82,12 @@ def test_the_runs_kept_with_each_table_follow_every_change_to_it(contiguous):
     """Allocation with shared prefixes, growth, copy-on-write before a re-rotation and freeing, in a random
     order: each sequence's kept runs are always those of its table, and the slot runs made from them are
     what a full scan of the table gives, for any number of tokens."""
-    from clex_serve.attention.segments import block_runs, slot_runs
-    from clex_serve.engine.block_manager import PrefixKey
+    from clex_serve.attention.segments import slot_runs
+    from clex_serve.engine.block_manager import PrefixKey, block_runs
 
     rng = random.Random(0)
     manager = BlockManager(num_blocks=400, block_size=4, enable_prefix_caching=True,
-                           keep_sequences_contiguous=contiguous)
+                           layout=RUNS if contiguous else PAGED)
     key = PrefixKey(scale=1, length=None)
     prompt = list(range(1, 30))
     live: list[Sequence] = []

@@ -6,6 +6,7 @@ import torch
 
 from clex_serve.attention import segments
 from clex_serve.attention.metadata import flat_slots
+from clex_serve.kernels import cpu_ops
 from clex_serve.kernels.cpu_extension import cpu_kernels_available
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels do not build here")
@@ -26,7 +27,7 @@ def test_decode_attention_equals_attention_per_sequence(dtype, tolerance, head_m
     q = torch.randn(len(SEQUENCES), heads, head_dim, generator=generator).to(dtype)
     runs = torch.tensor([run for sequence in SEQUENCES for run in sequence], dtype=torch.long)
     offsets = torch.tensor([0, 1, 2, 5, 6], dtype=torch.long)
-    out = torch.ops.clex_cpu.decode_attention(q, flat_k, flat_v, runs, offsets, head_dim ** -0.5)
+    out = cpu_ops.decode_attention(q, flat_k, flat_v, runs, offsets, head_dim ** -0.5)
     assert out.shape == q.shape and out.dtype == dtype
     for index, sequence in enumerate(SEQUENCES):
         exact = segments.decode_one(q[index].double(), flat_k.double(), flat_v.double(), sequence)
@@ -41,17 +42,17 @@ def test_large_scores_do_not_overflow():
     q = torch.full((1, 1, 16), 30.0)
     keys = torch.cat([torch.full((10, 1, 16), -3.0), torch.full((70, 1, 16), 3.0)])
     values = torch.arange(80, dtype=torch.float32)[:, None, None].expand(80, 1, 16).contiguous()
-    out = torch.ops.clex_cpu.decode_attention(q, keys, values, torch.tensor([[0, 80]]), torch.tensor([0, 1]), 0.25)
+    out = cpu_ops.decode_attention(q, keys, values, torch.tensor([[0, 80]]), torch.tensor([0, 1]), 0.25)
     expected = segments.decode_one(q[0], keys, values, [(0, 80)])
     torch.testing.assert_close(out[0], expected)
     assert torch.isfinite(out).all()
 
 
 def test_shapes_past_the_kernel_go_run_by_run():
-    from clex_serve.attention.sdpa import decode_kernel_fits
+    from clex_serve.attention.cpu import decode_kernel_fits
 
     q, flat_k = torch.zeros(1, 4, 320), torch.zeros(8, 4, 320)
-    assert not decode_kernel_fits(q, flat_k)
-    assert decode_kernel_fits(torch.zeros(1, 32, 128), torch.zeros(8, 8, 128))
+    assert not decode_kernel_fits(head_dim=320, num_heads=4, num_kv_heads=4)
+    assert decode_kernel_fits(head_dim=128, num_heads=32, num_kv_heads=8)
     with pytest.raises(RuntimeError, match="head shapes not supported"):
-        torch.ops.clex_cpu.decode_attention(q, flat_k, flat_k, torch.tensor([[0, 8]]), torch.tensor([0, 1]), 0.1)
+        cpu_ops.decode_attention(q, flat_k, flat_k, torch.tensor([[0, 8]]), torch.tensor([0, 1]), 0.1)

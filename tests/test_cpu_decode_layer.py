@@ -4,10 +4,12 @@ checkpoints, float32 and bfloat16, across scale changes and with the log scale),
 import pytest
 import torch
 
-import clex_serve.models.llama as llama
 from clex_serve.engine.model_runner import ModelRunner
+from clex_serve.kernels import cpu_ops
+from clex_serve.kernels.cpu_decode_layer import CpuLlamaDecoderLayer
 from clex_serve.kernels.cpu_extension import cpu_kernels_available
 from clex_serve.loading.loader import load_model
+from clex_serve.models.llama import LlamaDecoderLayer
 from engine_helpers import FIXTURES, batched_decode_logits
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels do not build here")
@@ -18,21 +20,22 @@ pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels
 def test_fused_decode_layer_equals_the_layer_by_layer_path(name, dtype, monkeypatch):
     runner = ModelRunner(load_model(FIXTURES / name, dtype=dtype, device="cpu", show_progress=False),
                          num_blocks=96, block_size=4, max_num_seqs=8)
+    assert all(isinstance(layer, CpuLlamaDecoderLayer) for layer in runner.model.model.layers)  # swapped in once
     tokens = torch.randint(3, 200, (60,), generator=torch.Generator().manual_seed(0)).tolist()
     prompt_lens = [5, 14, 31]  # three sequences, whose lengths cross CLEX scales while decoding
 
     used = []
-    fused = llama.fused_decode_layer
+    fused = cpu_ops.llama_decode_layer
 
-    def counting(layer, hidden, meta):
-        out = fused(layer, hidden, meta)
-        used.append(out is not None)
-        return out
+    def counting(*args):
+        used.append(True)
+        return fused(*args)
 
-    monkeypatch.setattr(llama, "fused_decode_layer", counting)
+    monkeypatch.setattr(cpu_ops, "llama_decode_layer", counting)
     with_fused, fused_scales = batched_decode_logits(runner, tokens, prompt_lens, steps=12)
     assert sum(used) == 12 * runner.config.num_hidden_layers  # every decode step, every layer; prefills not
-    monkeypatch.setattr(llama, "fused_decode_layer", lambda layer, hidden, meta: None)
+    monkeypatch.setattr(CpuLlamaDecoderLayer, "forward", LlamaDecoderLayer.forward)  # the layer-by-layer path
     layer_by_layer, scales = batched_decode_logits(runner, tokens, prompt_lens, steps=12)
+    assert sum(used) == 12 * runner.config.num_hidden_layers
     assert fused_scales == scales and max(scales) > 1
     torch.testing.assert_close(with_fused, layer_by_layer, atol=0, rtol=0)

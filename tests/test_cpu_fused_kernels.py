@@ -7,7 +7,9 @@ import torch
 
 from clex_serve.attention.sdpa import rotate_queries_and_keys, write_kv
 from clex_serve.attention.metadata import AttentionMetadata, flat_slots
+from clex_serve.kernels import cpu_ops
 from clex_serve.kernels.cpu_extension import cpu_kernels_available
+from clex_serve.kernels.cpu_layers import CpuRMSNorm
 from clex_serve.layers.norm import RMSNorm
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels do not build here")
@@ -24,13 +26,14 @@ def test_rms_norm(dtype, with_residual):
     norm = RMSNorm(200, 1e-5).to(dtype)
     with torch.no_grad():
         norm.weight.copy_(torch.rand(200, generator=generator) + 0.5)
-        out, total = torch.ops.clex_cpu.rms_norm(x, residual if with_residual else None, norm.weight, 1e-5)
+        out, total = cpu_ops.rms_norm(x, residual if with_residual else None, norm.weight, 1e-5)
         expected_input = x + residual if with_residual else x
         if with_residual:
             torch.testing.assert_close(total, expected_input, atol=0, rtol=0)
         torch.testing.assert_close(out, norm._normalise(expected_input), **ONE_STEP[dtype])
-        # The layer dispatches to the kernel on the CPU.
-        layer_out = norm(x, residual) if with_residual else norm(x)
+        # The CPU's layer, which replaces RMSNorm in a CPU model, calls the kernel.
+        cpu_norm = CpuRMSNorm.replacing(norm)
+        layer_out = cpu_norm(x, residual) if with_residual else cpu_norm(x)
         torch.testing.assert_close(layer_out[0] if with_residual else layer_out, out, atol=0, rtol=0)
 
 
@@ -38,7 +41,7 @@ def test_rms_norm(dtype, with_residual):
 def test_silu_and_mul(dtype):
     gate_up = torch.randn(17, 2 * 1500, generator=torch.Generator().manual_seed(1)).to(dtype)
     gate, up = gate_up.split(1500, dim=-1)
-    torch.testing.assert_close(torch.ops.clex_cpu.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up,
+    torch.testing.assert_close(cpu_ops.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up,
                                **ONE_STEP[dtype])
 
 
@@ -82,8 +85,8 @@ def test_rotate_and_cache_equals_the_eager_path(dtype, head_major, heads, kv_hea
     meta = _metadata(cos, sin, query_scale, slots)
     q_expected, k_expected = rotate_queries_and_keys(q, k, meta)
     write_kv(k_ref_pool, v_ref_pool, k_expected, v, slots)
-    q_out, k_out = torch.ops.clex_cpu.rotate_and_cache(q, k, v, cos, sin, query_scale.flatten() if log_scale else None,
-                                                       slots, k_flat, v_flat)
+    q_out, k_out = cpu_ops.rotate_and_cache(q, k, v, cos, sin, query_scale.flatten() if log_scale else None, slots,
+                                          k_flat, v_flat)
     for got, expected in ((q_out, q_expected), (k_out, k_expected), (k_pool, k_ref_pool), (v_pool, v_ref_pool)):
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
@@ -95,7 +98,7 @@ def test_argmax_rows_is_torch_argmax():
     x[5, 31999] = 60.0
     x[7, 17] = x[7, 30] = float("nan")
     for logits in (x, torch.randn(5, 37), torch.full((2, 20), -float("inf")), torch.randn(3, 1)):
-        assert torch.equal(torch.ops.clex_cpu.argmax_rows(logits), logits.argmax(dim=-1))
+        assert torch.equal(cpu_ops.argmax_rows(logits), logits.argmax(dim=-1))
 
 
 def test_penalties_kernel_equals_the_pytorch_formulation(monkeypatch):
@@ -114,12 +117,12 @@ def test_penalties_kernel_equals_the_pytorch_formulation(monkeypatch):
         seq = Sequence(index, f"r{index}", 0, torch.randint(0, vocab, (30,), generator=generator).tolist(), sampling)
         seq.token_ids += torch.randint(0, vocab, (40,), generator=generator).tolist()  # repeats among them
         seqs.append(seq)
-    states = {kernel: penalties_module.PenaltyState(vocab, torch.device("cpu")) for kernel in (True, False)}
+    states = {kernel: penalties_module.PenaltyState(vocab, torch.device("cpu"), cpu_kernels=kernel)
+              for kernel in (True, False)}
     for _ in range(2):
         logits = torch.randn(len(seqs), vocab, generator=generator) * 3
         results = {}
         for kernel, state in states.items():
-            monkeypatch.setattr(penalties_module, "use_cpu_kernels", lambda tensor, kernel=kernel: kernel)
             results[kernel] = state.apply(logits.clone(), seqs)
             state.record(seqs, torch.randint(0, vocab, (len(seqs),), generator=torch.Generator().manual_seed(5)))
         assert torch.equal(results[True], results[False])

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from clex_serve.kernels.cpu_extension import cpu_kernels_available
-from clex_serve.kernels.cpu_linear import BLOCKED_MAX_ROWS, onednn_available, prepare_cpu_linear_layers, to_blocked
+from clex_serve.kernels import cpu_ops
+from clex_serve.kernels.cpu_linear import BLOCKED_MAX_ROWS, onednn_available, replace_cpu_linear_layers, to_blocked
 
 LAYOUTS = [
     pytest.param(True, marks=pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels do not build here")),
@@ -35,8 +36,8 @@ def test_prepared_layers_equal_plain_ones_for_any_row_count(blocked, dtype):
     row_counts = sorted({1, 3, BLOCKED_MAX_ROWS[dtype], BLOCKED_MAX_ROWS[dtype] + 1, 16, 70})
     inputs = {rows: torch.randn(rows, 64, dtype=dtype) for rows in row_counts}
     expected = {rows: model(x).float() for rows, x in inputs.items()}
-    assert prepare_cpu_linear_layers(model, blocked=blocked) == 3
-    assert prepare_cpu_linear_layers(model, blocked=blocked) == 0  # a second runner over the model: no change
+    assert replace_cpu_linear_layers(model, blocked=blocked) == 3
+    assert replace_cpu_linear_layers(model, blocked=blocked) == 0  # a second runner over the model: no change
     for rows, x in inputs.items():
         tolerance = TOLERANCE[dtype]
         torch.testing.assert_close(model(x).float(), expected[rows], atol=tolerance, rtol=tolerance)
@@ -54,7 +55,7 @@ def test_the_blocked_kernel_accumulates_in_float32(dtype):
     weight, bias = torch.randn(1000, 1408, dtype=dtype), torch.randn(1000, dtype=dtype)
     for rows in range(1, 9):
         x = torch.randn(rows, 1408, dtype=dtype)
-        out = torch.ops.clex_cpu.blocked_linear(x, to_blocked(weight), to_blocked(bias[:, None]).flatten(), 1000)
+        out = cpu_ops.blocked_linear(x, to_blocked(weight), to_blocked(bias[:, None]).flatten(), 1000)
         exact = nn.functional.linear(x.double(), weight.double(), bias.double())
         # float32 sums: within float32's rounding of a 1,408-term sum; bfloat16: one rounding of the output.
         tolerance = 1e-4 if dtype == torch.float32 else 1e-2
@@ -64,9 +65,10 @@ def test_the_blocked_kernel_accumulates_in_float32(dtype):
 @pytest.mark.parametrize("blocked", LAYOUTS)
 def test_a_weight_shared_with_an_embedding_stays_in_place(blocked):
     embedding = nn.Embedding(50, 16).to(torch.bfloat16)
-    head = nn.Linear(16, 50, bias=False).to(torch.bfloat16)
-    head.weight = embedding.weight
-    prepare_cpu_linear_layers(head, shared={id(embedding.weight)}, blocked=blocked)
+    model = nn.Sequential(nn.Linear(16, 50, bias=False).to(torch.bfloat16))
+    model[0].weight = embedding.weight
+    replace_cpu_linear_layers(model, shared={id(embedding.weight)}, blocked=blocked)
+    head = model[0]
     assert head.weight is embedding.weight and embedding.weight.numel() == 800
     for rows in (1, 4, 20):
         x = torch.randn(rows, 16, dtype=torch.bfloat16)
@@ -87,7 +89,7 @@ def test_the_blocked_kernel_gives_the_same_bits_on_any_number_of_threads(dtype):
             results = []
             for count in (1, 3, 8):
                 torch.set_num_threads(count)
-                results.append(torch.ops.clex_cpu.blocked_linear(x, blocked, bias, 100))
+                results.append(cpu_ops.blocked_linear(x, blocked, bias, 100))
             assert all(torch.equal(result, results[0]) for result in results[1:])
     finally:
         torch.set_num_threads(threads)

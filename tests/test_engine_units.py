@@ -190,21 +190,20 @@ def test_sampling_follows_the_distribution_and_seeds_are_independent_of_the_batc
 
 
 @pytest.mark.parametrize("cpu_kernel", [True, False])
-def test_temperature_sampling_follows_the_scaled_distribution(cpu_kernel, monkeypatch):
+def test_temperature_sampling_follows_the_scaled_distribution(cpu_kernel):
     """Unfiltered temperature sampling (the C++ call on the CPU where it builds, else PyTorch's softmax and
     cumulative sum): 4,000 draws at temperature 0.5 over a vocabulary of 40 (two full 16s and a tail of 8)
     follow softmax(logits / 0.5) within 4 standard deviations per token; tokens of logit -inf never come."""
-    from clex_serve.engine import sampler as sampler_module
-    if cpu_kernel and not sampler_module.use_cpu_kernels(torch.zeros(1)):
+    from clex_serve.kernels.cpu_extension import cpu_kernels_available
+    if cpu_kernel and not cpu_kernels_available():
         pytest.skip("CPU kernels do not build here")
-    monkeypatch.setattr(sampler_module, "use_cpu_kernels", lambda tensor: cpu_kernel)
     mass = {0: 0.4, 1: 0.2, 2: 0.15, 3: 0.05, 20: 0.1, 35: 0.1}
     logits = torch.full((40,), float("-inf"))
     for token, probability in mass.items():
         logits[token] = torch.tensor(probability).log()
     rows = 4000
     seqs = [_seq(i, 2, SamplingParams(temperature=0.5)) for i in range(rows)]
-    drawn = torch.tensor([s.token_id for s in Sampler(40, torch.device("cpu"), seed=3).sample(
+    drawn = torch.tensor([s.token_id for s in Sampler(40, torch.device("cpu"), seed=3, cpu_kernels=cpu_kernel).sample(
         logits.expand(rows, 40).clone(), seqs, [])])
     counts = torch.bincount(drawn, minlength=40).double()
     expected = torch.softmax(logits.double() / 0.5, dim=-1)

@@ -6,6 +6,7 @@ import torch
 
 from clex_serve.loading.loader import load_model
 from clex_serve.engine.model_runner import ModelRunner
+from clex_serve.kernels.device_layers import use_triton_layers
 from attention_helpers import reference_attention
 from engine_helpers import batched_decode_logits
 from conftest import FIXTURES, reference_cases
@@ -38,7 +39,7 @@ def test_paged_decode_matches_float64_attention(heads, kv_heads, head_dim, block
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
 
 
-def test_decode_graph_computation_equals_the_eager_sdpa_path(monkeypatch):
+def test_decode_graph_computation_equals_the_eager_sdpa_path():
     """The graph's buffered computation (scale rows gathered into rotary tables, log scale from context
     lengths, fused norm / rotary / cache-write / activation kernels, Triton decode, a padding row) gives the
     eager SDPA path's logits for three sequences, two of which cross a CLEX scale boundary. On the CPU it
@@ -53,8 +54,7 @@ def test_decode_graph_computation_equals_the_eager_sdpa_path(monkeypatch):
 
     expected, _ = batched_decode_logits(eager, tokens, [30, 62, 90], steps=5)
     if DEVICE == "cpu":
-        for module in ("clex_serve.layers.norm", "clex_serve.layers.mlp"):
-            monkeypatch.setattr(f"{module}.use_triton_kernels", lambda tensor: True)
+        use_triton_layers(loaded.model)  # the CUDA path's norm and activation kernels, in Triton's interpreter
     ours, scales = batched_decode_logits(graphed, tokens, [30, 62, 90], steps=5)
     assert scales == [2, 3, 3]
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from clex_serve.attention.cache_layout import PAGED
 from clex_serve.attention.metadata import AttentionMetadata
 from clex_serve.attention.sdpa import rotate_queries_and_keys, write_kv
 
@@ -17,6 +18,8 @@ FLASH_BLOCK_SIZE = 256
 class FlashAttentionBackend:
     name = "flash-attn"
     supports_cuda_graphs = True  # decode reads cache_seqlens and block tables on the device
+    cache_layout = PAGED
+    reads_block_tables = True
 
     def __init__(self, sliding_window: int | None) -> None:
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
@@ -25,9 +28,6 @@ class FlashAttentionBackend:
         self._with_kvcache = flash_attn_with_kvcache
         # flash-attn's window (left, right) counts keys before the query; transformers' window includes it.
         self.window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
-
-    def reads_cache_in_runs(self, device: torch.device) -> bool:
-        return False  # it reads the paged layout through the block tables
 
     def prepare(self, meta: AttentionMetadata) -> None:
         if not meta.is_decode:

@@ -47,16 +47,18 @@ class AttentionMetadata:
     query_lens: list[int]  # new tokens per sequence
     context_lens_host: list[int]  # tokens in the cache after the step, per sequence
     context_lens: torch.Tensor  # [B] int32, the same on the device
-    # [B, max_blocks] int32, padded with 0; None where attention reads runs (the CPU), planned from the
-    # host tables below, so that no step builds a tensor that grows with the context.
+    # [B, max_blocks] int32, padded with 0; None for backends that plan from the host tables below
+    # (``reads_block_tables`` False), so that no step builds a tensor that grows with the context.
     block_tables: torch.Tensor | None
     cu_seqlens_q: torch.Tensor  # [B + 1] int32
     block_size: int
     is_decode: bool  # every sequence has exactly one new token
     # The block tables as Python lists, where the runner has them (backends that plan on the host use them).
     block_tables_host: list[list[int]] | None = None
-    # Each table as [first_block, count] runs where the block manager keeps them (None entries: not kept).
+    # Each table as [first_block, count] runs where the block manager keeps them (None entries: not kept),
+    # for backends that read the cache run by run.
     block_runs_host: list[list[list[int]] | None] | None = None
+    # What the backend's ``prepare`` works out once per step for every layer, under keys of its own.
     backend_state: dict[str, Any] = field(default_factory=dict)
     # The forward context: (K, V) cache views by layer index, and the backend that reads and writes them.
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None

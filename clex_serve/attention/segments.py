@@ -35,25 +35,9 @@ def contiguous_runs(block_table: list[int], num_tokens: int, block_size: int) ->
     return runs
 
 
-def block_runs(block_table: list[int]) -> list[list[int]]:
-    """``[first_block, count]`` for each stretch of consecutive blocks of a table."""
-    runs: list[list[int]] = []
-    for block in block_table:
-        extend_block_runs(runs, block)
-    return runs
-
-
-def extend_block_runs(runs: list[list[int]], block: int) -> None:
-    """``runs`` after ``block`` is appended to their table: the last run grows when the block follows it."""
-    if runs and runs[-1][0] + runs[-1][1] == block:
-        runs[-1][1] += 1
-    else:
-        runs.append([block, 1])
-
-
 def slot_runs(runs: list[list[int]], num_tokens: int, block_size: int) -> list[tuple[int, int]]:
-    """What ``contiguous_runs`` gives for the table of these block runs, in O(runs): the block manager keeps
-    each sequence's runs as its table grows, so a step costs the same at any context length."""
+    """What ``contiguous_runs`` gives for the table of these ``[first_block, count]`` block runs, in O(runs):
+    the block manager keeps each table's runs as it grows, so a step costs the same at any context length."""
     slots: list[tuple[int, int]] = []
     left = num_tokens
     for first, count in runs:

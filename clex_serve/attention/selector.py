@@ -1,5 +1,6 @@
-"""Choose the attention backend: flash-attn on CUDA when installed, else a Triton paged decode on CUDA,
-else SDPA (CPU)."""
+"""Choose the attention backend, once per model: flash-attn on CUDA when installed, else a Triton paged decode
+on CUDA; on the CPU the backend that reads the cache in place (with the C++ kernels where they build for the
+dtype), or SDPA with a sliding window."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import os
 
 import torch
 
+from clex_serve.attention import segments
+from clex_serve.attention.cpu import CpuAttentionBackend, cpu_rotate_and_write
 from clex_serve.attention.flash import FLASH_BLOCK_SIZE, FlashAttentionBackend
 from clex_serve.attention.sdpa import SdpaAttentionBackend
+from clex_serve.kernels.cpu_extension import cpu_kernels_for
 
 BACKENDS = ("auto", "sdpa", "triton", "flash-attn")
 
@@ -41,6 +45,12 @@ def get_attention_backend(name: str, device: torch.device, sliding_window: int |
         from clex_serve.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend(sliding_window, _num_multiprocessors(device))
+    if device.type == "cpu":
+        kernels = cpu_kernels_for(device, dtype)
+        if sliding_window is None and segments.segmented_attention_available():
+            return CpuAttentionBackend(kernels)
+        if kernels:
+            return SdpaAttentionBackend(sliding_window, cpu_rotate_and_write)
     return SdpaAttentionBackend(sliding_window)
 
 

@@ -25,11 +25,9 @@ class TritonAttentionBackend(SdpaAttentionBackend):
         super().__init__(sliding_window)
         self.num_multiprocessors = num_multiprocessors
 
-    def reads_cache_in_runs(self, device: torch.device) -> bool:
-        return False  # its decode kernel reads the paged layout through the block tables
-
     def prepare(self, meta: AttentionMetadata) -> None:
-        """Decode needs nothing per step beyond the metadata tensors; prefill is SDPA's."""
+        """Decode needs nothing per step beyond the metadata tensors (its kernel reads the paged layout through
+        the block tables); prefill is SDPA's."""
         if not meta.is_decode:
             super().prepare(meta)
 

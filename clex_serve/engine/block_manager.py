@@ -17,8 +17,24 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from typing import NamedTuple
 
-from clex_serve.attention.segments import block_runs, extend_block_runs
+from clex_serve.attention.cache_layout import PAGED, CacheLayout
 from clex_serve.engine.sequence import Sequence
+
+
+def block_runs(block_table: list[int]) -> list[list[int]]:
+    """``[first_block, count]`` for each stretch of consecutive blocks of a table."""
+    runs: list[list[int]] = []
+    for block in block_table:
+        extend_block_runs(runs, block)
+    return runs
+
+
+def extend_block_runs(runs: list[list[int]], block: int) -> None:
+    """``runs`` after ``block`` is appended to their table: the last run grows when the block follows it."""
+    if runs and runs[-1][0] + runs[-1][1] == block:
+        runs[-1][1] += 1
+    else:
+        runs.append([block, 1])
 
 
 class PrefixKey(NamedTuple):
@@ -30,20 +46,21 @@ class PrefixKey(NamedTuple):
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
-                 keep_sequences_contiguous: bool = False) -> None:
-        """``keep_sequences_contiguous``: place sequences so that their blocks follow each other in the pool
-        where possible (for attention that reads runs of consecutive blocks in place, on the CPU)."""
+                 layout: CacheLayout = PAGED) -> None:
+        """``layout``: what the attention backend declared it needs of the cache; with
+        ``contiguous_sequences``, sequences are placed so that their blocks follow each other in the pool
+        where possible (for attention that reads runs of consecutive blocks in place)."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.keep_sequences_contiguous = keep_sequences_contiguous
+        self.keep_sequences_contiguous = layout.contiguous_sequences
         self.ref_counts = [0] * num_blocks
         # Free blocks in the order they were freed: allocation takes the oldest, so recently freed
         # prefix blocks stay reusable longest, except that a sequence's next block is the one after its
-        # last when that one is free: consecutive blocks are one view of the pool, which attention on the
-        # CPU reads in place (``attention.segments``).
+        # last when that one is free: consecutive blocks are one view of the pool, which attention that
+        # reads runs reads in place. Each table's runs are kept with it (``Sequence.block_runs``).
         self._free: OrderedDict[int, None] = OrderedDict((block, None) for block in range(num_blocks))
-        # With ``keep_sequences_contiguous``, a sequence that cannot continue after its last block (or a new
+        # Keeping sequences contiguous, a sequence that cannot continue after its last block (or a new
         # one) starts in the middle of the longest run of free blocks, which leaves room to grow on both
         # sides of it: streams decoding side by side then each extend their own run instead of taking
         # turns over consecutive blocks. One byte per block, 1 = free, searched at C speed.

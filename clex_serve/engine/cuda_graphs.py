@@ -47,6 +47,7 @@ class DecodeCudaGraphs:
         self.log_scale_divisor = log_scale_divisor
         self.batch_sizes = capture_batch_sizes(max_batch_size)
         device = scale_table.device
+        self.pin_host_inputs = device.type == "cuda"  # copied from pinned memory, without waiting
         rows = self.batch_sizes[-1]
         self.input_ids = torch.zeros(rows, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)
@@ -124,7 +125,7 @@ class DecodeCudaGraphs:
         tables = torch.tensor([table + [self.padding_block] * (width - len(table)) for table in block_tables],
                               dtype=torch.int32)
         device = self.input_ids.device
-        scalars = scalars.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else scalars
+        scalars = scalars.pin_memory().to(device, non_blocking=True) if self.pin_host_inputs else scalars
         self.input_ids[:batch].copy_(scalars[0])
         self.positions[:batch].copy_(scalars[1])
         self.slot_mapping[:batch].copy_(scalars[2])

@@ -71,7 +71,7 @@ class LLMEngine:
             )
         runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching,
-                                          keep_sequences_contiguous=runner.reads_cache_in_runs)
+                                          layout=runner.cache_layout)
         rope = runner.rope
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max_num_batched_tokens,

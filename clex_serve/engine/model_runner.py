@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from clex_serve.attention.cache_layout import CacheLayout
 from clex_serve.attention.metadata import AttentionMetadata
 from clex_serve.attention.selector import default_block_size, get_attention_backend
 from clex_serve.engine.cache_rotation import Rerotation, rerotate_all
 from clex_serve.engine.cuda_graphs import DecodeCudaGraphs
 from clex_serve.engine.kv_cache import KVCachePool
-from clex_serve.kernels.cpu_linear import prepare_cpu_linear_layers
+from clex_serve.kernels.device_layers import use_device_layers
 from clex_serve.loading.loader import LoadedModel
 
 
@@ -73,8 +74,9 @@ class StepResult:
 
 
 class ModelRunner:
-    """One per model: chooses the attention backend and block size once, profiles a step's memory (CUDA),
-    then holds the KV pool it is given (``allocate_kv_cache``) and runs steps against it."""
+    """One per model: chooses the attention backend and block size once and swaps the model's layers for the
+    device's (``device_layers``), profiles a step's memory (CUDA), then holds the KV pool it is given
+    (``allocate_kv_cache``) and runs steps against it."""
 
     def __init__(self, loaded: LoadedModel, num_blocks: int | None = None, block_size: int | None = None,
                  attention_backend: str = "auto", max_num_seqs: int = 64, max_model_len: int | None = None,
@@ -83,14 +85,12 @@ class ModelRunner:
         then). ``max_num_seqs`` and ``max_model_len`` size the CUDA graphs' buffers; ``enforce_eager`` turns
         the graphs off (vLLM's flag)."""
         self.model = loaded.model
-        if loaded.device.type == "cpu":
-            embedding = self.model.model.embed_tokens.weight
-            prepare_cpu_linear_layers(self.model, shared={id(embedding)})
         self.config = loaded.config
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.backend = get_attention_backend(attention_backend, self.device, self.config.sliding_window,
                                              self.dtype)
+        use_device_layers(self.model, self.device, self.dtype, self.backend)
         self.block_size = block_size or default_block_size(self.backend)
         self.rope = self.model.rotary_emb
         self._log_base = torch.log(torch.tensor(float(self.config.max_position_embeddings)))
@@ -103,17 +103,17 @@ class ModelRunner:
             self.allocate_kv_cache(num_blocks)
 
     @property
-    def reads_cache_in_runs(self) -> bool:
-        """Attention reads runs of consecutive blocks in place (CPU SDPA): a head-major pool, and sequences
-        kept contiguous."""
-        return self.backend.reads_cache_in_runs(self.device)
+    def cache_layout(self) -> CacheLayout:
+        """What the attention backend declared it needs of the cache: the pool's layout, and (for the block
+        manager) whether sequences are kept contiguous."""
+        return self.backend.cache_layout
 
     def allocate_kv_cache(self, num_blocks: int, capture_graphs: bool = True) -> None:
         """The pool steps run against, and (on CUDA, unless eager) the decode graphs captured over it."""
         self.decode_graphs = None
         self.kv_cache = None  # the old pool's memory is free before the new one is taken
         self.kv_cache = KVCachePool(self.config, num_blocks, self.block_size, self.dtype, self.device,
-                                    head_major=self.reads_cache_in_runs)
+                                    head_major=self.cache_layout.head_major)
         if (capture_graphs and not self.enforce_eager and self.device.type == "cuda"
                 and self.cuda_graphs_supported()):
             self.enable_decode_graphs()
@@ -218,7 +218,7 @@ class ModelRunner:
         query_lens = [len(step.token_ids) for step in steps]
         context_lens = [step.total_len for step in steps]
         block_tables = None
-        if not self.reads_cache_in_runs:  # the run-reading path plans from the host tables instead
+        if self.backend.reads_block_tables:  # others plan from the host tables instead
             max_blocks = max(len(step.block_table) for step in steps)
             block_tables = [step.block_table + [0] * (max_blocks - len(step.block_table)) for step in steps]
         cu_seqlens_q = [0]

@@ -16,13 +16,15 @@ from __future__ import annotations
 import torch
 
 from clex_serve.engine.sequence import Sequence
-from clex_serve.kernels.dispatch import use_cpu_kernels
+from clex_serve.kernels import cpu_ops
 
 
 class PenaltyState:
-    def __init__(self, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, vocab_size: int, device: torch.device, cpu_kernels: bool = False) -> None:
+        """``cpu_kernels``: apply the penalties with the C++ kernel (the sampler decides once)."""
         self.vocab_size = vocab_size
         self.device = device
+        self.cpu_kernels = cpu_kernels
         self.output_counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)
         self.in_prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
         self._row_of: dict[int, int] = {}  # seq_id -> row
@@ -64,9 +66,9 @@ class PenaltyState:
         every_row = len(picked) == len(seqs)
         rows = torch.tensor([self._row(seqs[index]) for index in picked], device=self.device)
         params = [seqs[index].params for index in picked]
-        if logits.dtype == torch.float32 and logits.is_contiguous() and use_cpu_kernels(logits):
+        if self.cpu_kernels and logits.dtype == torch.float32 and logits.is_contiguous():
             # One pass over each row instead of some ten vocabulary-sized ones; the same float32 operations.
-            torch.ops.clex_cpu.apply_penalties(
+            cpu_ops.apply_penalties(
                 logits, self.output_counts, self.in_prompt, torch.tensor(picked), rows,
                 *(torch.tensor(values, dtype=torch.float32) for values in (
                     [p.repetition_penalty for p in params], [p.frequency_penalty for p in params],

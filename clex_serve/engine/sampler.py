@@ -14,7 +14,8 @@ import torch
 
 from clex_serve.engine.penalties import PenaltyState
 from clex_serve.engine.sequence import Logprob, Sequence
-from clex_serve.kernels import use_cpu_kernels
+from clex_serve.kernels import cpu_ops
+from clex_serve.kernels.cpu_extension import cpu_kernels_for
 
 
 @dataclass
@@ -52,20 +53,15 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
-def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    """``logits.argmax(dim=-1)``; on the CPU the C++ kernel's (PyTorch's compares one value at a time: 3 ms
-    of a 64-stream step for a vocabulary of 32,000, against 0.2-0.6)."""
-    if logits.dtype == torch.float32 and logits.dim() == 2 and use_cpu_kernels(logits):
-        return torch.ops.clex_cpu.argmax_rows(logits.contiguous())
-    return logits.argmax(dim=-1)
-
-
 class Sampler:
     """Samples the next token of every row of a batch. Holds what lives across steps: the penalty tables,
     and the random stream of requests without their own seed (seeded from the engine's ``seed``)."""
 
-    def __init__(self, vocab_size: int, device: torch.device, seed: int = 0) -> None:
-        self.penalties = PenaltyState(vocab_size, device)
+    def __init__(self, vocab_size: int, device: torch.device, seed: int = 0, cpu_kernels: bool | None = None) -> None:
+        """``cpu_kernels``: argmax, temperature sampling and penalties by the C++ kernels (default: where they
+        build for this device; decided here once)."""
+        self.cpu_kernels = cpu_kernels_for(device, torch.float32) if cpu_kernels is None else cpu_kernels
+        self.penalties = PenaltyState(vocab_size, device, self.cpu_kernels)
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def release(self, seq: Sequence) -> None:
@@ -94,19 +90,19 @@ class Sampler:
 
         greedy = [seq.params.greedy for seq in seqs]
         if all(greedy):
-            chosen = _argmax(logits)
+            chosen = self._argmax(logits)
         else:
             temperatures = torch.tensor([seq.params.temperature or 1.0 for seq in seqs], device=logits.device)
             uniforms = self._uniforms(seqs, greedy, logits.device)
-            if not _needs_filter(seqs) and logits.dtype == torch.float32 and use_cpu_kernels(logits):
+            if self.cpu_kernels and not _needs_filter(seqs) and logits.dtype == torch.float32:
                 # softmax(x / T) and its inverse CDF in one C++ call (five vocabulary-sized passes otherwise).
-                sampled = torch.ops.clex_cpu.sample_rows(logits.contiguous(), temperatures, uniforms)
+                sampled = cpu_ops.sample_rows(logits.contiguous(), temperatures, uniforms)
             else:
                 probs = _filter(logits / temperatures[:, None], seqs).softmax(dim=-1)
                 sampled = _inverse_cdf(probs, uniforms)
             chosen = sampled
             if any(greedy):
-                chosen = torch.where(torch.tensor(greedy, device=logits.device), _argmax(logits), sampled)
+                chosen = torch.where(torch.tensor(greedy, device=logits.device), self._argmax(logits), sampled)
         self.penalties.record(seqs, chosen)
 
         chosen_ids = chosen.tolist()
@@ -118,6 +114,13 @@ class Sampler:
             results.append(SampledToken(token_id, logprobs))
         return results
 
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits.argmax(dim=-1)``; on the CPU the C++ kernel's (PyTorch's compares one value at a time: 3 ms
+        of a 64-stream step for a vocabulary of 32,000, against 0.2-0.6)."""
+        if self.cpu_kernels and logits.dtype == torch.float32 and logits.dim() == 2:
+            return cpu_ops.argmax_rows(logits.contiguous())
+        return logits.argmax(dim=-1)
 
     def _uniforms(self, seqs: list[Sequence], greedy: list[bool], device: torch.device) -> torch.Tensor:
         """One uniform number in [0, 1) per row, float64: a seeded row's from its own stream, so that it samples

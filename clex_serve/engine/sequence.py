@@ -35,7 +35,7 @@ class Sequence:
     # KV cache state: the block manager owns the blocks, the runner fills them.
     block_table: list[int] = field(default_factory=list)
     # The table as [first_block, count] stretches of consecutive blocks, kept by the block manager as the
-    # table changes (attention on the CPU reads the cache run by run).
+    # table changes (for attention that reads the cache run by run).
     block_runs: list[list[int]] = field(default_factory=list)
     num_cached_tokens: int = 0
     cache_scale: int = 1

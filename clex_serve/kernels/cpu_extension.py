@@ -1,10 +1,11 @@
 """clex-serve's C++ CPU kernels (``csrc/``), compiled on first use and cached, as DeepSpeed's ops are.
 
-The kernels register as ``torch.ops.clex_cpu.*``. They are built with the machine's C++ compiler through
-``torch.utils.cpp_extension`` (10 s to over a minute, once; the cache lives under ``TORCH_EXTENSIONS_DIR``,
-by default ``~/.cache/torch_extensions``) and compiled for AVX-512, which they check for at run time. Where
-any of this is missing (no compiler, another architecture, an older CPU), or ``CLEX_SERVE_CPU_KERNELS=0`` is
-set, the CPU path stays on PyTorch's own operators, a warning says why, and results do not change.
+The kernels register as ``torch.ops.clex_cpu.*``, which ``cpu_ops`` alone calls. They are built with the
+machine's C++ compiler through ``torch.utils.cpp_extension`` (10 s to over a minute, once; the cache lives
+under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and compiled for AVX-512, which they
+check for at run time. Where any of this is missing (no compiler, another architecture, an older CPU), or
+``CLEX_SERVE_CPU_KERNELS=0`` is set, the CPU path stays on PyTorch's own operators, a warning says why, and
+results do not change.
 
 Each build has a library of its own, named by a digest of what it is built from: the sources and headers,
 the flags, torch's version and the Python installation (``sys.prefix``). Two virtual environments, or two
@@ -25,11 +26,15 @@ from pathlib import Path
 
 import torch
 
+from clex_serve.kernels import cpu_ops
+
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("blocked_linear.cpp", "fused_ops.cpp", "decode_attention.cpp", "decoder_layer.cpp",
-                                    "penalties.cpp", "sampling.cpp")]
+# One file per op family; torch_bindings.cpp registers every schema, clex_cpu.h declares every op.
+SOURCES = [CSRC / name for name in ("torch_bindings.cpp", "cpu_features.cpp", "blocked_linear.cpp", "rms_norm.cpp",
+                                    "activation.cpp", "rotary_cache.cpp", "decode_attention.cpp",
+                                    "decoder_layer.cpp", "sampling.cpp", "penalties.cpp")]
 DISABLE_VARIABLE = "CLEX_SERVE_CPU_KERNELS"
 NAME_PREFIX = "clex_serve_cpu_kernels"
 # OpenMP: at::parallel_for runs on torch's own thread pool (the libgomp torch loaded), so the kernels use the
@@ -54,10 +59,16 @@ def cpu_kernels_available() -> bool:
         reason = next((line.strip() for line in lines if "error:" in line), lines[-1] if lines else repr(error))
         logger.warning("CPU kernels could not be built (%s); using PyTorch's operators instead", reason)
         return False
-    if not torch.ops.clex_cpu.cpu_supported():
+    if not cpu_ops.cpu_supported():
         logger.info("this CPU has no AVX-512: using PyTorch's operators for linear layers")
         return False
     return True
+
+
+def cpu_kernels_for(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernels serve tensors of ``dtype`` on ``device`` here: asked once, where a model, its
+    attention backend or the sampler is built, never per call."""
+    return device.type == "cpu" and dtype in cpu_ops.KERNEL_DTYPES and cpu_kernels_available()
 
 
 def extension_name() -> str:

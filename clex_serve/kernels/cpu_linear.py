@@ -27,7 +27,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clex_serve.kernels import cpu_ops
 from clex_serve.kernels.cpu_extension import cpu_kernels_available
+from clex_serve.layers.linear import PackedLinear
+from clex_serve.layers.replace import replace_modules
 
 BLOCK = 64  # outputs per block of the blocked layout (the kernel's four AVX-512 vectors)
 # Most rows per call that go through the blocked kernel, per dtype (measured crossovers, above).
@@ -55,49 +58,69 @@ def blocked_matmul(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | 
     return out[:, :out_features]
 
 
-def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])
-    count = rows.shape[0]
-    if self.blocked_weight is not None and count <= BLOCKED_MAX_ROWS[rows.dtype]:
-        out = torch.ops.clex_cpu.blocked_linear(rows.contiguous(), self.blocked_weight, self.blocked_bias,
-                                                self.out_features)
-    elif self.packed_weight is not None:
-        if count == 1 and self.weight.numel():
-            out = nn.functional.linear(rows, self.weight, self.bias)  # float32 single row: MKL's GEMV
+class CpuLinear(nn.Module):
+    """An ``nn.Linear`` on the CPU with its weight in the layouts above, made once from the layer it replaces
+    (``replace_cpu_linear_layers``). ``weight`` is the plain weight where something still reads it (a tied
+    embedding, float32 without the blocked kernel), else an empty parameter of its dtype."""
+
+    def __init__(self, linear: nn.Linear, blocked: bool, onednn: bool, keep_plain: bool) -> None:
+        super().__init__()
+        weight = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = linear.bias
+        self.blocked_weight: torch.Tensor | None = to_blocked(weight) if blocked else None
+        self.blocked_bias: torch.Tensor | None = None
+        if blocked and linear.bias is not None:
+            self.blocked_bias = to_blocked(linear.bias.detach()[:, None]).flatten()
+        self.packed_weight: torch.Tensor | None = None
+        if onednn and (not blocked or weight.dtype == torch.bfloat16):
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, _ONEDNN_ROWS_HINT)
+        # The plain copy, where nothing reads it, keeps a parameter of its dtype without its bytes.
+        self.weight = linear.weight if keep_plain else nn.Parameter(weight.new_empty(0), requires_grad=False)
+        self.max_blocked_rows = BLOCKED_MAX_ROWS[weight.dtype]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        count = rows.shape[0]
+        if self.blocked_weight is not None and count <= self.max_blocked_rows:
+            out = cpu_ops.blocked_linear(rows.contiguous(), self.blocked_weight, self.blocked_bias, self.out_features)
+        elif self.packed_weight is not None:
+            if count == 1 and self.weight.numel():
+                out = nn.functional.linear(rows, self.weight, self.bias)  # float32 single row: MKL's GEMV
+            else:
+                out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
         else:
-            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
-    else:
-        out = blocked_matmul(rows, self.blocked_weight, self.blocked_bias, self.out_features)
-    return out.view(*x.shape[:-1], self.out_features)
+            out = blocked_matmul(rows, self.blocked_weight, self.blocked_bias, self.out_features)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
-def prepare_cpu_linear_layers(model: nn.Module, shared: set[int] = frozenset(), blocked: bool | None = None) -> int:
-    """Lay out every CPU float32/bfloat16 ``nn.Linear`` of ``model`` for fast multiplies, in place; returns
-    how many were changed. ``shared``: ids of weights used elsewhere (a tied input embedding), which keep
-    their plain tensor. ``blocked``: use the blocked kernel (default: where the CPU kernels build)."""
+class CpuPackedLinear(CpuLinear):
+    """A ``PackedLinear`` (q/k/v, gate/up) on the CPU: the same, and its projections split apart."""
+
+    def __init__(self, linear: PackedLinear, blocked: bool, onednn: bool, keep_plain: bool) -> None:
+        super().__init__(linear, blocked, onednn, keep_plain)
+        self.shard_sizes = dict(linear.shard_sizes)
+
+    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self(x).split(list(self.shard_sizes.values()), dim=-1)
+
+
+def replace_cpu_linear_layers(model: nn.Module, shared: set[int] = frozenset(), blocked: bool | None = None) -> int:
+    """Swap every float32/bfloat16 ``nn.Linear`` of ``model`` (``PackedLinear`` included) for its ``CpuLinear``;
+    returns how many were swapped (none on a second call). ``shared``: ids of weights used elsewhere (a tied
+    input embedding), which keep their plain tensor. ``blocked``: use the blocked kernel (default: where the
+    CPU kernels build)."""
     if blocked is None:
         blocked = cpu_kernels_available()
     onednn = onednn_available()
     if not blocked and not onednn:
         return 0
-    changed = 0
-    for module in model.modules():
-        if not isinstance(module, nn.Linear) or hasattr(module, "blocked_weight"):
-            continue
-        weight = module.weight.detach()
-        if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
-            continue
-        module.blocked_weight = module.blocked_bias = module.packed_weight = None
-        if blocked:
-            module.blocked_weight = to_blocked(weight)
-            if module.bias is not None:
-                module.blocked_bias = to_blocked(module.bias.detach()[:, None]).flatten()
-        if onednn and (not blocked or weight.dtype == torch.bfloat16):
-            module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, _ONEDNN_ROWS_HINT)
-        keep_plain = id(module.weight) in shared or (not blocked and weight.dtype == torch.float32)
-        if not keep_plain:
-            # The plain copy is no longer read: keep a parameter of its dtype, without its bytes.
-            module.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
-        module.forward = _forward.__get__(module)
-        changed += 1
-    return changed
+
+    def replacement(module: nn.Module) -> nn.Module | None:
+        if not isinstance(module, nn.Linear) or module.weight.dtype not in cpu_ops.KERNEL_DTYPES:
+            return None
+        keep_plain = id(module.weight) in shared or (not blocked and module.weight.dtype == torch.float32)
+        kind = CpuPackedLinear if isinstance(module, PackedLinear) else CpuLinear
+        return kind(module, blocked, onednn, keep_plain)
+
+    return replace_modules(model, replacement)

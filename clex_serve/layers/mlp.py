@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clex_serve.kernels import use_cpu_kernels, use_triton_kernels
-from clex_serve.layers.activation import get_activation
+from clex_serve.layers.activation import ActAndMul, get_activation
 from clex_serve.layers.linear import PackedLinear
 
 
@@ -18,18 +17,10 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = PackedLinear(hidden_size, {"gate_proj": intermediate_size, "up_proj": intermediate_size},
                                          bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-        self.act = get_activation(act)
-        self.is_silu = act in ("silu", "swish")
+        self.act_and_mul = ActAndMul(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_silu and use_triton_kernels(x) and x.dim() == 2:
-            from clex_serve.kernels.silu_and_mul import silu_and_mul
-
-            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-        if self.is_silu and use_cpu_kernels(x) and x.dim() == 2:
-            return self.down_proj(torch.ops.clex_cpu.silu_and_mul(self.gate_up_proj(x)))
-        gate, up = self.gate_up_proj.forward_split(x)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class PhiMLP(nn.Module):

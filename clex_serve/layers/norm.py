@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clex_serve.kernels import use_cpu_kernels, use_triton_kernels
-
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
@@ -15,14 +13,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)`` (one kernel on CUDA and CPU)."""
-        if use_triton_kernels(x):
-            from clex_serve.kernels.rms_norm import rms_norm
-
-            return rms_norm(x, self.weight, self.eps, residual)
-        if use_cpu_kernels(x) and x.dim() == 2 and x.dtype == self.weight.dtype:
-            out, total = torch.ops.clex_cpu.rms_norm(x, residual, self.weight, self.eps)
-            return (out, total) if residual is not None else out
+        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)`` (one kernel in the CUDA and CPU
+        subclasses that replace this one where the model is prepared for its device)."""
         if residual is not None:
             x = x + residual
             return self._normalise(x), x

@@ -11,7 +11,6 @@ from clex_serve.layers.attention import Attention
 from clex_serve.layers.mlp import GatedMLP
 from clex_serve.layers.norm import RMSNorm
 from clex_serve.models.base import CausalLM, DecoderModel
-from clex_serve.models.cpu_decode_layer import fused_decode_layer
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -23,10 +22,6 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(self, hidden_states: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if hidden_states.device.type == "cpu":
-            fused = fused_decode_layer(self, hidden_states, meta)  # a CPU decode step: one C++ call
-            if fused is not None:
-                return fused
         attention_out = self.self_attn(self.input_layernorm(hidden_states), meta)
         normed, hidden_states = self.post_attention_layernorm(attention_out, residual=hidden_states)
         return hidden_states + self.mlp(normed)

@@ -12,7 +12,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/_to_copy.h>
 #include <c10/util/BFloat16.h>
-#include <torch/library.h>
 
 #include "avx512_math.h"
 #include "clex_cpu.h"
@@ -134,13 +133,4 @@ at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& w, const std::o
   return y;
 }
 
-bool cpu_supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
-
 }  // namespace clex_cpu
-
-TORCH_LIBRARY(clex_cpu, m) {
-  m.def("blocked_linear(Tensor x, Tensor w, Tensor? bias, int N) -> Tensor");
-  m.def("cpu_supported() -> bool", &clex_cpu::cpu_supported);
-}
-
-TORCH_LIBRARY_IMPL(clex_cpu, CPU, m) { m.impl("blocked_linear", &clex_cpu::blocked_linear); }

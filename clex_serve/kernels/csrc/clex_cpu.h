@@ -1,5 +1,5 @@
-// The CPU kernels' C++ entry points, for kernels that compose them (decoder_layer.cpp); each is also
-// registered as torch.ops.clex_cpu.<name>, where its file documents it.
+// Every CPU kernel's C++ entry point, one family per file (documented there); torch_bindings.cpp registers
+// each as torch.ops.clex_cpu.<name>, and kernels that compose others (decoder_layer.cpp) call them here.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,17 +9,48 @@
 
 namespace clex_cpu {
 
-at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t N);
+// cpu_features.cpp
 bool cpu_supported();
+
+// blocked_linear.cpp
+at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t N);
+
+// rms_norm.cpp
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                             const at::Tensor& weight, double eps);
+
+// activation.cpp
 at::Tensor silu_and_mul(const at::Tensor& gate_up);
-at::Tensor argmax_rows(const at::Tensor& x);
+
+// rotary_cache.cpp
 std::tuple<at::Tensor, at::Tensor> rotate_and_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     const at::Tensor& cos, const at::Tensor& sin,
                                                     const std::optional<at::Tensor>& query_scale,
                                                     const at::Tensor& slots, at::Tensor k_cache, at::Tensor v_cache);
+
+// decode_attention.cpp
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& runs, const at::Tensor& run_offsets, double scale);
+
+// decoder_layer.cpp
+at::Tensor llama_decode_layer(const at::Tensor& hidden, const at::Tensor& input_norm, const at::Tensor& post_norm,
+                              double eps, const at::Tensor& qkv, const std::optional<at::Tensor>& qkv_bias,
+                              const at::Tensor& o, const std::optional<at::Tensor>& o_bias, const at::Tensor& gate_up,
+                              const std::optional<at::Tensor>& gate_up_bias, const at::Tensor& down,
+                              const std::optional<at::Tensor>& down_bias, int64_t heads, int64_t kv_heads,
+                              int64_t head_dim, int64_t hidden_size, int64_t intermediate_size,
+                              const at::Tensor& cos, const at::Tensor& sin,
+                              const std::optional<at::Tensor>& query_scale, const at::Tensor& slots,
+                              at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& runs,
+                              const at::Tensor& run_offsets);
+
+// sampling.cpp
+at::Tensor argmax_rows(const at::Tensor& x);
+at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& uniforms);
+
+// penalties.cpp
+void apply_penalties(at::Tensor logits, const at::Tensor& counts, const at::Tensor& in_prompt,
+                     const at::Tensor& picked, const at::Tensor& table_rows, const at::Tensor& repetition,
+                     const at::Tensor& frequency, const at::Tensor& presence);
 
 }  // namespace clex_cpu

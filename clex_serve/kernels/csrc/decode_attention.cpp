@@ -12,7 +12,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
-#include <torch/library.h>
 
 #include "avx512_math.h"
 #include "clex_cpu.h"
@@ -231,10 +230,3 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 }
 
 }  // namespace clex_cpu
-
-TORCH_LIBRARY_FRAGMENT(clex_cpu, m) {
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor runs, Tensor run_offsets, "
-        "float scale) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(clex_cpu, CPU, m) { m.impl("decode_attention", &clex_cpu::decode_attention); }

@@ -8,7 +8,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
-#include <torch/library.h>
 
 #include <cmath>
 
@@ -62,13 +61,3 @@ at::Tensor llama_decode_layer(const at::Tensor& hidden, const at::Tensor& input_
 }
 
 }  // namespace clex_cpu
-
-TORCH_LIBRARY_FRAGMENT(clex_cpu, m) {
-  m.def("llama_decode_layer(Tensor hidden, Tensor input_norm, Tensor post_norm, float eps, Tensor qkv, "
-        "Tensor? qkv_bias, Tensor o, Tensor? o_bias, Tensor gate_up, Tensor? gate_up_bias, Tensor down, "
-        "Tensor? down_bias, int heads, int kv_heads, int head_dim, int hidden_size, int intermediate_size, "
-        "Tensor cos, Tensor sin, Tensor? query_scale, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor runs, Tensor run_offsets) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(clex_cpu, CPU, m) { m.impl("llama_decode_layer", &clex_cpu::llama_decode_layer); }

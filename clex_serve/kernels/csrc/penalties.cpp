@@ -7,7 +7,8 @@
 // flag, with the same float32 operations in the same order, so the result is the same bit for bit.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <torch/library.h>
+
+#include "clex_cpu.h"
 
 namespace clex_cpu {
 
@@ -52,10 +53,3 @@ void apply_penalties(at::Tensor logits, const at::Tensor& counts, const at::Tens
 }
 
 }  // namespace clex_cpu
-
-TORCH_LIBRARY_FRAGMENT(clex_cpu, m) {
-  m.def("apply_penalties(Tensor(a!) logits, Tensor counts, Tensor in_prompt, Tensor picked, Tensor table_rows, "
-        "Tensor repetition, Tensor frequency, Tensor presence) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(clex_cpu, CPU, m) { m.impl("apply_penalties", &clex_cpu::apply_penalties); }

@@ -1,0 +1,115 @@
+"""The C++ CPU kernels (``csrc/``) as Python functions: the one module that calls ``torch.ops.clex_cpu``, as
+vLLM's ``_custom_ops.py`` is for its kernels.
+
+Each function is one op with the shapes and dtypes it takes; the op's file in ``csrc/`` says how it computes
+what its PyTorch equivalent does. Callers decide once, where the model or the engine is built, whether the
+kernels run (``cpu_extension.cpu_kernels_available``, ``KERNEL_DTYPES``); these functions check nothing
+and assume the library is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# The dtypes every kernel takes (float16 and others stay on PyTorch's operators).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+# ``decode_attention`` keeps a head's query and accumulators in registers: head dimensions and query heads
+# per KV head up to these (every supported checkpoint; csrc/decode_attention.cpp's kMaxDim, kMaxGroup).
+DECODE_MAX_HEAD_DIM = 256
+DECODE_MAX_GROUP = 16
+
+
+def cpu_supported() -> bool:
+    """The CPU has the AVX-512 (F, BW) the kernels are compiled for."""
+    return torch.ops.clex_cpu.cpu_supported()
+
+
+def blocked_linear(x: torch.Tensor, blocked_weight: torch.Tensor, blocked_bias: torch.Tensor | None,
+                   out_features: int) -> torch.Tensor:
+    """x [M, K] contiguous times a weight in the blocked layout [ceil(N / 64), K, 64] (``cpu_linear.to_blocked``),
+    plus the bias padded to whole blocks -> [M, out_features]; float32 accumulation for both dtypes."""
+    return torch.ops.clex_cpu.blocked_linear(x, blocked_weight, blocked_bias, out_features)
+
+
+def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, hidden] (contiguous columns), weight [hidden] of x's dtype -> (norm(x + residual), the sum
+    rounded to the dtype); without ``residual``, the second tensor is undefined."""
+    return torch.ops.clex_cpu.rms_norm(x, residual, weight, eps)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a packed [rows, 2 * width] gate/up projection -> [rows, width]."""
+    return torch.ops.clex_cpu.silu_and_mul(gate_up)
+
+
+def rotate_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     query_scale: torch.Tensor | None, slots: torch.Tensor, flat_k_cache: torch.Tensor,
+                     flat_v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [N, Hq, D] and k [N, Hkv, D] with cos/sin [N, rotary_dim] (queries times ``query_scale`` [N],
+    if given) and write k and v [N, Hkv, D] to ``slots`` [N] int64 of the [slots, Hkv, D] cache views ->
+    (rotated queries, rotated keys)."""
+    return torch.ops.clex_cpu.rotate_and_cache(q, k, v, cos, sin, query_scale, slots, flat_k_cache, flat_v_cache)
+
+
+def decode_attention(q: torch.Tensor, flat_k_cache: torch.Tensor, flat_v_cache: torch.Tensor, runs: torch.Tensor,
+                     run_offsets: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence, q [B, Hq, D], over its cached runs: ``runs`` [R, 2] int64 slot ranges
+    [start, end) of the [slots, Hkv, D] cache views, sequence b's rows ``run_offsets[b]:run_offsets[b + 1]``
+    -> [B, Hq, D]."""
+    return torch.ops.clex_cpu.decode_attention(q, flat_k_cache, flat_v_cache, runs, run_offsets, scale)
+
+
+class DecodeLayerWeights(NamedTuple):
+    """A Llama-family decoder layer's fixed arguments to ``llama_decode_layer``, in its schema's order:
+    linear weights in the blocked layout, with their biases padded to whole blocks (or None)."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    eps: float
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+
+
+def llama_decode_layer(hidden: torch.Tensor, weights: DecodeLayerWeights, cos: torch.Tensor, sin: torch.Tensor,
+                       query_scale: torch.Tensor | None, slots: torch.Tensor, flat_k_cache: torch.Tensor,
+                       flat_v_cache: torch.Tensor, runs: torch.Tensor, run_offsets: torch.Tensor) -> torch.Tensor:
+    """A Llama-family decoder layer's output for hidden [B, hidden] contiguous, one token per sequence: the
+    kernels of the layer-by-layer path in its order; the step's arguments as in ``rotate_and_cache`` and
+    ``decode_attention``."""
+    return torch.ops.clex_cpu.llama_decode_layer(hidden, *weights, cos, sin, query_scale, slots, flat_k_cache,
+                                                 flat_v_cache, runs, run_offsets)
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` of [B, V] float32 contiguous logits -> [B] int64 (ties and NaNs as torch)."""
+    return torch.ops.clex_cpu.argmax_rows(logits)
+
+
+def sample_rows(logits: torch.Tensor, temperatures: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of [B, V] float32 contiguous logits from softmax(logits / T): the inverse of its
+    cumulative distribution at ``uniforms`` [B] float64 in [0, 1); temperatures [B] float32 > 0 -> [B] int64."""
+    return torch.ops.clex_cpu.sample_rows(logits, temperatures, uniforms)
+
+
+def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, in_prompt: torch.Tensor,
+                    picked: torch.Tensor, table_rows: torch.Tensor, repetition: torch.Tensor,
+                    frequency: torch.Tensor, presence: torch.Tensor) -> None:
+    """Repetition, frequency and presence penalties on rows ``picked`` [P] of [B, V] float32 contiguous
+    logits, in place; their counts and prompt flags are rows ``table_rows`` [P] of ``output_counts`` [R, V]
+    int32 and ``in_prompt`` [R, V] bool; the penalties [P] float32 each."""
+    torch.ops.clex_cpu.apply_penalties(logits, output_counts, in_prompt, picked, table_rows, repetition, frequency,
+                                       presence)

@@ -1,0 +1,109 @@
+// Rotary embedding, CLEX log scale of the queries and the K/V cache write on the CPU, in one pass over a
+// step's tokens: about thirteen PyTorch operators per layer otherwise.
+//
+// At decode a layer's tensors are a few KB, so each PyTorch operator costs its dispatch, not its
+// arithmetic. The kernel computes what its PyTorch equivalent computes, with the same roundings to the
+// model's dtype between steps (the CUDA Triton kernels in ``kernels/`` follow the same rules), so float32
+// and bfloat16 results match the eager path.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+
+#include "clex_cpu.h"
+#include "elementwise.h"
+
+#include <initializer_list>
+#include <tuple>
+
+namespace {
+
+using clex_cpu::kRowsPerTask;
+using clex_cpu::rounded;
+
+// One head of one token: x * cos + rotate_half(x) * sin over the rotary channels (each product and the sum
+// rounded to the dtype, as the eager ops do), then times the query scale if any; other channels pass
+// (scaled too, for queries).
+template <typename T>
+inline void rotate_head(const T* source, T* target, const T* cos, const T* sin, int64_t head_dim,
+                        int64_t rotary_dim, const float* scale) {
+  const int64_t half = rotary_dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    float x1 = static_cast<float>(source[i]), x2 = static_cast<float>(source[half + i]);
+    float c = static_cast<float>(cos[i]), s = static_cast<float>(sin[i]);
+    float out1 = rounded<T>(rounded<T>(x1 * c) + rounded<T>(-x2 * s));
+    float out2 = rounded<T>(rounded<T>(x2 * c) + rounded<T>(x1 * s));
+    if (scale) out1 = rounded<T>(out1 * *scale), out2 = rounded<T>(out2 * *scale);
+    target[i] = static_cast<T>(out1);
+    target[half + i] = static_cast<T>(out2);
+  }
+  for (int64_t i = rotary_dim; i < head_dim; ++i)
+    target[i] = scale ? static_cast<T>(static_cast<float>(source[i]) * *scale) : source[i];
+}
+
+template <typename T>
+void rotate_and_cache_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                           const at::Tensor& sin, const at::Tensor& query_scale, const at::Tensor& slots,
+                           at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& q_out, at::Tensor& k_out) {
+  const int64_t tokens = q.size(0), heads = q.size(1), kv_heads = k.size(1), head_dim = q.size(2);
+  const int64_t rotary_dim = cos.size(1);
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  at::parallel_for(0, tokens, kRowsPerTask, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      const T* c = cos.data_ptr<T>() + t * cos.stride(0);
+      const T* s = sin.data_ptr<T>() + t * sin.stride(0);
+      // The scale as the eager path holds it: a tensor of the model dtype.
+      float scale_value = query_scale.defined() ? static_cast<float>(query_scale.data_ptr<T>()[t]) : 1.f;
+      const float* scale = query_scale.defined() ? &scale_value : nullptr;
+      for (int64_t h = 0; h < heads; ++h)
+        rotate_head<T>(q.data_ptr<T>() + t * q.stride(0) + h * q.stride(1),
+                       q_out.data_ptr<T>() + t * q_out.stride(0) + h * q_out.stride(1), c, s, head_dim, rotary_dim,
+                       scale);
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        T* key = k_out.data_ptr<T>() + t * k_out.stride(0) + h * k_out.stride(1);
+        rotate_head<T>(k.data_ptr<T>() + t * k.stride(0) + h * k.stride(1), key, c, s, head_dim, rotary_dim,
+                       nullptr);
+        T* cached_key = k_cache.data_ptr<T>() + slot[t] * k_cache.stride(0) + h * k_cache.stride(1);
+        T* cached_value = v_cache.data_ptr<T>() + slot[t] * v_cache.stride(0) + h * v_cache.stride(1);
+        const T* value = v.data_ptr<T>() + t * v.stride(0) + h * v.stride(1);
+        for (int64_t i = 0; i < head_dim; ++i) cached_key[i] = key[i], cached_value[i] = value[i];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+namespace clex_cpu {
+
+// q [N, Hq, D], k/v [N, Hkv, D] (any strides, unit last), cos/sin [N, rotary_dim] (cat(angles, angles)),
+// query_scale [N] or none, slots [N] int64; k_cache/v_cache [slots, Hkv, D] views of the pool (any layout,
+// unit last stride). Returns the rotated (and scaled) queries and the rotated keys, [N, H, D] each; the
+// keys and values are also written to their slots.
+std::tuple<at::Tensor, at::Tensor> rotate_and_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const at::Tensor& cos, const at::Tensor& sin,
+                                                    const std::optional<at::Tensor>& query_scale,
+                                                    const at::Tensor& slots, at::Tensor k_cache, at::Tensor v_cache) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &k_cache, &v_cache})
+    TORCH_CHECK(t->dim() == 3 && t->stride(2) == 1 && t->scalar_type() == q.scalar_type(),
+                "rotate_and_cache: 3-d tensors of one dtype with a unit last stride");
+  TORCH_CHECK(cos.dim() == 2 && cos.stride(1) == 1 && sin.strides() == cos.strides() && cos.size(0) == q.size(0) &&
+              cos.scalar_type() == q.scalar_type() && cos.size(1) <= q.size(2) && cos.size(1) % 2 == 0,
+              "rotate_and_cache: cos/sin [tokens, rotary_dim] of the dtype of q");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == q.size(0),
+              "rotate_and_cache: slots [tokens] int64");
+  at::Tensor scale = query_scale.has_value() ? query_scale->contiguous() : at::Tensor();
+  TORCH_CHECK(!scale.defined() || (scale.numel() == q.size(0) && scale.scalar_type() == q.scalar_type()),
+              "rotate_and_cache: query_scale [tokens] of the dtype of q");
+  at::Tensor q_out = at::empty(q.sizes(), q.options());
+  at::Tensor k_out = at::empty(k.sizes(), k.options());
+  if (q.scalar_type() == at::kFloat)
+    rotate_and_cache_impl<float>(q, k, v, cos, sin, scale, slots, k_cache, v_cache, q_out, k_out);
+  else if (q.scalar_type() == at::kBFloat16)
+    rotate_and_cache_impl<c10::BFloat16>(q, k, v, cos, sin, scale, slots, k_cache, v_cache, q_out, k_out);
+  else
+    TORCH_CHECK(false, "rotate_and_cache: float32 or bfloat16");
+  return {q_out, k_out};
+}
+
+}  // namespace clex_cpu

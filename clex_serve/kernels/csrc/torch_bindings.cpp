@@ -1,0 +1,38 @@
+// Every schema of torch.ops.clex_cpu and its CPU implementation, in one place (as vLLM's
+// csrc/cpu/torch_bindings.cpp). The kernels live one family per file and are declared in clex_cpu.h;
+// Python calls them through clex_serve/kernels/cpu_ops.py alone.
+#include <torch/library.h>
+
+#include "clex_cpu.h"
+
+TORCH_LIBRARY(clex_cpu, m) {
+  m.def("cpu_supported() -> bool", &clex_cpu::cpu_supported);
+  m.def("blocked_linear(Tensor x, Tensor w, Tensor? bias, int N) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def("rotate_and_cache(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor? query_scale, "
+        "Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache) -> (Tensor, Tensor)");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor runs, Tensor run_offsets, "
+        "float scale) -> Tensor");
+  m.def("llama_decode_layer(Tensor hidden, Tensor input_norm, Tensor post_norm, float eps, Tensor qkv, "
+        "Tensor? qkv_bias, Tensor o, Tensor? o_bias, Tensor gate_up, Tensor? gate_up_bias, Tensor down, "
+        "Tensor? down_bias, int heads, int kv_heads, int head_dim, int hidden_size, int intermediate_size, "
+        "Tensor cos, Tensor sin, Tensor? query_scale, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor runs, Tensor run_offsets) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("sample_rows(Tensor logits, Tensor temperatures, Tensor uniforms) -> Tensor");
+  m.def("apply_penalties(Tensor(a!) logits, Tensor counts, Tensor in_prompt, Tensor picked, Tensor table_rows, "
+        "Tensor repetition, Tensor frequency, Tensor presence) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(clex_cpu, CPU, m) {
+  m.impl("blocked_linear", &clex_cpu::blocked_linear);
+  m.impl("rms_norm", &clex_cpu::rms_norm);
+  m.impl("silu_and_mul", &clex_cpu::silu_and_mul);
+  m.impl("rotate_and_cache", &clex_cpu::rotate_and_cache);
+  m.impl("decode_attention", &clex_cpu::decode_attention);
+  m.impl("llama_decode_layer", &clex_cpu::llama_decode_layer);
+  m.impl("argmax_rows", &clex_cpu::argmax_rows);
+  m.impl("sample_rows", &clex_cpu::sample_rows);
+  m.impl("apply_penalties", &clex_cpu::apply_penalties);
+}

@@ -65,6 +65,6 @@ def test_a_build_says_so_and_a_built_library_loads_without_the_compiler(monkeypa
                                                   / f"{builds[0]}.so")]
         assert not caplog.text
 
-        _edited_sources(monkeypatch, tmp_path, "fused_ops.cpp")  # an upgrade: a build, and a notice again
+        _edited_sources(monkeypatch, tmp_path, "rms_norm.cpp")  # an upgrade: a build, and a notice again
         cpu_extension._build()
         assert len(builds) == 2 and builds[1] != builds[0] and "compiling clex-serve's CPU kernels" in caplog.text

@@ -1,6 +1,7 @@
 """An OpenAI-compatible server on 127.0.0.1 whose every chat answer is one fixed text, streamed a few
 characters at a time: for the front-end tests that must see exactly what a model wrote (code, markdown)
-and every partial state of it on the way."""
+and every partial state of it on the way, and what they say when a server refuses a request or an answer
+breaks off."""
 
 import json
 import threading
@@ -27,16 +28,16 @@ CODE_ANSWER = (
 )
 
 
-def _handler(answer: str, chunk_chars: int, pause: float):
+def _handler(answer: str, chunk_chars: int, pause: float, refuse: str | None, break_off: str | None):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def log_message(self, *args):
             pass
 
-        def _json(self, body: dict) -> None:
+        def _json(self, body: dict, status: int = 200) -> None:
             data = json.dumps(body).encode()
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -53,6 +54,9 @@ def _handler(answer: str, chunk_chars: int, pause: float):
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             if self.path.endswith("/tokenize"):
                 self._json({"count": 12, "tokens": [], "max_model_len": 4096})
+            elif self.path.endswith("/chat/completions") and refuse is not None:
+                self._json({"error": {"message": refuse, "type": "invalid_request_error", "param": None,
+                                      "code": None}}, status=400)
             elif self.path.endswith("/chat/completions"):
                 self._stream()
             else:
@@ -65,6 +69,10 @@ def _handler(answer: str, chunk_chars: int, pause: float):
             self.end_headers()
             pieces = [answer[i:i + chunk_chars] for i in range(0, len(answer), chunk_chars)]
             for index, piece in enumerate(pieces + [None]):
+                if break_off is not None and index == len(pieces) // 2:  # as clex-serve ends a failed stream
+                    self._event(json.dumps({"error": {"message": break_off, "type": "server_error", "param": None,
+                                                      "code": None}}))
+                    break
                 delta = {"content": piece} if piece is not None else {}
                 chunk = {"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
                          "choices": [{"index": 0, "delta": delta, "finish_reason": None if piece else "stop"}]}
@@ -81,10 +89,17 @@ def _handler(answer: str, chunk_chars: int, pause: float):
     return Handler
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # a client that closes its connection (a stopped answer) is not a failure here
+
+
 @contextmanager
-def scripted_server(answer: str, chunk_chars: int = 3, pause: float = 0.01):
-    """Yields the server's base URL (ending in /v1)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(answer, chunk_chars, pause))
+def scripted_server(answer: str, chunk_chars: int = 3, pause: float = 0.01, refuse: str | None = None,
+                    break_off: str | None = None):
+    """Yields the server's base URL (ending in /v1). ``refuse``: every chat request gets a 400 with this
+    message; ``break_off``: half way through, the answer ends with an error event with this message."""
+    server = _QuietServer(("127.0.0.1", 0), _handler(answer, chunk_chars, pause, refuse, break_off))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

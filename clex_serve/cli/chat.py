@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from clex_serve.cli.chat_backends import ChatBackendError, InProcessBackend, ServerBackend
+from clex_serve.chat import ChatSourceError, EngineSource, OpenAISource, SyncChatSource
 from clex_serve.cli.chat_io import COMMANDS, ChatIO, RichChatIO, SimpleChatIO
 from clex_serve.cli.engine_args import add_engine_args, positive_int
 from clex_serve.cli.engine_start import start_engine
@@ -51,10 +51,10 @@ def build_parser(prog: str = "clex-chat") -> argparse.ArgumentParser:
 
 
 class ChatSession:
-    """The conversation and its commands; the backend answers, the ChatIO reads and shows."""
+    """The conversation and its commands; the source answers, the ChatIO reads and shows."""
 
-    def __init__(self, backend, io: ChatIO, params: SamplingParams, system: str | None) -> None:
-        self.backend = backend
+    def __init__(self, source: SyncChatSource, io: ChatIO, params: SamplingParams, system: str | None) -> None:
+        self.source = source
         self.io = io
         self.params = params
         self.system = system
@@ -64,10 +64,10 @@ class ChatSession:
         return [{"role": "system", "content": self.system}] if self.system else []
 
     def status(self) -> str:
-        used = self.backend.count_tokens(self.messages) if self.messages else 0
-        limit = self.backend.max_model_len
+        used = self.source.count_tokens(self.messages) if self.messages else 0
+        limit = self.source.max_model_len
         parts = [f"tokens {used if used is not None else '?'}" + (f" / {limit}" if limit else "")]
-        scale = self.backend.scale_for((used or 0) + 1) if used is not None else None
+        scale = self.source.scale_for((used or 0) + 1) if used is not None else None
         if scale is not None:
             parts.append(f"CLEX t = {scale}")
         parts.append("!!help for commands")
@@ -146,12 +146,12 @@ class ChatSession:
     def _fit_context(self) -> bool:
         """Before a turn would overflow the context: say so, offer to drop the oldest turns. A turn needs room
         for its answer too: up to --max-new-tokens of it, at most a quarter of the context."""
-        limit = self.backend.max_model_len
+        limit = self.source.max_model_len
         if not limit:
             return True
         reserve = min(self.params.max_tokens or 0, limit // 4)
         while True:
-            used = self.backend.count_tokens(self.messages)
+            used = self.source.count_tokens(self.messages)
             if used is None or used + 1 <= limit - reserve:
                 return True
             first_turn = 1 if self.messages and self.messages[0]["role"] == "system" else 0
@@ -169,18 +169,18 @@ class ChatSession:
     def answer(self) -> None:
         if not self._fit_context():
             return
-        used = self.backend.count_tokens(self.messages) or 0
-        limit = self.backend.max_model_len
+        used = self.source.count_tokens(self.messages) or 0
+        limit = self.source.max_model_len
         budget = self.params.max_tokens if not limit else min(self.params.max_tokens, max(1, limit - used))
         params = _with(self.params, max_tokens=budget)
-        deltas = self.backend.stream(self.messages, params)
+        deltas = self.source.stream(self.messages, params)
         try:
             shown = self.io.show_answer(deltas)
         except KeyboardInterrupt:
             shown = self.io.last_shown
             deltas.close()
             self.io.info("(stopped; the engine is idle)" if self._wait_idle() else "(stopped)")
-        except ChatBackendError as error:
+        except ChatSourceError as error:
             self.io.info(f"error: {error}")
             self.messages.pop()
             return
@@ -188,14 +188,14 @@ class ChatSession:
             deltas.close()  # frees the answer's work in the engine or on the server
         self.messages.append({"role": "assistant", "content": shown})
 
-
     def _wait_idle(self, timeout: float = 10.0) -> bool:
         """True once the stopped answer's work is gone from the engine (in process; a server cannot say)."""
-        if not isinstance(self.backend, InProcessBackend):
-            return False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.backend.is_idle():
+            idle = self.source.is_idle()
+            if idle is None:
+                return False
+            if idle:
                 return True
             time.sleep(0.02)
         return False
@@ -218,25 +218,27 @@ def main(argv: list[str] | None = None, prog: str = "clex-chat") -> int:
         parser.exit(2, f"{prog}: error: {error}\n")
     style = args.style or ("rich" if sys.stdin.isatty() and sys.stdout.isatty() else "simple")
     try:
-        backend = _backend(args, prog)
-    except (ValueError, ChatBackendError) as error:
+        source = SyncChatSource(_source(args, prog))
+    except (ValueError, ChatSourceError) as error:
         parser.exit(2, f"{prog}: error: {error}\n")
     io = RichChatIO(args.history_file) if style == "rich" else SimpleChatIO()
     try:
-        return ChatSession(backend, io, params, args.system).run()
+        return ChatSession(source, io, params, args.system).run()
     finally:
-        backend.close()
+        source.close()
 
 
-def _backend(args, prog: str):
+def _source(args, prog: str):
     if args.url:
-        return ServerBackend(args.url, args.api_key or os.environ.get("CLEX_SERVE_API_KEY"), args.model)
+        return OpenAISource(args.url, args.api_key or os.environ.get("CLEX_SERVE_API_KEY"), args.model)
+    from clex_serve.engine.async_engine import AsyncLLMEngine
     from clex_serve.text.chat_template import fallback_template, resolve_chat_template
 
     args.model = args.model or args.model_path
     engine = start_engine(args, prog)
     template = resolve_chat_template(engine.tokenizer, args.model or "", args.chat_template)
-    return InProcessBackend(engine, template or fallback_template(engine.model_config.family))
+    return EngineSource(AsyncLLMEngine(engine), template or fallback_template(engine.model_config.family),
+                        args.model, owns_engine=True)
 
 
 if __name__ == "__main__":

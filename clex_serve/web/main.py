@@ -29,17 +29,13 @@ def main(argv: list[str] | None = None, prog: str = "clex-serve web") -> int:
         importlib.import_module("gradio")  # only to say what to install when it is missing
     except ImportError:
         parser.exit(2, f"{prog}: error: {INSTALL_HINT}\n")
-    import openai
-
+    from clex_serve.chat import ChatSourceError, OpenAISource
     from clex_serve.web.app import build_demo
-    from clex_serve.web.sources import OpenAISource
 
     try:
         source = OpenAISource(args.url, args.api_key or os.environ.get("CLEX_SERVE_API_KEY"), args.model)
-    except openai.AuthenticationError:
-        parser.exit(2, f"{prog}: error: {args.url} refused the API key: pass the right one with --api-key\n")
-    except (openai.APIError, ValueError) as error:
-        parser.exit(2, f"{prog}: error: cannot use the server at {args.url}: {error}\n")
+    except ChatSourceError as error:
+        parser.exit(2, f"{prog}: error: {error}\n")
     demo = build_demo(source, f"clex-serve · {source.model_name}")
     demo.queue().launch(server_name=args.host, server_port=args.port, ssr_mode=False, quiet=True,
                         prevent_thread_lock=True, show_error=False)

@@ -73,10 +73,11 @@ def _mount_ui(app, served_model_name: str, api_key: str | None):
         import gradio as gr
     except ImportError:
         raise ValueError(INSTALL_HINT) from None
+    from clex_serve.chat import EngineSource
     from clex_serve.web.app import build_demo
-    from clex_serve.web.sources import EngineSource
 
-    demo = build_demo(EngineSource(app.state.ctx), f"clex-serve · {served_model_name}")
+    ctx = app.state.ctx
+    demo = build_demo(EngineSource(ctx.engine, ctx.chat_template, served_model_name), f"clex-serve · {served_model_name}")
     auth = (lambda user, password: password == api_key) if api_key else None
     return gr.mount_gradio_app(app, demo.queue(), path="/ui", ssr_mode=False, show_error=False, auth=auth,
                                auth_message="The API key is the password." if api_key else None)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from clex_serve.attention import segments
+from clex_serve.attention.backend import AttentionBackend
 from clex_serve.attention.cache_layout import RUNS
 from clex_serve.attention.metadata import AttentionMetadata, flat_slots
 from clex_serve.attention.sdpa import rotate_and_write
@@ -70,9 +71,8 @@ class RunPlan:
         return self.decodes is not None and len(self.decodes.rows) == len(self.runs)
 
 
-class CpuAttentionBackend:
+class CpuAttentionBackend(AttentionBackend):
     name = "cpu-sdpa"
-    supports_cuda_graphs = False
     cache_layout = RUNS
     reads_block_tables = False  # plans from the host tables: no tensor that grows with the context
 

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from clex_serve.attention.cache_layout import PAGED
+from clex_serve.attention.backend import AttentionBackend
 from clex_serve.attention.metadata import AttentionMetadata
 from clex_serve.attention.sdpa import rotate_queries_and_keys, write_kv
 
 FLASH_BLOCK_SIZE = 256
 
 
-class FlashAttentionBackend:
+class FlashAttentionBackend(AttentionBackend):
     name = "flash-attn"
     supports_cuda_graphs = True  # decode reads cache_seqlens and block tables on the device
-    cache_layout = PAGED
-    reads_block_tables = True
 
     def __init__(self, sliding_window: int | None) -> None:
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from clex_serve.attention.cache_layout import PAGED
+from clex_serve.attention.backend import AttentionBackend
 from clex_serve.attention.metadata import AttentionMetadata, cache_slot, flat_slots
 from clex_serve.layers.rotary import apply_rotary
 
@@ -75,12 +75,10 @@ class PaddedDecode(NamedTuple):
     mask: torch.Tensor  # [B, 1, 1, max_context] True where a query sees the key
 
 
-class SdpaAttentionBackend:
+class SdpaAttentionBackend(AttentionBackend):
     name = "sdpa"
     # Its decode sizes the key gather by the longest context of the step, a host value: not capturable.
     supports_cuda_graphs = False
-    cache_layout = PAGED
-    reads_block_tables = True  # meta.block_tables: decode gathers and prefill reads through them
 
     def __init__(self, sliding_window: int | None, rotate_and_write: RotateAndWrite = rotate_and_write) -> None:
         """``rotate_and_write``: the eager one, or a fused kernel's for the device (chosen by the selector)."""

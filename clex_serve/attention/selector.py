@@ -10,6 +10,7 @@ import os
 import torch
 
 from clex_serve.attention import segments
+from clex_serve.attention.backend import AttentionBackend
 from clex_serve.attention.cpu import CpuAttentionBackend, cpu_rotate_and_write
 from clex_serve.attention.flash import FLASH_BLOCK_SIZE, FlashAttentionBackend
 from clex_serve.attention.sdpa import SdpaAttentionBackend
@@ -29,7 +30,8 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def get_attention_backend(name: str, device: torch.device, sliding_window: int | None, dtype: torch.dtype):
+def get_attention_backend(name: str, device: torch.device, sliding_window: int | None,
+                          dtype: torch.dtype) -> AttentionBackend:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(BACKENDS)}")
     half = dtype in (torch.float16, torch.bfloat16)

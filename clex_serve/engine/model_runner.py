@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from clex_serve.attention.backend import AttentionBackend
 from clex_serve.attention.cache_layout import CacheLayout
 from clex_serve.attention.metadata import AttentionMetadata
 from clex_serve.attention.selector import default_block_size, get_attention_backend
@@ -88,7 +89,7 @@ class ModelRunner:
         self.config = loaded.config
         self.device = loaded.device
         self.dtype = loaded.dtype
-        self.backend = get_attention_backend(attention_backend, self.device, self.config.sliding_window,
+        self.backend: AttentionBackend = get_attention_backend(attention_backend, self.device, self.config.sliding_window,
                                              self.dtype)
         use_device_layers(self.model, self.device, self.dtype, self.backend)
         self.block_size = block_size or default_block_size(self.backend)

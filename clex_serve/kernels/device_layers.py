@@ -18,6 +18,7 @@ import importlib.util
 import torch
 from torch import nn
 
+from clex_serve.attention.backend import AttentionBackend
 from clex_serve.attention.cpu import CpuAttentionBackend
 from clex_serve.kernels.cpu_extension import cpu_kernels_for
 from clex_serve.layers.activation import ActAndMul
@@ -27,7 +28,7 @@ from clex_serve.layers.replace import replace_modules
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-def use_device_layers(model: nn.Module, device: torch.device, dtype: torch.dtype, backend) -> None:
+def use_device_layers(model: nn.Module, device: torch.device, dtype: torch.dtype, backend: AttentionBackend) -> None:
     """Swap ``model``'s layers (on ``device`` in ``dtype``) for the device's implementations, in place."""
     if device.type == "cpu":
         use_cpu_layers(model, cpu_kernels_for(device, dtype), backend)
@@ -35,7 +36,7 @@ def use_device_layers(model: nn.Module, device: torch.device, dtype: torch.dtype
         use_triton_layers(model)
 
 
-def use_cpu_layers(model: nn.Module, kernels: bool, backend) -> None:
+def use_cpu_layers(model: nn.Module, kernels: bool, backend: AttentionBackend) -> None:
     """The CPU's layers; ``kernels``: the C++ kernels serve the model's dtype here."""
     from clex_serve.kernels.cpu_decode_layer import CpuLlamaDecoderLayer
     from clex_serve.kernels.cpu_layers import CpuRMSNorm, CpuSiluAndMul

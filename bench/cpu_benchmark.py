@@ -34,6 +34,7 @@ from decode_benchmark import (RATIO_LEGEND, concurrency_run, engine_decode_rate,
                               print_table, prompt_ids, ratio_rows)
 
 from clex_serve import LLM, SamplingParams  # noqa: E402
+from clex_serve.kernels.cpu_linear import CpuLinear  # noqa: E402
 
 BASE_WINDOW = 512
 CONTEXTS = (200, 3000, 7000)
@@ -57,9 +58,9 @@ def weight_bytes(llm: LLM) -> int:
     is read); a linear layer prepared for the CPU counts the layout one row reads (blocked, else oneDNN's)."""
     total = 0
     for name, module in llm.engine.worker.runner.model.named_modules():
-        prepared = getattr(module, "blocked_weight", None)
-        if prepared is None:
-            prepared = getattr(module, "packed_weight", None)
+        prepared = None
+        if isinstance(module, CpuLinear):
+            prepared = module.blocked_weight if module.blocked_weight is not None else module.packed_weight
         if prepared is not None:
             total += prepared.numel() * prepared.element_size()
         for param_name, param in module.named_parameters(recurse=False):

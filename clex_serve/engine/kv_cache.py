@@ -5,11 +5,11 @@ Layout ``[layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]``: a block o
 For attention that reads runs of consecutive slots in place (``attention.cpu``, whose ``cache_layout``
 says so), the pool is head-major instead, ``[layers, 2, kv_heads, blocks * block_size, head_dim]``: a run
 of slots is then one contiguous stretch per head, which the fused CPU attention reads about 1.7x faster
-than the same keys strided across heads. Either way ``flat_keys`` / ``flat_slots`` give a ``[slots, kv_heads, head_dim]`` view,
-and slot ``block * block_size + offset`` means the same. Keys are stored rotated with the scale of their
-sequence (see ``cache_rotation``); there is exactly one K and one V per token and layer. One block more
-than the block manager hands out is kept as the padding block: rows that pad a CUDA graph's batch write
-their K/V there and read only it, so they never touch a sequence's blocks.
+than the same keys strided across heads. Either way ``flat_keys`` / ``flat_slots`` give a
+``[slots, kv_heads, head_dim]`` view, and slot ``block * block_size + offset`` means the same. Keys are stored
+rotated with the scale of their sequence (see ``cache_rotation``); there is exactly one K and one V per token
+and layer. One block more than the block manager hands out is kept as the padding block: rows that pad a
+CUDA graph's batch write their K/V there and read only it, so they never touch a sequence's blocks.
 """
 
 from __future__ import annotations

@@ -89,8 +89,8 @@ class ModelRunner:
         self.config = loaded.config
         self.device = loaded.device
         self.dtype = loaded.dtype
-        self.backend: AttentionBackend = get_attention_backend(attention_backend, self.device, self.config.sliding_window,
-                                             self.dtype)
+        self.backend: AttentionBackend = get_attention_backend(attention_backend, self.device,
+                                                               self.config.sliding_window, self.dtype)
         use_device_layers(self.model, self.device, self.dtype, self.backend)
         self.block_size = block_size or default_block_size(self.backend)
         self.rope = self.model.rotary_emb

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from clex_serve.engine.sampler import Sampler  # noqa: E402
-from clex_serve.engine.sequence import Sequence  # noqa: E402
+from clex_serve.engine.worker.sampler import Sampler  # noqa: E402
+from clex_serve.engine.core.sequence import Sequence  # noqa: E402
 from clex_serve.sampling_params import SamplingParams  # noqa: E402
 
 PARAMS = SamplingParams(temperature=0.8, repetition_penalty=1.1, presence_penalty=0.3,

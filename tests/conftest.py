@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from clex_serve.loading.loader import load_model
-from clex_serve.engine.model_runner import ModelRunner, SequenceStep
+from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
 
 FIXTURES = Path(__file__).parent / "fixtures" / "clex_reference"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -77,7 +77,7 @@ def batched_decode_logits(runner, tokens: list[int], prompt_lens: list[int], ste
     on interleaved block tables. Returns (logits [steps, sequences, vocab] on the CPU, final scales)."""
     import torch
 
-    from clex_serve.engine.model_runner import SequenceStep
+    from clex_serve.engine.worker.model_runner import SequenceStep
 
     count = len(prompt_lens)
     tables = [list(range(i, runner.kv_cache.num_blocks, count)) for i in range(count)]

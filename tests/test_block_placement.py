@@ -8,8 +8,8 @@ import pytest
 from clex_serve import SamplingParams
 from clex_serve.attention.cache_layout import PAGED, RUNS
 from clex_serve.attention.segments import contiguous_runs
-from clex_serve.engine.block_manager import BlockManager
-from clex_serve.engine.sequence import Sequence
+from clex_serve.engine.core.block_manager import BlockManager
+from clex_serve.engine.core.sequence import Sequence
 
 
 def _seq(seq_id: int, length: int) -> Sequence:
@@ -83,7 +83,7 @@ def test_the_runs_kept_with_each_table_follow_every_change_to_it(contiguous):
     order: each sequence's kept runs are always those of its table, and the slot runs made from them are
     what a full scan of the table gives, for any number of tokens."""
     from clex_serve.attention.segments import slot_runs
-    from clex_serve.engine.block_manager import PrefixKey, block_runs
+    from clex_serve.engine.core.block_manager import PrefixKey, block_runs
 
     rng = random.Random(0)
     manager = BlockManager(num_blocks=400, block_size=4, enable_prefix_caching=True,

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from clex_serve import LLM, SamplingParams
-from clex_serve.engine.sampler import Sampler
-from clex_serve.engine.sequence import Sequence
+from clex_serve.engine.worker.sampler import Sampler
+from clex_serve.engine.core.sequence import Sequence
 from clex_serve.text.chat_template import VICUNA_SYSTEM, VICUNA_TEMPLATE, render_chat
 from engine_helpers import byte_level_tokenizer, model_with_tokenizer
 

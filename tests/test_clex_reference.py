@@ -80,7 +80,7 @@ def test_batch_of_sequences_at_different_scales(device, reference_runner):
     the logits it gets alone, and the two with golden references match them. The first crosses from scale 1
     to 2 during the decode steps (on CUDA, between replays of the same captured graph)."""
     from clex_serve.loading.loader import load_model
-    from clex_serve.engine.model_runner import ModelRunner, SequenceStep
+    from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
 
     name = "llama_logscale"
     cases = reference_cases(name)

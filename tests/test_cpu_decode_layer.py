@@ -4,7 +4,7 @@ checkpoints, float32 and bfloat16, across scale changes and with the log scale),
 import pytest
 import torch
 
-from clex_serve.engine.model_runner import ModelRunner
+from clex_serve.engine.worker.model_runner import ModelRunner
 from clex_serve.kernels import cpu_ops
 from clex_serve.kernels.cpu_decode_layer import CpuLlamaDecoderLayer
 from clex_serve.kernels.cpu_extension import cpu_kernels_available

@@ -105,7 +105,7 @@ def test_penalties_kernel_equals_the_pytorch_formulation(monkeypatch):
     """Repetition, presence and frequency penalties in one C++ pass give the PyTorch path's logits bit for bit,
     for a batch mixing rows without penalties, each penalty alone and all together, over two steps."""
     from clex_serve.engine import penalties as penalties_module
-    from clex_serve.engine.sequence import Sequence
+    from clex_serve.engine.core.sequence import Sequence
     from clex_serve.sampling_params import SamplingParams
 
     vocab, generator = 500, torch.Generator().manual_seed(3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clex_serve.loading.loader import load_model
-from clex_serve.engine.model_runner import ModelRunner
+from clex_serve.engine.worker.model_runner import ModelRunner
 from attention_helpers import reference_attention
 from engine_helpers import batched_decode_logits
 from conftest import FIXTURES, REFERENCE_MODELS, SingleSequence, reference_cases, requires_cuda

@@ -100,7 +100,7 @@ def test_seeded_request_is_reproducible_inside_a_busy_batch(engines):
 def test_tiny_kv_pool_preempts_and_keeps_greedy_outputs(name, engines):
     # 40 blocks of 4 = 160 slots: one sequence at the 128-token limit fits, four cannot run together.
     from clex_serve.config import ModelConfig
-    from clex_serve.engine.kv_cache import bytes_per_block
+    from clex_serve.engine.worker.kv_cache import bytes_per_block
     from conftest import FIXTURES
 
     per_block = bytes_per_block(ModelConfig.from_file(FIXTURES / name / "config.json"), 4, torch.float32)
@@ -210,7 +210,7 @@ def test_copy_on_write_blocks_are_reserved_when_planned(engines, monkeypatch):
     block: the first sequence's copies are taken as its chunk is planned, the third is preempted instead
     of the step running out of blocks, and every output is the golden greedy one."""
     from clex_serve.config import ModelConfig
-    from clex_serve.engine.kv_cache import bytes_per_block
+    from clex_serve.engine.worker.kv_cache import bytes_per_block
     from conftest import FIXTURES
 
     name = "llama"

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from clex_serve import SamplingParams
-from clex_serve.engine.block_manager import BlockManager, PrefixKey
+from clex_serve.engine.core.block_manager import BlockManager, PrefixKey
 from clex_serve.text.detokenizer import IncrementalDetokenizer
-from clex_serve.engine.scheduler import Scheduler, SchedulerConfig
-from clex_serve.engine.sequence import Sequence
-from clex_serve.engine.sampler import Sampler
+from clex_serve.engine.core.scheduler import Scheduler, SchedulerConfig
+from clex_serve.engine.core.sequence import Sequence
+from clex_serve.engine.worker.sampler import Sampler
 from engine_helpers import TRAINING_TEXT, byte_level_tokenizer, sentencepiece_style_tokenizer
 
 

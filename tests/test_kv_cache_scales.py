@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import clex_serve.engine.cache_rotation as cache_rotation
+import clex_serve.engine.worker.cache_rotation as cache_rotation
 from clex_serve.loading.loader import load_model
-from clex_serve.engine.model_runner import ModelRunner
+from clex_serve.engine.worker.model_runner import ModelRunner
 from clex_serve.layers.rotary import apply_rotary
 from conftest import FIXTURES, SingleSequence, reference_cases
 
@@ -73,7 +73,7 @@ def test_decode_rerotates_once_per_scale_change_and_rotates_only_new_tokens(monk
 def test_sequences_changing_scale_in_one_step_are_rerotated_together(monkeypatch, head_major):
     """One batched pass for every sequence that crosses a boundary in the step (a delta-rotation table for all
     their keys), equal to re-rotating them one by one, in either pool layout."""
-    from clex_serve.engine.kv_cache import KVCachePool
+    from clex_serve.engine.worker.kv_cache import KVCachePool
 
     runner = _runner("llama", num_blocks=16)
     rope = runner.rope
@@ -98,7 +98,7 @@ def test_sequences_changing_scale_in_one_step_are_rerotated_together(monkeypatch
 
 @pytest.mark.parametrize("head_major", [False, True])
 def test_block_copies_and_slots_mean_the_same_in_both_layouts(head_major):
-    from clex_serve.engine.kv_cache import KVCachePool
+    from clex_serve.engine.worker.kv_cache import KVCachePool
 
     config = load_model(FIXTURES / "llama", dtype="float32", device="cpu", show_progress=False).config
     pool = KVCachePool(config, num_blocks=6, block_size=4, dtype=torch.float32, device=torch.device("cpu"),

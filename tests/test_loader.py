@@ -21,7 +21,7 @@ def _copy_fixture(name, tmp_path):
 
 
 def _first_logits(folder, **kwargs):
-    from clex_serve.engine.model_runner import ModelRunner, SequenceStep
+    from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
     loaded = load_model(folder, device="cpu", show_progress=False, **kwargs)
     runner = ModelRunner(loaded, num_blocks=4, block_size=16)
     return runner.execute([SequenceStep([3, 5, 7, 11], 0, [0], scale=runner.rope.scale_for_length(4))]).last_logits[0]

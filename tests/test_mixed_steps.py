@@ -10,10 +10,10 @@ import torch
 
 from clex_serve import LLM, SamplingParams
 from clex_serve.config import ModelConfig
-from clex_serve.engine.block_manager import BlockManager, PrefixKey
-from clex_serve.engine.kv_cache import bytes_per_block
-from clex_serve.engine.scheduler import Scheduler, SchedulerConfig
-from clex_serve.engine.sequence import Sequence
+from clex_serve.engine.core.block_manager import BlockManager, PrefixKey
+from clex_serve.engine.worker.kv_cache import bytes_per_block
+from clex_serve.engine.core.scheduler import Scheduler, SchedulerConfig
+from clex_serve.engine.core.sequence import Sequence
 from conftest import FIXTURES, reference_cases, requires_cuda
 from engine_helpers import model_with_tokenizer
 

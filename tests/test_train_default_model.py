@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from clex_serve.assets import DEFAULT_MODEL_PATH
 from clex_serve.loading.loader import load_model
-from clex_serve.engine.model_runner import ModelRunner, SequenceStep
+from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
 
 
 def test_default_model_is_a_clex_llama_with_a_2048_token_limit():

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from clex_serve.loading.loader import load_model
-from clex_serve.engine.model_runner import ModelRunner, SequenceStep
+from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
 from clex_serve.train.export import export_model
 from clex_serve.train.model import ModelShape, build_model, rotary_of
 

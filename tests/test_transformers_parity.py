@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from clex_serve.loading.loader import load_model
-from clex_serve.engine.model_runner import ModelRunner
+from clex_serve.engine.worker.model_runner import ModelRunner
 from conftest import DEVICES, FIXTURES, REFERENCE_MODELS, SingleSequence, reference_cases
 
 TOLERANCE = 1e-4

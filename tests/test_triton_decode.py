@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from clex_serve.loading.loader import load_model
-from clex_serve.engine.model_runner import ModelRunner
+from clex_serve.engine.worker.model_runner import ModelRunner
 from clex_serve.kernels.device_layers import use_triton_layers
 from attention_helpers import reference_attention
 from engine_helpers import batched_decode_logits

@@ -6,7 +6,7 @@ import argparse
 
 from clex_serve.attention.selector import BACKENDS
 from clex_serve.engine.engine_config import EngineConfig
-from clex_serve.engine.scheduler import SchedulerConfig
+from clex_serve.engine.core.scheduler import SchedulerConfig
 from clex_serve.loading.loader import LOAD_FORMATS
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from clex_serve.config import ModelConfig
-from clex_serve.engine.kv_cache import bytes_per_block
+from clex_serve.engine.worker.kv_cache import bytes_per_block
 
 GIB = 1 << 30
 

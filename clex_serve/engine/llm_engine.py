@@ -12,19 +12,19 @@ import time
 
 import torch
 
-from clex_serve.engine.block_manager import BlockManager, PrefixKey
+from clex_serve.engine.core.block_manager import BlockManager, PrefixKey
 from clex_serve.engine.engine_config import EngineConfig, default_prefill_tokens_with_decodes, num_kv_blocks
 from clex_serve.engine.errors import QueueFullError
 from clex_serve.engine.input_processor import InputProcessor, ProcessedPrompt
-from clex_serve.engine.model_runner import ModelRunner
+from clex_serve.engine.worker.model_runner import ModelRunner
 from clex_serve.engine.output_processor import OutputProcessor
 from clex_serve.engine.outputs import RequestMetrics, RequestOutput
-from clex_serve.engine.request import Request
-from clex_serve.engine.sampler import Sampler
-from clex_serve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from clex_serve.engine.sequence import Sequence
+from clex_serve.engine.core.request import Request
+from clex_serve.engine.worker.sampler import Sampler
+from clex_serve.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from clex_serve.engine.core.sequence import Sequence
 from clex_serve.engine.stats import EngineStats
-from clex_serve.engine.worker import Worker
+from clex_serve.engine.worker.worker import Worker
 from clex_serve.loading.loader import load_model
 from clex_serve.loading.tokenizer_fit import check_tokenizer_fits
 from clex_serve.loading.model_source import resolve_model_path

@@ -12,9 +12,9 @@ import dataclasses
 import time
 
 from clex_serve.engine.outputs import CompletionOutput, RequestOutput
-from clex_serve.engine.request import Request
-from clex_serve.engine.sampler import SampledToken
-from clex_serve.engine.sequence import Logprob, Sequence
+from clex_serve.engine.core.request import Request
+from clex_serve.engine.worker.sampler import SampledToken
+from clex_serve.engine.core.sequence import Logprob, Sequence
 from clex_serve.sampling_params import RequestOutputKind
 from clex_serve.text.stop_checker import find_stop_string, visible_length
 

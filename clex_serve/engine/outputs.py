@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from clex_serve.engine.sequence import Logprob
+from clex_serve.engine.core.sequence import Logprob
 from clex_serve.sampling_params import RequestOutputKind
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from clex_serve.loading.loader import load_model
-from clex_serve.engine.model_runner import ModelRunner, SequenceStep
+from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
 
 BLOCK_SIZE = 16
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from clex_serve.engine.penalties import PenaltyState
-from clex_serve.engine.sequence import Logprob, Sequence
+from clex_serve.engine.worker.penalties import PenaltyState
+from clex_serve.engine.core.sequence import Logprob, Sequence
 from clex_serve.kernels import cpu_ops
 from clex_serve.kernels.cpu_extension import cpu_kernels_for
 

@@ -17,9 +17,9 @@ from clex_serve.attention.backend import AttentionBackend
 from clex_serve.attention.cache_layout import CacheLayout
 from clex_serve.attention.metadata import AttentionMetadata
 from clex_serve.attention.selector import default_block_size, get_attention_backend
-from clex_serve.engine.cache_rotation import Rerotation, rerotate_all
-from clex_serve.engine.cuda_graphs import DecodeCudaGraphs
-from clex_serve.engine.kv_cache import KVCachePool
+from clex_serve.engine.worker.cache_rotation import Rerotation, rerotate_all
+from clex_serve.engine.worker.cuda_graphs import DecodeCudaGraphs
+from clex_serve.engine.worker.kv_cache import KVCachePool
 from clex_serve.kernels.device_layers import use_device_layers
 from clex_serve.loading.loader import LoadedModel
 

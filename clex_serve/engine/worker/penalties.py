@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from clex_serve.engine.sequence import Sequence
+from clex_serve.engine.core.sequence import Sequence
 from clex_serve.kernels import cpu_ops
 
 

@@ -37,8 +37,8 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-from clex_serve.engine.block_manager import BlockManager
-from clex_serve.engine.sequence import Sequence, SequenceStatus
+from clex_serve.engine.core.block_manager import BlockManager
+from clex_serve.engine.core.sequence import Sequence, SequenceStatus
 from clex_serve.text.stop_checker import token_stop
 
 

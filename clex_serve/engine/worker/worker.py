@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clex_serve.engine.model_runner import ModelRunner, SequenceStep
-from clex_serve.engine.sampler import SampledToken, Sampler, token_logprobs
-from clex_serve.engine.scheduler import ScheduledChunk, SchedulerOutput
-from clex_serve.engine.sequence import Logprob, Sequence
+from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
+from clex_serve.engine.worker.sampler import SampledToken, Sampler, token_logprobs
+from clex_serve.engine.core.scheduler import ScheduledChunk, SchedulerOutput
+from clex_serve.engine.core.sequence import Logprob, Sequence
 
 # Rows of prompt logits materialised at once when computing prompt logprobs: [tokens, vocab] logits of a
 # long prompt do not fit in memory at once.

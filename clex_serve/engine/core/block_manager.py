@@ -18,7 +18,7 @@ from collections.abc import Hashable
 from typing import NamedTuple
 
 from clex_serve.attention.cache_layout import PAGED, CacheLayout
-from clex_serve.engine.sequence import Sequence
+from clex_serve.engine.core.sequence import Sequence
 
 
 def block_runs(block_table: list[int]) -> list[list[int]]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from clex_serve.attention.metadata import AttentionMetadata
-from clex_serve.engine.kv_cache import KVCachePool
+from clex_serve.engine.worker.kv_cache import KVCachePool
 from clex_serve.models.base import CausalLM
 
 

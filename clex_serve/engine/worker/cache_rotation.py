@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from clex_serve.attention.metadata import cache_slot
-from clex_serve.engine.kv_cache import KVCachePool
+from clex_serve.engine.worker.kv_cache import KVCachePool
 from clex_serve.layers.rotary import RotaryEmbedding
 from clex_serve.layers.rotary.base import rotate_half
 

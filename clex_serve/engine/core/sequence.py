@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from clex_serve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the core holds a seeded request's generator for the worker, without importing torch
+    import torch
 
 
 class SequenceStatus(enum.Enum):

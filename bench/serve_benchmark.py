@@ -18,10 +18,7 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,40 +27,11 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from bench_model import build  # noqa: E402
+from helpers.servers import free_port, healthy_process  # noqa: E402 - the tests' server start, shared
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start(command: list[str], url: str, timeout: float = 300) -> subprocess.Popen:
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{command[0]} exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"{' '.join(command)} did not become healthy")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
@@ -105,8 +73,7 @@ def measure(name: str, command: list[str], url: str, model: str, streams: list[i
             extra: dict) -> dict:
     """``extra``: body fields only this server knows (clex-serve's ``ignore_eos``; with random weights EOS is
     rare either way, and the tokens actually received are what is counted)."""
-    process = start(command, url)
-    try:
+    with healthy_process(command, url, env={"TOKENIZERS_PARALLELISM": "false"}):
         asyncio.run(load(url, model, 1, 8, 0, extra))  # warm up
         results = {}
         for count in streams:
@@ -116,8 +83,6 @@ def measure(name: str, command: list[str], url: str, model: str, streams: list[i
                   f"{row['ttft_p50'] * 1000:.0f} ms, p99 {row['ttft_p99'] * 1000:.0f} ms ({row['tokens']} tokens)",
                   flush=True)
         return results
-    finally:
-        stop(process)
 
 
 def main() -> None:

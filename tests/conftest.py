@@ -1,51 +1,22 @@
-import json
+"""Shared fixtures, and the markers' effects: ``cuda`` tests skip where there is no CUDA device."""
+
 import os
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 if not torch.cuda.is_available():
     # Triton kernels run in Triton's CPU interpreter here; must be set before triton is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from clex_serve.loading.loader import load_model
-from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
-
-FIXTURES = Path(__file__).parent / "fixtures" / "clex_reference"
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-# Parity tests run on every device this machine has; float32 on each, with the same bounds.
-DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
-MANIFEST = json.loads((FIXTURES / "MANIFEST.json").read_text())
-REFERENCE_MODELS = sorted(MANIFEST["models"])
+from clex_serve.engine.worker.model_runner import ModelRunner  # noqa: E402
+from clex_serve.loading.loader import load_model  # noqa: E402
+from helpers.reference import FIXTURES  # noqa: E402
 
 
-def reference_cases(name: str) -> dict[str, torch.Tensor]:
-    return load_file(str(FIXTURES / name / "cases.safetensors"))
-
-
-class SingleSequence:
-    """Drives the model runner for one sequence, with a deliberately scattered block table."""
-
-    def __init__(self, runner: ModelRunner, max_len: int) -> None:
-        self.runner = runner
-        blocks_needed = -(-max_len // runner.block_size)
-        # Non-contiguous, descending blocks: positions must go through the block table to be found.
-        num_blocks = runner.kv_cache.num_blocks
-        scattered = list(range(num_blocks - 1, -1, -2)) + list(range(num_blocks - 2, -1, -2))
-        self.block_table = scattered[:blocks_needed]
-        assert len(self.block_table) == blocks_needed, "test pool too small"
-        self.num_cached = 0
-        self.scale = 1
-
-    def feed(self, token_ids: list[int], all_logits: bool = False):
-        scale = self.runner.rope.scale_for_length(self.num_cached + len(token_ids))
-        step = SequenceStep(token_ids, self.num_cached, self.block_table, self.scale, all_logits, scale=scale)
-        result = self.runner.execute([step])
-        self.num_cached += len(token_ids)
-        self.scale = scale
-        return result
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
 
 
 @pytest.fixture(scope="session")

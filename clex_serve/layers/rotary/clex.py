@@ -11,6 +11,11 @@ from clex_serve.layers.rotary.base import RotaryEmbedding
 from clex_serve.layers.rotary.clex_ode import ClexODE
 
 
+
+def clex_scale_for_length(seq_len: int, base_window: int, max_factor: int) -> int:
+    """CLEX's scale schedule: t(L) = min(ceil(L / L0), max_factor), at least 1."""
+    return max(1, min(math.ceil(seq_len / base_window), max_factor))
+
 class ClexRotaryEmbedding(RotaryEmbedding):
     """Scale ``t(L) = min(ceil(L / L0), max_factor)``; ``t == 1`` is exactly the base ``inv_freq``.
 
@@ -30,7 +35,7 @@ class ClexRotaryEmbedding(RotaryEmbedding):
         )
 
     def scale_for_length(self, seq_len: int) -> int:
-        return max(1, min(math.ceil(seq_len / self.max_position_embeddings), self.max_factor))
+        return clex_scale_for_length(seq_len, self.max_position_embeddings, self.max_factor)
 
     def inv_freq_for_scale(self, scale: int) -> torch.Tensor:
         return self.scaled_inv_freq[scale - 1]

@@ -1,0 +1,1 @@
+"""What the tests share: reference checkpoints, small models and tokenizers, servers on loopback."""

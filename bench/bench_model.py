@@ -20,14 +20,27 @@ BASE_WINDOW = 256
 MAX_FACTOR = 16
 
 
-def build(folder: Path, seed: int = 0, base_window: int = BASE_WINDOW, num_layers: int = 8,
-          hidden: int = 512, vocab: int = VOCAB) -> tuple[Path, Path]:
+def build(
+    folder: Path,
+    seed: int = 0,
+    base_window: int = BASE_WINDOW,
+    num_layers: int = 8,
+    hidden: int = 512,
+    vocab: int = VOCAB,
+) -> tuple[Path, Path]:
     """Write the plain and the CLEX variants; returns their folders. The defaults are the 58M shape."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                         num_hidden_layers=num_layers, num_attention_heads=hidden // 64,
-                         num_key_value_heads=hidden // 64, max_position_embeddings=base_window,
-                         bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=base_window,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = LlamaForCausalLM(config)
     plain = folder / "plain"
     model.save_pretrained(plain)
@@ -40,15 +53,21 @@ def build(folder: Path, seed: int = 0, base_window: int = BASE_WINDOW, num_layer
             (clex / file.name).write_bytes(file.read_bytes())
     raw = json.loads((plain / "config.json").read_text())
     raw.pop("rope_parameters", None)
-    raw.update(rope_theta=10000.0, log_scale=False,
-               rope_scaling={"type": "clex", "max_factor": MAX_FACTOR, "param_factor": 1, "act": "silu"})
+    raw.update(
+        rope_theta=10000.0,
+        log_scale=False,
+        rope_scaling={"type": "clex", "max_factor": MAX_FACTOR, "param_factor": 1, "act": "silu"},
+    )
     (clex / "config.json").write_text(json.dumps(raw, indent=2))
     from safetensors.torch import load_file, save_file
+
     weights = load_file(str(plain / "model.safetensors"))
     head_dim = 64
     generator = torch.Generator().manual_seed(seed + 1)
     weights["model.clex_layer.proj_func.ode_up_proj"] = torch.randn(head_dim // 2, head_dim, generator=generator) * 0.1
-    weights["model.clex_layer.proj_func.ode_down_proj"] = torch.randn(head_dim, head_dim // 2, generator=generator) * 0.1
+    weights["model.clex_layer.proj_func.ode_down_proj"] = (
+        torch.randn(head_dim, head_dim // 2, generator=generator) * 0.1
+    )
     save_file(weights, str(clex / "model.safetensors"), metadata={"format": "pt"})
     return plain, clex
 
@@ -65,6 +84,11 @@ def write_tokenizer(folder: Path, vocab_size: int = VOCAB) -> None:
 
 def parameter_count(folder: Path) -> int:
     from safetensors import safe_open
+
     with safe_open(str(folder / "model.safetensors"), framework="pt") as reader:
-        return sum(reader.get_slice(name).get_shape().numel() if hasattr(reader.get_slice(name).get_shape(), "numel")
-                   else int(torch.tensor(reader.get_slice(name).get_shape()).prod()) for name in reader.keys())
+        return sum(
+            reader.get_slice(name).get_shape().numel()
+            if hasattr(reader.get_slice(name).get_shape(), "numel")
+            else int(torch.tensor(reader.get_slice(name).get_shape()).prod())
+            for name in reader.keys()
+        )

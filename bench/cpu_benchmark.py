@@ -30,8 +30,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_model import build  # noqa: E402
-from decode_benchmark import (RATIO_LEGEND, concurrency_run, engine_decode_rate, median_rates,  # noqa: E402
-                              print_table, prompt_ids, ratio_rows)
+from decode_benchmark import (  # noqa: E402
+    RATIO_LEGEND,
+    concurrency_run,
+    engine_decode_rate,
+    median_rates,
+    print_table,
+    prompt_ids,
+    ratio_rows,
+)
 
 from clex_serve import LLM, SamplingParams  # noqa: E402
 from clex_serve.kernels.cpu_linear import CpuLinear  # noqa: E402
@@ -84,14 +91,24 @@ def single_stream_table(clex: Path, bandwidth: float, new_tokens: int) -> None:
     rates: dict[tuple[str, int], float] = {}
     rows: list[tuple[int, str, float, int, int]] = []
     bandwidths = [bandwidth]
-    engines = {dtype: LLM(str(clex), dtype=dtype, device="cpu", show_progress=False, max_model_len=BASE_WINDOW * 16,
-                          kv_cache_memory_gib=1.0) for dtype in DTYPES}
+    engines = {
+        dtype: LLM(
+            str(clex),
+            dtype=dtype,
+            device="cpu",
+            show_progress=False,
+            max_model_len=BASE_WINDOW * 16,
+            kv_cache_memory_gib=1.0,
+        )
+        for dtype in DTYPES
+    }
     for llm in engines.values():
         engine_decode_rate(llm, 32, 8)  # warm up
     for context in CONTEXTS:
         bandwidths.append(read_bandwidth())
-        measured = median_rates(*(lambda llm=llm: engine_decode_rate(llm, context, new_tokens)
-                                  for llm in engines.values()))
+        measured = median_rates(
+            *(lambda llm=llm, context=context: engine_decode_rate(llm, context, new_tokens) for llm in engines.values())
+        )
         for (dtype, llm), rate in zip(engines.items(), measured):
             rates[dtype, context] = rate
             kv = kv_bytes_per_token(llm) * (context + new_tokens // 2)
@@ -99,16 +116,22 @@ def single_stream_table(clex: Path, bandwidth: float, new_tokens: int) -> None:
     del engines
     rows.sort(key=lambda row: DTYPES.index(row[1]))
     yardstick = max(bandwidths)
-    print(f"\nread bandwidth over the table: {min(bandwidths) / 1e9:.1f}-{yardstick / 1e9:.1f} GB/s in "
-          f"{len(bandwidths)} measurements; fractions of the highest")
+    print(
+        f"\nread bandwidth over the table: {min(bandwidths) / 1e9:.1f}-{yardstick / 1e9:.1f} GB/s in "
+        f"{len(bandwidths)} measurements; fractions of the highest"
+    )
     print("| context | dtype | tok/s | MB read per token (weights + KV) | effective GB/s | fraction of measured |")
     print("| --- | --- | --- | --- | --- | --- |")
     for context, dtype, rate, weights, kv in rows:
         effective = (weights + kv) * rate
-        print(f"| {context} | {dtype} | {rate:.1f} | {weights / 1e6:.0f} + {kv / 1e6:.0f} | "
-              f"{effective / 1e9:.1f} | {effective / yardstick:.2f} |")
-    print("\nbfloat16 / float32 tokens/s: " + ", ".join(
-        f"{context}: {rates['bfloat16', context] / rates['float32', context]:.2f}" for context in CONTEXTS))
+        print(
+            f"| {context} | {dtype} | {rate:.1f} | {weights / 1e6:.0f} + {kv / 1e6:.0f} | "
+            f"{effective / 1e9:.1f} | {effective / yardstick:.2f} |"
+        )
+    print(
+        "\nbfloat16 / float32 tokens/s: "
+        + ", ".join(f"{context}: {rates['bfloat16', context] / rates['float32', context]:.2f}" for context in CONTEXTS)
+    )
 
 
 def stream_latencies(llm: LLM, arrivals: int, arrival_len: int, streams: int = 8) -> list[float]:
@@ -124,9 +147,11 @@ def stream_latencies(llm: LLM, arrivals: int, arrival_len: int, streams: int = 8
     for _ in range(4):
         engine.step()  # settled: every stream decoding
     for index in range(arrivals):
-        engine.add_request({"prompt_token_ids": prompt_ids(arrival_len, 300 + index)},
-                           SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
-                           request_id=f"arrival-{index}")
+        engine.add_request(
+            {"prompt_token_ids": prompt_ids(arrival_len, 300 + index)},
+            SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+            request_id=f"arrival-{index}",
+        )
     last_token_time: dict[str, float] = {}
     gaps: list[float] = []
     steps = 0
@@ -150,8 +175,15 @@ def stream_latencies(llm: LLM, arrivals: int, arrival_len: int, streams: int = 8
 
 
 def arrivals_table(clex: Path, token_budget: int | None) -> None:
-    llm = LLM(str(clex), dtype="float32", device="cpu", show_progress=False, max_model_len=BASE_WINDOW * 16,
-              kv_cache_memory_gib=2.0, max_prefill_tokens_with_decodes=token_budget)
+    llm = LLM(
+        str(clex),
+        dtype="float32",
+        device="cpu",
+        show_progress=False,
+        max_model_len=BASE_WINDOW * 16,
+        kv_cache_memory_gib=2.0,
+        max_prefill_tokens_with_decodes=token_budget,
+    )
     budget = llm.engine.scheduler.config.max_prefill_tokens_with_decodes
     start = time.perf_counter()
     disturbed = stream_latencies(llm, 4, 6000)
@@ -163,21 +195,32 @@ def arrivals_table(clex: Path, token_budget: int | None) -> None:
         return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000
 
     quiet_p50 = percentile(quiet, 0.5)
-    print(f"\n8 streams decoding, float32, {budget} prompt tokens per step beside decodes; 4 prompts of 6,000 "
-          f"tokens arrive ({steps} steps, {window:.0f} s until all are computed)")
+    print(
+        f"\n8 streams decoding, float32, {budget} prompt tokens per step beside decodes; 4 prompts of 6,000 "
+        f"tokens arrive ({steps} steps, {window:.0f} s until all are computed)"
+    )
     print("| window | ITL p50 ms | ITL p99 ms | p99 / undisturbed p50 |\n| --- | --- | --- | --- |")
-    print(f"| no arrivals | {quiet_p50:.1f} | {percentile(quiet, 0.99):.1f} | "
-          f"{percentile(quiet, 0.99) / quiet_p50:.2f} |")
-    print(f"| 4 arrivals of 6,000 tokens | {percentile(disturbed, 0.5):.1f} | {percentile(disturbed, 0.99):.1f} | "
-          f"{percentile(disturbed, 0.99) / quiet_p50:.2f} |")
+    print(
+        f"| no arrivals | {quiet_p50:.1f} | {percentile(quiet, 0.99):.1f} | {percentile(quiet, 0.99) / quiet_p50:.2f} |"
+    )
+    print(
+        f"| 4 arrivals of 6,000 tokens | {percentile(disturbed, 0.5):.1f} | {percentile(disturbed, 0.99):.1f} | "
+        f"{percentile(disturbed, 0.99) / quiet_p50:.2f} |"
+    )
 
 
 def host_time_per_step(folder: Path, streams: int = 64, new_tokens: int = 256) -> None:
     """Step wall time minus the model's forward and logits, with ``streams`` greedy streams on a 2-layer model; early
     steps (short contexts) against late ones, which shows whether host work grows with the tokens."""
     _, tiny = build(folder / "two_layers", num_layers=2, base_window=BASE_WINDOW)
-    llm = LLM(str(tiny), dtype="float32", device="cpu", show_progress=False, max_model_len=BASE_WINDOW * 16,
-              kv_cache_memory_gib=1.0)
+    llm = LLM(
+        str(tiny),
+        dtype="float32",
+        device="cpu",
+        show_progress=False,
+        max_model_len=BASE_WINDOW * 16,
+        kv_cache_memory_gib=1.0,
+    )
     engine = llm.engine
     model = engine.worker.runner.model
     forward_time = [0.0]
@@ -189,6 +232,7 @@ def host_time_per_step(folder: Path, streams: int = 64, new_tokens: int = 256) -
             result = function(*args, **kwargs)
             forward_time[0] += time.perf_counter() - start
             return result
+
         return run
 
     for name, function in originals.items():
@@ -218,8 +262,14 @@ def host_time_per_step(folder: Path, streams: int = 64, new_tokens: int = 256) -
 
 
 def throughput_table(clex: Path, new_tokens: int) -> None:
-    llm = LLM(str(clex), dtype="float32", device="cpu", show_progress=False, max_model_len=BASE_WINDOW * 16,
-              kv_cache_memory_gib=1.0)
+    llm = LLM(
+        str(clex),
+        dtype="float32",
+        device="cpu",
+        show_progress=False,
+        max_model_len=BASE_WINDOW * 16,
+        kv_cache_memory_gib=1.0,
+    )
     concurrency_run(llm, 1, 64, 8)  # warm up
     print("\n| streams | output tok/s | mean TTFT ms |\n| --- | --- | --- |")
     for streams in (1, 16, 64):
@@ -229,14 +279,25 @@ def throughput_table(clex: Path, new_tokens: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch CPU threads for everything measured, the bandwidth included")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch CPU threads for everything measured, the bandwidth included",
+    )
     parser.add_argument("--new-tokens", type=int, default=48, help="decoded tokens per single-stream run")
-    parser.add_argument("--token-budget", type=int, default=None,
-                        help="max_prefill_tokens_with_decodes for the arrivals part (default: the engine's)")
+    parser.add_argument(
+        "--token-budget",
+        type=int,
+        default=None,
+        help="max_prefill_tokens_with_decodes for the arrivals part (default: the engine's)",
+    )
     parser.add_argument("--skip-ratios", action="store_true", help="leave out the ratios (a)-(d)")
-    parser.add_argument("--only", choices=("single", "arrivals", "host", "throughput", "ratios"),
-                        help="run one part (after the bandwidth)")
+    parser.add_argument(
+        "--only",
+        choices=("single", "arrivals", "host", "throughput", "ratios"),
+        help="run one part (after the bandwidth)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

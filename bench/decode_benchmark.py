@@ -33,8 +33,10 @@ def prompt_ids(length: int, seed: int) -> list[int]:
 def engine_decode_rate(llm: LLM, prompt_len: int, new_tokens: int) -> float:
     """Tokens/s of one stream's decode steps (the prefill step excluded)."""
     engine = llm.engine
-    engine.add_request({"prompt_token_ids": prompt_ids(prompt_len, 1)},
-                       SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    engine.add_request(
+        {"prompt_token_ids": prompt_ids(prompt_len, 1)},
+        SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True),
+    )
     engine.step()  # prefill and first token
     start = time.perf_counter()
     steps = 0
@@ -65,8 +67,14 @@ def transformers_decoder(folder: Path, prompt_len: int, new_tokens: int):
     def run(count: int) -> float:
         start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False,
-                           attention_mask=torch.ones_like(inputs), pad_token_id=0)
+            model.generate(
+                inputs,
+                max_new_tokens=count,
+                min_new_tokens=count,
+                do_sample=False,
+                attention_mask=torch.ones_like(inputs),
+                pad_token_id=0,
+            )
         return time.perf_counter() - start
 
     run(4)  # warm up
@@ -94,30 +102,47 @@ def concurrency_run(llm: LLM, streams: int, prompt_len: int, new_tokens: int) ->
 
 def ratio_rows(plain: Path, clex: Path, base_window: int, new_tokens: int, dtype: str = "float32") -> list[tuple]:
     """The rows (a)-(d): (name, clex-serve figure, baseline figure, ratio)."""
-    engine_args = dict(dtype=dtype, device="cpu", show_progress=False, max_model_len=base_window * 16,
-                       kv_cache_memory_gib=1.0)
+    engine_args = dict(
+        dtype=dtype, device="cpu", show_progress=False, max_model_len=base_window * 16, kv_cache_memory_gib=1.0
+    )
     rows = []
     # The plain model's own limit is the base window; (b) runs it past that, as plain RoPE.
     plain_llm = LLM(str(plain), allow_long_max_model_len=True, **engine_args)
-    ours, theirs = median_rates(lambda: engine_decode_rate(plain_llm, 32, new_tokens),
-                                transformers_decoder(plain, 32, new_tokens))
-    rows.append(("(a) single-stream decode, t = 1", f"{ours:.1f} tok/s", f"transformers {theirs:.1f} tok/s",
-                 ours / theirs))
+    ours, theirs = median_rates(
+        lambda: engine_decode_rate(plain_llm, 32, new_tokens), transformers_decoder(plain, 32, new_tokens)
+    )
+    rows.append(
+        ("(a) single-stream decode, t = 1", f"{ours:.1f} tok/s", f"transformers {theirs:.1f} tok/s", ours / theirs)
+    )
 
     clex_llm = LLM(str(clex), **engine_args)
     # Prompts of 3 base windows: every decode step runs at t = 4
     prompt_len = 3 * base_window + 1
-    clex_rate, rope_rate = median_rates(lambda: engine_decode_rate(clex_llm, prompt_len, new_tokens),
-                                        lambda: engine_decode_rate(plain_llm, prompt_len, new_tokens))
-    rows.append((f"(b) decode from {prompt_len} tokens (CLEX t = 4)", f"{clex_rate:.1f} tok/s",
-                 f"plain RoPE {rope_rate:.1f} tok/s", clex_rate / rope_rate))
+    clex_rate, rope_rate = median_rates(
+        lambda: engine_decode_rate(clex_llm, prompt_len, new_tokens),
+        lambda: engine_decode_rate(plain_llm, prompt_len, new_tokens),
+    )
+    rows.append(
+        (
+            f"(b) decode from {prompt_len} tokens (CLEX t = 4)",
+            f"{clex_rate:.1f} tok/s",
+            f"plain RoPE {rope_rate:.1f} tok/s",
+            clex_rate / rope_rate,
+        )
+    )
 
     throughput = {}
     for streams in (1, 4, 16):
         rate, ttft = concurrency_run(clex_llm, streams, 64, new_tokens)
         throughput[streams] = rate
-        rows.append((f"(c/d) {streams} concurrent streams, CLEX", f"{rate:.1f} out tok/s",
-                     f"TTFT {ttft * 1000:.0f} ms", rate / throughput[1]))
+        rows.append(
+            (
+                f"(c/d) {streams} concurrent streams, CLEX",
+                f"{rate:.1f} out tok/s",
+                f"TTFT {ttft * 1000:.0f} ms",
+                rate / throughput[1],
+            )
+        )
     return rows
 
 
@@ -132,16 +157,19 @@ def print_table(rows: list[tuple]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads for both sides (1 is steady on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads for both sides (1 is steady on a shared machine)"
+    )
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as folder:
         plain, clex = build(Path(folder))
-        print(f"model: Llama, 8 layers, hidden 512, vocab 32000, {parameter_count(plain) / 1e6:.1f}M parameters, "
-              f"float32, CPU threads {args.threads}")
+        print(
+            f"model: Llama, 8 layers, hidden 512, vocab 32000, {parameter_count(plain) / 1e6:.1f}M parameters, "
+            f"float32, CPU threads {args.threads}"
+        )
         rows = ratio_rows(plain, clex, BASE_WINDOW, args.new_tokens)
     print_table(rows)
     print("\n" + RATIO_LEGEND)

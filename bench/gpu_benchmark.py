@@ -36,10 +36,24 @@ from decode_benchmark import concurrency_run  # noqa: E402
 from clex_serve import LLM, SamplingParams  # noqa: E402
 from clex_serve.loading.loader import checkpoint_tensors  # noqa: E402
 
-SHAPE_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-SHAPE_TINY = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=256)
+SHAPE_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+)
+SHAPE_TINY = dict(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=256,
+)
 MAX_FACTOR = 16
 GIB = 1 << 30
 
@@ -66,11 +80,21 @@ def copy_bandwidth(device: torch.device, megabytes: int) -> float:
 
 def write_model(folder: Path, shape: dict, clex: bool) -> Path:
     folder.mkdir(parents=True)
-    raw = dict(architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5, bos_token_id=1,
-               eos_token_id=2, rope_theta=10000.0, tie_word_embeddings=False, **shape)
+    raw = dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        **shape,
+    )
     if clex:
-        raw.update(log_scale=True, rope_scaling={"type": "clex", "max_factor": MAX_FACTOR, "param_factor": 1,
-                                                 "act": "silu", "time_dt": 0.01})
+        raw.update(
+            log_scale=True,
+            rope_scaling={"type": "clex", "max_factor": MAX_FACTOR, "param_factor": 1, "act": "silu", "time_dt": 0.01},
+        )
     else:  # the same weights read as a plain RoPE model with a window as long as CLEX's limit
         raw["max_position_embeddings"] = shape["max_position_embeddings"] * MAX_FACTOR
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
@@ -87,8 +111,10 @@ def decode_rate(llm: LLM, context: int, new_tokens: int) -> float:
     """Tokens/s of one stream's decode steps from ``context - new_tokens`` to ``context`` tokens."""
     engine = llm.engine
     vocab = engine.model_config.vocab_size
-    engine.add_request({"prompt_token_ids": prompt_ids(context - new_tokens, 1, vocab)},
-                       SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    engine.add_request(
+        {"prompt_token_ids": prompt_ids(context - new_tokens, 1, vocab)},
+        SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True),
+    )
     engine.step()  # prefill and first token
     synchronize(engine.device)
     start = time.perf_counter()
@@ -122,8 +148,10 @@ def kernel_profile(llm: LLM, context: int, steps: int = 4) -> str:
 
     engine = llm.engine
     runner = engine.worker.runner
-    engine.add_request({"prompt_token_ids": prompt_ids(context - steps - 1, 2, engine.model_config.vocab_size)},
-                       SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True))
+    engine.add_request(
+        {"prompt_token_ids": prompt_ids(context - steps - 1, 2, engine.model_config.vocab_size)},
+        SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True),
+    )
     engine.step()
     graphs, runner.decode_graphs = runner.decode_graphs, None
     try:
@@ -158,9 +186,14 @@ def transformers_rate(llm: LLM, shape: dict, context: int, new_tokens: int, roun
     from transformers import LlamaConfig, LlamaForCausalLM
 
     device, dtype = llm.engine.device, llm.engine.worker.runner.dtype
-    config = LlamaConfig(**{**shape, "max_position_embeddings": shape["max_position_embeddings"] * MAX_FACTOR},
-                         rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        **{**shape, "max_position_embeddings": shape["max_position_embeddings"] * MAX_FACTOR},
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -178,15 +211,20 @@ def transformers_rate(llm: LLM, shape: dict, context: int, new_tokens: int, roun
         synchronize(device)
         start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False,
-                           attention_mask=torch.ones_like(inputs), pad_token_id=0)
+            model.generate(
+                inputs,
+                max_new_tokens=count,
+                min_new_tokens=count,
+                do_sample=False,
+                attention_mask=torch.ones_like(inputs),
+                pad_token_id=0,
+            )
         synchronize(device)
         return time.perf_counter() - start
 
     seconds(4)  # warm up
     # A one-token generate (prefill and setup) is subtracted so that both sides count decode steps only.
     rates = [(new_tokens - 1) / (seconds(new_tokens) - seconds(1)) for _ in range(rounds)]
-    del model, theirs
     return statistics.median(rates)
 
 
@@ -206,14 +244,24 @@ def kernel_sweep(context: int, shape: dict, bandwidth: float) -> list[tuple[str,
     table = torch.randperm(num_blocks, device="cuda", generator=generator).int()[None]
     lengths = torch.tensor([context], dtype=torch.int32, device="cuda")
     kv_bytes = 2 * context * heads * head_dim * 2
-    variants = [dict(num_splits=32, tile=tile, num_warps=warps, num_stages=stages)
-                for tile in (32, 64, 128) for warps in (4, 8) for stages in (2, 3)]
+    variants = [
+        dict(num_splits=32, tile=tile, num_warps=warps, num_stages=stages)
+        for tile in (32, 64, 128)
+        for warps in (4, 8)
+        for stages in (2, 3)
+    ]
     variants += [dict(num_splits=splits, tile=64, num_warps=4, num_stages=2) for splits in (8, 16, 64)]
     rows = []
     for variant in variants:
         splits = variant.pop("num_splits")
-        millis = do_bench(lambda: paged_decode_attention(q, k_cache, v_cache, table, lengths, splits, **variant),
-                          warmup=25, rep=100, return_mode="median")
+        millis = do_bench(
+            lambda splits=splits, variant=variant: paged_decode_attention(
+                q, k_cache, v_cache, table, lengths, splits, **variant
+            ),
+            warmup=25,
+            rep=100,
+            return_mode="median",
+        )
         label = f"splits {splits}, tile {variant['tile']}, warps {variant['num_warps']}, stages {variant['num_stages']}"
         rows.append((label, millis * 1000, kv_bytes / (millis / 1000) / bandwidth))
     return rows
@@ -234,22 +282,34 @@ def main() -> None:
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     contexts = [int(c) for c in (args.contexts or ("256,2048" if args.tiny else "1024,16384")).split(",")]
     streams = [int(s) for s in args.streams.split(",")]
-    results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                     "dtype": dtype, "shape": shape}
+    results: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": dtype,
+        "shape": shape,
+    }
 
     bandwidth = copy_bandwidth(device, 2048 if device.type == "cuda" else 128)
     results["copy_bandwidth_gb_s"] = bandwidth / 1e9
     print(f"device {results['device']}, {dtype}; copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)", flush=True)
 
     with tempfile.TemporaryDirectory() as folder:
-        engine_args = dict(load_format="dummy", dtype=dtype, device=args.device, show_progress=False,
-                           max_model_len=max(contexts) + 256, max_num_seqs=max(streams),
-                           kv_cache_memory_gib=10.0 if device.type == "cuda" else 1.0)
+        engine_args = dict(
+            load_format="dummy",
+            dtype=dtype,
+            device=args.device,
+            show_progress=False,
+            max_model_len=max(contexts) + 256,
+            max_num_seqs=max(streams),
+            kv_cache_memory_gib=10.0 if device.type == "cuda" else 1.0,
+        )
         started = time.perf_counter()
         clex = LLM(str(write_model(Path(folder) / "clex", shape, clex=True)), **engine_args)
-        print(f"CLEX engine ready in {time.perf_counter() - started:.1f} s (graphs: "
-              f"{clex.engine.worker.runner.decode_graphs is not None}, attention: {clex.engine.worker.runner.backend.name})",
-              flush=True)
+        print(
+            f"CLEX engine ready in {time.perf_counter() - started:.1f} s (graphs: "
+            f"{clex.engine.worker.runner.decode_graphs is not None}, "
+            f"attention: {clex.engine.worker.runner.backend.name})",
+            flush=True,
+        )
         plain = LLM(str(write_model(Path(folder) / "plain", shape, clex=False)), **engine_args)
         parameters = sum(p.numel() for p in clex.engine.worker.runner.model.parameters())
         print(f"model: {parameters / 1e9:.2f}B parameters", flush=True)
@@ -266,14 +326,24 @@ def main() -> None:
             graphs, clex.engine.worker.runner.decode_graphs = clex.engine.worker.runner.decode_graphs, None
             eager = decode_rate(clex, context, args.new_tokens)
             clex.engine.worker.runner.decode_graphs = graphs
-            decode[context] = dict(clex=statistics.median(clex_rates), plain=statistics.median(plain_rates),
-                                   eager=eager, bound=bound, replay_ms=replay, clex_rounds=clex_rates, plain_rounds=plain_rates)
+            decode[context] = dict(
+                clex=statistics.median(clex_rates),
+                plain=statistics.median(plain_rates),
+                eager=eager,
+                bound=bound,
+                replay_ms=replay,
+                clex_rounds=clex_rates,
+                plain_rounds=plain_rates,
+            )
             print(f"context {context}: {decode[context]}", flush=True)
         results["decode"] = decode
 
         if device.type == "cuda":
             try:
-                print(f"\neager batch-1 decode kernels at {contexts[0]} tokens:\n{kernel_profile(clex, contexts[0])}", flush=True)
+                print(
+                    f"\neager batch-1 decode kernels at {contexts[0]} tokens:\n{kernel_profile(clex, contexts[0])}",
+                    flush=True,
+                )
             except Exception as error:  # a diagnostic: the measurements above and below stand without it
                 print(f"(kernel profile failed: {error!r})", flush=True)
 
@@ -288,8 +358,10 @@ def main() -> None:
         throughput = {}
         for count in streams:
             throughput[count] = concurrency_run(clex, count, 128, 128)
-            print(f"{count} streams: {throughput[count][0]:.0f} out tok/s, TTFT {throughput[count][1] * 1000:.0f} ms",
-                  flush=True)
+            print(
+                f"{count} streams: {throughput[count][0]:.0f} out tok/s, TTFT {throughput[count][1] * 1000:.0f} ms",
+                flush=True,
+            )
         results["throughput"] = throughput
 
     sweep = kernel_sweep(max(contexts), shape, bandwidth) if device.type == "cuda" else []
@@ -297,21 +369,33 @@ def main() -> None:
 
     print("\n| measurement | clex-serve | baseline | ratio |\n| --- | --- | --- | --- |")
     for context, row in decode.items():
-        print(f"| batch-1 decode at {context} tokens, CLEX, graphs | {row['clex']:.1f} tok/s | bandwidth bound "
-              f"{row['bound']:.1f} tok/s | {row['clex'] / row['bound']:.2f} |")
-        print(f"| batch-1 decode at {context} tokens, CLEX vs plain RoPE | {row['clex']:.1f} tok/s | "
-              f"{row['plain']:.1f} tok/s | {row['clex'] / row['plain']:.3f} |")
-        print(f"| batch-1 decode at {context} tokens, graphs vs eager | {row['clex']:.1f} tok/s | "
-              f"{row['eager']:.1f} tok/s | {row['clex'] / row['eager']:.2f} |")
+        print(
+            f"| batch-1 decode at {context} tokens, CLEX, graphs | {row['clex']:.1f} tok/s | bandwidth bound "
+            f"{row['bound']:.1f} tok/s | {row['clex'] / row['bound']:.2f} |"
+        )
+        print(
+            f"| batch-1 decode at {context} tokens, CLEX vs plain RoPE | {row['clex']:.1f} tok/s | "
+            f"{row['plain']:.1f} tok/s | {row['clex'] / row['plain']:.3f} |"
+        )
+        print(
+            f"| batch-1 decode at {context} tokens, graphs vs eager | {row['clex']:.1f} tok/s | "
+            f"{row['eager']:.1f} tok/s | {row['clex'] / row['eager']:.2f} |"
+        )
         if row["replay_ms"] is not None:
-            print(f"| batch-1 forward alone at {context} tokens (graph replay) | {row['replay_ms']:.2f} ms | "
-                  f"engine step {1000 / row['clex']:.2f} ms | {row['replay_ms'] * row['clex'] / 1000:.2f} |")
+            print(
+                f"| batch-1 forward alone at {context} tokens (graph replay) | {row['replay_ms']:.2f} ms | "
+                f"engine step {1000 / row['clex']:.2f} ms | {row['replay_ms'] * row['clex'] / 1000:.2f} |"
+            )
     first = decode[contexts[0]]
-    print(f"| single stream at {contexts[0]}, plain RoPE vs transformers generate | {first['plain']:.1f} tok/s | "
-          f"{hf_rate:.1f} tok/s | {first['plain'] / hf_rate:.2f} |")
+    print(
+        f"| single stream at {contexts[0]}, plain RoPE vs transformers generate | {first['plain']:.1f} tok/s | "
+        f"{hf_rate:.1f} tok/s | {first['plain'] / hf_rate:.2f} |"
+    )
     for count, (rate, ttft) in throughput.items():
-        print(f"| {count} concurrent streams, CLEX | {rate:.0f} out tok/s | TTFT {ttft * 1000:.0f} ms | "
-              f"{rate / throughput[streams[0]][0]:.2f} |")
+        print(
+            f"| {count} concurrent streams, CLEX | {rate:.0f} out tok/s | TTFT {ttft * 1000:.0f} ms | "
+            f"{rate / throughput[streams[0]][0]:.2f} |"
+        )
     if sweep:
         print(f"\ndecode attention alone, one layer, batch 1, {max(contexts)} tokens:")
         for label, micros, fraction in sweep:

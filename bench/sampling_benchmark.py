@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from clex_serve.engine.worker.sampler import Sampler  # noqa: E402
 from clex_serve.engine.core.sequence import Sequence  # noqa: E402
+from clex_serve.engine.worker.sampler import Sampler  # noqa: E402
 from clex_serve.sampling_params import SamplingParams  # noqa: E402
 
-PARAMS = SamplingParams(temperature=0.8, repetition_penalty=1.1, presence_penalty=0.3,
-                        frequency_penalty=0.2, max_tokens=None)
+PARAMS = SamplingParams(
+    temperature=0.8, repetition_penalty=1.1, presence_penalty=0.3, frequency_penalty=0.2, max_tokens=None
+)
 
 
 def rebuilt_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -33,9 +34,10 @@ def rebuilt_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
         params = seq.params
         seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
         values = logits[row, seen]
-        logits[row, seen] = torch.where(values > 0, values / params.repetition_penalty,
-                                        values * params.repetition_penalty)
-        output = torch.tensor(seq.token_ids[seq.num_prompt_tokens:], dtype=torch.long, device=logits.device)
+        logits[row, seen] = torch.where(
+            values > 0, values / params.repetition_penalty, values * params.repetition_penalty
+        )
+        output = torch.tensor(seq.token_ids[seq.num_prompt_tokens :], dtype=torch.long, device=logits.device)
         counts = torch.bincount(output, minlength=logits.shape[-1]).to(logits.dtype)
         logits[row] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
     return logits
@@ -83,30 +85,41 @@ def main() -> None:
     def ours(lengths):
         sampler = Sampler(args.vocab, device)
         seqs = make_sequences(args.streams, lengths, args.vocab)
-        return step_time(lambda logits, batch: [s.token_id for s in sampler.sample(logits, batch, [])],
-                         seqs, args.vocab, device, args.steps)
+        return step_time(
+            lambda logits, batch: [s.token_id for s in sampler.sample(logits, batch, [])],
+            seqs,
+            args.vocab,
+            device,
+            args.steps,
+        )
 
     def baseline(lengths):
         sampler = Sampler(args.vocab, device)
         seqs = make_sequences(args.streams, lengths, args.vocab)
 
         def sample_step(logits, batch):
-            plain = [Sequence(s.seq_id, s.request_id, 0, s.prompt_token_ids,
-                              SamplingParams(temperature=0.8)) for s in batch]
+            plain = [
+                Sequence(s.seq_id, s.request_id, 0, s.prompt_token_ids, SamplingParams(temperature=0.8)) for s in batch
+            ]
             return [s.token_id for s in sampler.sample(rebuilt_penalties(logits, batch), plain, [])]
 
         return step_time(sample_step, seqs, args.vocab, device, args.steps)
 
     rows = []
-    for name, measure in (("clex-serve (device-resident counts)", ours), ("baseline (counts rebuilt per step)", baseline)):
+    for name, measure in (
+        ("clex-serve (device-resident counts)", ours),
+        ("baseline (counts rebuilt per step)", baseline),
+    ):
         # Alternating rounds, medians: drift on a shared machine hits both lengths alike.
         shorts, longs = [], []
         for _ in range(args.rounds):
             shorts.append(measure(100))
             longs.append(measure(2000))
         rows.append((name, statistics.median(shorts), statistics.median(longs)))
-    print(f"{args.streams} streams, vocab {args.vocab}, {args.device}, threads {args.threads}; "
-          f"medians of {args.rounds} alternating rounds of {args.steps} steps")
+    print(
+        f"{args.streams} streams, vocab {args.vocab}, {args.device}, threads {args.threads}; "
+        f"medians of {args.rounds} alternating rounds of {args.steps} steps"
+    )
     print("\n| sampler | step at 100 output tokens | step at 2,000 | ratio 2,000 / 100 |\n| --- | --- | --- | --- |")
     for name, short, long in rows:
         print(f"| {name} | {short * 1000:.1f} ms | {long * 1000:.1f} ms | {long / short:.2f} |")

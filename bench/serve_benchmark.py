@@ -29,16 +29,24 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from bench_model import build  # noqa: E402
+
 from helpers.servers import free_port, healthy_process  # noqa: E402 - the tests' server start, shared
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
-                     extra: dict) -> tuple[float, int]:
+async def one_stream(
+    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, extra: dict
+) -> tuple[float, int]:
     """(time to first content in s, words of content received: one per token with this tokenizer)."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "stream": True, "temperature": 0, **extra}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "temperature": 0,
+        **extra,
+    }
     started = time.monotonic()
     first, text = None, ""
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
@@ -65,12 +73,12 @@ async def load(url: str, model: str, streams: int, max_tokens: int, seed: int, e
     ttfts = sorted(ttft for ttft, _ in results)
     tokens = sum(count for _, count in results)
     p99 = ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))]
-    return {"tokens_per_s": tokens / elapsed, "ttft_p50": statistics.median(ttfts), "ttft_p99": p99,
-            "tokens": tokens}
+    return {"tokens_per_s": tokens / elapsed, "ttft_p50": statistics.median(ttfts), "ttft_p99": p99, "tokens": tokens}
 
 
-def measure(name: str, command: list[str], url: str, model: str, streams: list[int], max_tokens: int,
-            extra: dict) -> dict:
+def measure(
+    name: str, command: list[str], url: str, model: str, streams: list[int], max_tokens: int, extra: dict
+) -> dict:
     """``extra``: body fields only this server knows (clex-serve's ``ignore_eos``; with random weights EOS is
     rare either way, and the tokens actually received are what is counted)."""
     with healthy_process(command, url, env={"TOKENIZERS_PARALLELISM": "false"}):
@@ -79,9 +87,11 @@ def measure(name: str, command: list[str], url: str, model: str, streams: list[i
         for count in streams:
             results[count] = asyncio.run(load(url, model, count, max_tokens, count, extra))
             row = results[count]
-            print(f"{name}, {count} streams: {row['tokens_per_s']:.1f} out tok/s, TTFT p50 "
-                  f"{row['ttft_p50'] * 1000:.0f} ms, p99 {row['ttft_p99'] * 1000:.0f} ms ({row['tokens']} tokens)",
-                  flush=True)
+            print(
+                f"{name}, {count} streams: {row['tokens_per_s']:.1f} out tok/s, TTFT p50 "
+                f"{row['ttft_p50'] * 1000:.0f} ms, p99 {row['ttft_p99'] * 1000:.0f} ms ({row['tokens']} tokens)",
+                flush=True,
+            )
         return results
 
 
@@ -101,27 +111,73 @@ def main() -> None:
         model = str(plain)
 
         port = free_port()
-        ours = measure("clex-serve", [sys.executable, "-m", "clex_serve.cli.main", "--model", model, "--device", "cpu",
-                                      "--dtype", "float32", "--port", str(port), "--max-num-seqs", str(max(streams)),
-                                      "--served-model-name", model],
-                       f"http://127.0.0.1:{port}", model, streams, args.max_tokens, {"ignore_eos": True})
+        ours = measure(
+            "clex-serve",
+            [
+                sys.executable,
+                "-m",
+                "clex_serve.cli.main",
+                "--model",
+                model,
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "--port",
+                str(port),
+                "--max-num-seqs",
+                str(max(streams)),
+                "--served-model-name",
+                model,
+            ],
+            f"http://127.0.0.1:{port}",
+            model,
+            streams,
+            args.max_tokens,
+            {"ignore_eos": True},
+        )
         port = free_port()
         transformers_cli = str(Path(sys.executable).parent / "transformers")
-        theirs = measure("transformers serve", [transformers_cli, "serve", model, "--continuous-batching",
-                                                "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1",
-                                                "--port", str(port)],
-                         f"http://127.0.0.1:{port}", model, streams, args.max_tokens, {})
+        theirs = measure(
+            "transformers serve",
+            [
+                transformers_cli,
+                "serve",
+                model,
+                "--continuous-batching",
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            f"http://127.0.0.1:{port}",
+            model,
+            streams,
+            args.max_tokens,
+            {},
+        )
 
-    print(f"\nmodel: random Llama, 8 layers, hidden 512, vocab 32000, float32, CPU ({os.cpu_count()} cores); "
-          f"{args.max_tokens} output tokens per streaming chat request\n")
-    print("| streams | clex-serve out tok/s | transformers out tok/s | ratio | clex-serve TTFT p50 / p99 | "
-          "transformers TTFT p50 / p99 | TTFT p50 ratio |")
+    print(
+        f"\nmodel: random Llama, 8 layers, hidden 512, vocab 32000, float32, CPU ({os.cpu_count()} cores); "
+        f"{args.max_tokens} output tokens per streaming chat request\n"
+    )
+    print(
+        "| streams | clex-serve out tok/s | transformers out tok/s | ratio | clex-serve TTFT p50 / p99 | "
+        "transformers TTFT p50 / p99 | TTFT p50 ratio |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for count in streams:
         a, b = ours[count], theirs[count]
-        print(f"| {count} | {a['tokens_per_s']:.1f} | {b['tokens_per_s']:.1f} | {a['tokens_per_s'] / b['tokens_per_s']:.2f} | "
-              f"{a['ttft_p50'] * 1000:.0f} / {a['ttft_p99'] * 1000:.0f} ms | "
-              f"{b['ttft_p50'] * 1000:.0f} / {b['ttft_p99'] * 1000:.0f} ms | {b['ttft_p50'] / a['ttft_p50']:.2f} |")
+        print(
+            f"| {count} | {a['tokens_per_s']:.1f} | {b['tokens_per_s']:.1f} | "
+            f"{a['tokens_per_s'] / b['tokens_per_s']:.2f} | "
+            f"{a['ttft_p50'] * 1000:.0f} / {a['ttft_p99'] * 1000:.0f} ms | "
+            f"{b['ttft_p50'] * 1000:.0f} / {b['ttft_p99'] * 1000:.0f} ms | {b['ttft_p50'] / a['ttft_p50']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

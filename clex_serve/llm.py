@@ -7,11 +7,11 @@ import itertools
 
 from tqdm import tqdm
 
-from clex_serve.text.chat_template import chat_prompt, render_chat
 from clex_serve.engine.engine_config import EngineConfig
 from clex_serve.engine.llm_engine import LLMEngine
 from clex_serve.engine.outputs import RequestOutput
 from clex_serve.sampling_params import RequestOutputKind, SamplingParams
+from clex_serve.text.chat_template import chat_prompt, render_chat
 
 
 class LLM:
@@ -28,8 +28,9 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False
+    ) -> list[RequestOutput]:
         if not isinstance(prompts, (list, tuple)):  # one prompt (a string, a dict): a list of prompts otherwise
             prompts = [prompts]
         if not isinstance(sampling_params, (list, tuple)):
@@ -44,12 +45,19 @@ class LLM:
             request_ids.append(self.engine.add_processed_request(item, f"offline-{next(self._ids)}"))
         return self._run(request_ids, use_tqdm)
 
-    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = False, add_generation_prompt: bool = True) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = False,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         family = self.engine.model_config.family
-        prompts = [chat_prompt(self.engine.tokenizer, conversation, family, add_generation_prompt)
-                   for conversation in conversations]
+        prompts = [
+            chat_prompt(self.engine.tokenizer, conversation, family, add_generation_prompt)
+            for conversation in conversations
+        ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:

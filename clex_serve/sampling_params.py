@@ -82,8 +82,11 @@ class SamplingParams:
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
         stop = self.stop
-        if not (isinstance(stop, str) or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop))
-                or stop is None):
+        if not (
+            isinstance(stop, str)
+            or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop))
+            or stop is None
+        ):
             raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
         ids = self.stop_token_ids
         if not (ids is None or (isinstance(ids, (list, tuple)) and all(_is_int(t) for t in ids))):
@@ -102,12 +105,19 @@ class SamplingParams:
             (self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
             (self.min_tokens >= 0, f"min_tokens must be non-negative, got {self.min_tokens}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
-            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
-             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}",
+            ),
             (all(self.stop), "stop strings must not be empty"),
-            (all(t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be non-negative, got {list(self.stop_token_ids)}"),
-            (self.max_tokens is None or self.min_tokens <= self.max_tokens,
-             f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"),
+            (
+                all(t >= 0 for t in self.stop_token_ids),
+                f"stop_token_ids must be non-negative, got {list(self.stop_token_ids)}",
+            ),
+            (
+                self.max_tokens is None or self.min_tokens <= self.max_tokens,
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+            ),
         ]
         for ok, message in checks:
             if not ok:

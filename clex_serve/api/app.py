@@ -21,7 +21,14 @@ from clex_serve.api.metrics import ServerMetrics
 from clex_serve.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from clex_serve.api.request_ids import RequestIdMiddleware
 from clex_serve.api.responses import (
-    ChatCompletion, Completion, DetokenizeResponse, ModelCard, ModelList, TokenizeResponse, TokenizerInfo, Version,
+    ChatCompletion,
+    Completion,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeResponse,
+    TokenizerInfo,
+    Version,
 )
 from clex_serve.api.serving import ServingContext
 from clex_serve.api.serving_chat import create_chat_completion
@@ -33,9 +40,14 @@ from clex_serve.text.chat_template import chat_prompt
 _TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
 
 
-def build_app(engine: AsyncLLMEngine, served_model_name: str, chat_template: str | None = None,
-              api_key: str | None = None, allowed_origins: list[str] | None = None,
-              max_request_body_bytes: int | None = None) -> FastAPI:
+def build_app(
+    engine: AsyncLLMEngine,
+    served_model_name: str,
+    chat_template: str | None = None,
+    api_key: str | None = None,
+    allowed_origins: list[str] | None = None,
+    max_request_body_bytes: int | None = None,
+) -> FastAPI:
     app = FastAPI(title="clex-serve", version=clex_serve.__version__)
     openapi.install(app)
     metrics = ServerMetrics(engine)
@@ -53,7 +65,9 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, chat_template: str
         header = request.headers.get("authorization", "")
         given = header[7:] if header.lower().startswith("bearer ") else ""
         if not secrets.compare_digest(given.encode(), api_key.encode()):
-            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+            raise APIError(
+                401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
 
     # ---------------------------------------------------------------- errors, all in the OpenAI shape
 
@@ -74,8 +88,9 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, chat_template: str
     async def http_error(request: Request, error: StarletteHTTPException):
         # Starlette's own errors (404 route, 405 method with its Allow header, 413 body limit) keep their
         # headers and gain the OpenAI body.
-        return APIError(error.status_code, str(error.detail), code=getattr(error, "code", None),
-                        headers=dict(error.headers or {})).response()
+        return APIError(
+            error.status_code, str(error.detail), code=getattr(error, "code", None), headers=dict(error.headers or {})
+        ).response()
 
     # ---------------------------------------------------------------- routes
 
@@ -96,35 +111,53 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, chat_template: str
     def model_card() -> ModelCard:
         return ModelCard(id=served_model_name, root=str(engine.model_path), max_model_len=ctx.max_model_len)
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)], response_model=ModelList,
-             responses=openapi.error_responses(401))
+    @app.get(
+        "/v1/models",
+        dependencies=[Depends(check_key)],
+        response_model=ModelList,
+        responses=openapi.error_responses(401),
+    )
     async def models():
         return ModelList(data=[model_card()])
 
-    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(check_key)], response_model=ModelCard,
-             responses=openapi.error_responses(401, 404))
+    @app.get(
+        "/v1/models/{model_id:path}",
+        dependencies=[Depends(check_key)],
+        response_model=ModelCard,
+        responses=openapi.error_responses(401, 404),
+    )
     async def model(model_id: str):
         ctx.check_model(model_id)
         return model_card()
 
-    @app.get("/tokenizer_info", dependencies=[Depends(check_key)], response_model=TokenizerInfo,
-             responses=openapi.error_responses(401))
+    @app.get(
+        "/tokenizer_info",
+        dependencies=[Depends(check_key)],
+        response_model=TokenizerInfo,
+        responses=openapi.error_responses(401),
+    )
     async def tokenizer_info_route():
-        return tokenizer_info(ctx.tokenizer, engine.model_config.vocab_size, ctx.max_model_len,
-                              ctx.chat_template)
+        return tokenizer_info(ctx.tokenizer, engine.model_config.vocab_size, ctx.max_model_len, ctx.chat_template)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)],
-              responses={**openapi.streaming_response(ChatCompletion), **openapi.GENERATION_ERRORS})
+    @app.post(
+        "/v1/chat/completions",
+        dependencies=[Depends(check_key)],
+        responses={**openapi.streaming_response(ChatCompletion), **openapi.GENERATION_ERRORS},
+    )
     async def chat_completions(body: ChatCompletionRequest, raw_request: Request):
         return await create_chat_completion(ctx, body, raw_request, f"chatcmpl-{raw_request.state.request_id}")
 
-    @app.post("/v1/completions", dependencies=[Depends(check_key)],
-              responses={**openapi.streaming_response(Completion), **openapi.GENERATION_ERRORS})
+    @app.post(
+        "/v1/completions",
+        dependencies=[Depends(check_key)],
+        responses={**openapi.streaming_response(Completion), **openapi.GENERATION_ERRORS},
+    )
     async def completions(body: CompletionRequest, raw_request: Request):
         return await create_completion(ctx, body, raw_request, f"cmpl-{raw_request.state.request_id}")
 
-    @app.post("/tokenize", dependencies=[Depends(check_key)], response_model=TokenizeResponse,
-              responses=openapi.BODY_ERRORS)
+    @app.post(
+        "/tokenize", dependencies=[Depends(check_key)], response_model=TokenizeResponse, responses=openapi.BODY_ERRORS
+    )
     @app.post("/v1/tokenize", dependencies=[Depends(check_key)], include_in_schema=False)
     async def tokenize(body: TokenizeRequest):
         ctx.check_model(body.model)
@@ -138,18 +171,32 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, chat_template: str
             if refused:
                 raise APIError(400, refused[1], param=refused[0], code="unsupported_parameter")
             try:
-                tokens = (await asyncio.to_thread(chat_prompt, ctx.tokenizer, chat.conversation(), ctx.family,
-                                                  body.add_generation_prompt, ctx.chat_template))["prompt_token_ids"]
+                tokens = (
+                    await asyncio.to_thread(
+                        chat_prompt,
+                        ctx.tokenizer,
+                        chat.conversation(),
+                        ctx.family,
+                        body.add_generation_prompt,
+                        ctx.chat_template,
+                    )
+                )["prompt_token_ids"]
             except Exception as error:  # a template that fails on these messages (raise_exception in Jinja)
-                raise APIError(400, f"the chat template cannot render these messages: {error}",
-                               param="messages") from None
+                raise APIError(
+                    400, f"the chat template cannot render these messages: {error}", param="messages"
+                ) from None
         else:
-            tokens = await asyncio.to_thread(ctx.tokenizer.encode, body.prompt,
-                                             add_special_tokens=body.add_special_tokens)
+            tokens = await asyncio.to_thread(
+                ctx.tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens
+            )
         return {"tokens": tokens, "count": len(tokens), "max_model_len": ctx.max_model_len}
 
-    @app.post("/detokenize", dependencies=[Depends(check_key)], response_model=DetokenizeResponse,
-              responses=openapi.BODY_ERRORS)
+    @app.post(
+        "/detokenize",
+        dependencies=[Depends(check_key)],
+        response_model=DetokenizeResponse,
+        responses=openapi.BODY_ERRORS,
+    )
     @app.post("/v1/detokenize", dependencies=[Depends(check_key)], include_in_schema=False)
     async def detokenize(body: DetokenizeRequest):
         ctx.check_model(body.model)
@@ -160,4 +207,3 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, chat_template: str
         return {"prompt": await asyncio.to_thread(ctx.tokenizer.decode, body.tokens)}
 
     return app
-

@@ -13,8 +13,10 @@ from clex_serve.api.errors import APIError
 
 
 def _message(limit: int) -> str:
-    return (f"the request body is larger than this server's limit of {limit} bytes (the limit is sized from the "
-            f"longest prompt the model can read; --max-request-body-bytes changes it)")
+    return (
+        f"the request body is larger than this server's limit of {limit} bytes (the limit is sized from the "
+        f"longest prompt the model can read; --max-request-body-bytes changes it)"
+    )
 
 
 class _TooLarge(HTTPException):

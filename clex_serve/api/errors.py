@@ -10,14 +10,27 @@ from fastapi.responses import JSONResponse
 from clex_serve.api.responses import ErrorInfo, ErrorResponse
 
 # The OpenAI API's error types by status.
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-          429: "rate_limit_exceeded", 503: "service_unavailable"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    503: "service_unavailable",
+}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -26,8 +39,9 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        error = ErrorInfo(message=self.message, type=_TYPES.get(self.status, "server_error"), param=self.param,
-                          code=self.code)
+        error = ErrorInfo(
+            message=self.message, type=_TYPES.get(self.status, "server_error"), param=self.param, code=self.code
+        )
         return ErrorResponse(error=error).model_dump()
 
     def response(self) -> JSONResponse:

@@ -41,14 +41,16 @@ async def first_output(ctx: ServingContext, stream: AsyncIterator[RequestOutput]
         raise ctx.engine_error(error) from None
 
 
-async def run_to_end(ctx: ServingContext, streams: list[AsyncIterator[RequestOutput]], raw_request: Request
-                     ) -> list[RequestOutput]:
+async def run_to_end(
+    ctx: ServingContext, streams: list[AsyncIterator[RequestOutput]], raw_request: Request
+) -> list[RequestOutput]:
     """Each stream's final output. A client that disconnects meanwhile cancels them all, which aborts
     their requests and frees their KV blocks at once."""
+
     async def last(stream):
         output = await first_output(ctx, stream)
-        async for output in stream:
-            pass
+        async for newer in stream:
+            output = newer
         return output
 
     tasks = [asyncio.ensure_future(last(stream)) for stream in streams]
@@ -154,8 +156,9 @@ class Generation:
         self._end("finished", 200)
         return JSONResponse(render(outputs))
 
-    async def event_stream(self, render: ChunkRenderer, usage_chunk: Callable[[int], dict] | None
-                           ) -> EventSourceResponse:
+    async def event_stream(
+        self, render: ChunkRenderer, usage_chunk: Callable[[int], dict] | None
+    ) -> EventSourceResponse:
         """The answer as server-sent events, then a usage chunk when asked (``usage_chunk``), then [DONE].
         Each stream's first output is awaited before the response starts, so that a request the engine
         refuses (a bad parameter, a full queue) is answered with its HTTP error instead of a stream."""

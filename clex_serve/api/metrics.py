@@ -25,30 +25,55 @@ class _EngineCollector:
         yield GaugeMetricFamily("clex_serve_kv_blocks_total", "KV cache blocks", stats.num_kv_blocks)
         yield GaugeMetricFamily("clex_serve_kv_cache_usage", "Fraction of KV blocks in use", stats.kv_cache_usage)
         yield CounterMetricFamily("clex_serve_preemptions", "Sequences preempted", stats.num_preemptions)
-        yield CounterMetricFamily("clex_serve_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
-                                  stats.prefix_cache_hit_tokens)
-        yield CounterMetricFamily("clex_serve_prefix_cache_hit_blocks", "KV blocks reused from the prefix cache",
-                                  stats.prefix_cache_hit_blocks)
-        yield CounterMetricFamily("clex_serve_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",
-                                  stats.prefix_cache_queried_tokens)
-        yield GaugeMetricFamily("clex_serve_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache, "
-                                "of those looked up", stats.prefix_cache_hit_rate)
+        yield CounterMetricFamily(
+            "clex_serve_prefix_cache_hit_tokens",
+            "Prompt tokens served from the prefix cache",
+            stats.prefix_cache_hit_tokens,
+        )
+        yield CounterMetricFamily(
+            "clex_serve_prefix_cache_hit_blocks",
+            "KV blocks reused from the prefix cache",
+            stats.prefix_cache_hit_blocks,
+        )
+        yield CounterMetricFamily(
+            "clex_serve_prefix_cache_queried_tokens",
+            "Prompt tokens looked up in the prefix cache",
+            stats.prefix_cache_queried_tokens,
+        )
+        yield GaugeMetricFamily(
+            "clex_serve_prefix_cache_hit_rate",
+            "Prompt tokens served from the prefix cache, of those looked up",
+            stats.prefix_cache_hit_rate,
+        )
 
 
 class ServerMetrics:
     def __init__(self, engine) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine))
-        self.time_to_first_token = Histogram("clex_serve_time_to_first_token_seconds", "Time to first token",
-                                             buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.inter_token_latency = Histogram("clex_serve_inter_token_latency_seconds", "Time between tokens",
-                                             buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.e2e_latency = Histogram("clex_serve_e2e_request_latency_seconds", "Request latency, end to end",
-                                     buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.time_to_first_token = Histogram(
+            "clex_serve_time_to_first_token_seconds",
+            "Time to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inter_token_latency = Histogram(
+            "clex_serve_inter_token_latency_seconds",
+            "Time between tokens",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e_latency = Histogram(
+            "clex_serve_e2e_request_latency_seconds",
+            "Request latency, end to end",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.prompt_tokens = Counter("clex_serve_prompt_tokens", "Prompt tokens", registry=self.registry)
         self.generation_tokens = Counter("clex_serve_generation_tokens", "Generated tokens", registry=self.registry)
-        self.requests = Counter("clex_serve_requests", "Requests that ended, by outcome", ["outcome"],
-                                registry=self.registry)
+        self.requests = Counter(
+            "clex_serve_requests", "Requests that ended, by outcome", ["outcome"], registry=self.registry
+        )
 
     def observe_tokens(self, metrics: RequestMetrics | None) -> None:
         """Called with every output's metrics: inter-token times arrive with the output that carries them."""
@@ -56,8 +81,9 @@ class ServerMetrics:
             for gap in metrics.inter_token_times:
                 self.inter_token_latency.observe(gap)
 
-    def request_ended(self, outcome: str, metrics: RequestMetrics | None = None, prompt_tokens: int = 0,
-                      generated_tokens: int = 0) -> None:
+    def request_ended(
+        self, outcome: str, metrics: RequestMetrics | None = None, prompt_tokens: int = 0, generated_tokens: int = 0
+    ) -> None:
         """``outcome``: finished, aborted, refused (429), invalid (4xx), failed."""
         self.requests.labels(outcome).inc()
         self.prompt_tokens.inc(prompt_tokens)

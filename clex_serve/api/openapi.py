@@ -16,7 +16,7 @@ from clex_serve.api.responses import ErrorResponse
 
 _ERRORS = {
     400: "The request is invalid: a parameter out of range, an unsupported parameter, a prompt too long "
-         "for the context (code context_length_exceeded)",
+    "for the context (code context_length_exceeded)",
     401: "A missing or wrong API key (when the server has one)",
     404: "Another model than the one served",
     413: "A request body over the server's limit",
@@ -34,16 +34,27 @@ BODY_ERRORS = error_responses(400, 401, 404, 413)  # tokenize and detokenize: no
 
 
 # One server-sent event: its data a JSON chunk of the answer, an OpenAI error body, or "[DONE]" at the end.
-_SSE_EVENT = {"type": "object", "required": ["data"],
-              "properties": {"data": {"type": "string", "description": "a JSON chunk, an error body, or [DONE]"},
-                             "event": {"type": "string"}, "id": {"type": "string"}}}
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string", "description": "a JSON chunk, an error body, or [DONE]"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+    },
+}
 
 
 def streaming_response(model) -> dict[int, dict[str, Any]]:
     """A 200 that is JSON, or an event stream of JSON chunks (each a ``data:`` line, then ``data: [DONE]``)
     when the request asked for ``stream``."""
-    return {200: {"model": model, "description": "The answer, or with stream: true an event stream of chunks",
-                  "content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
+    return {
+        200: {
+            "model": model,
+            "description": "The answer, or with stream: true an event stream of chunks",
+            "content": {"text/event-stream": {"schema": _SSE_EVENT}},
+        }
+    }
 
 
 def install(app: FastAPI) -> None:

@@ -23,8 +23,9 @@ def _valid_unicode(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise ValueError(f"the text has a lone surrogate {text[error.start]!r} at character {error.start}: "
-                         f"send valid Unicode") from None
+        raise ValueError(
+            f"the text has a lone surrogate {text[error.start]!r} at character {error.start}: send valid Unicode"
+        ) from None
     return text
 
 
@@ -60,13 +61,17 @@ class SamplingFields(OpenAIModel):
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=limits.MAX_N)
-    stop: StopString | Annotated[list[Annotated[StopString, Field(min_length=1)]],
-                                 Field(max_length=limits.MAX_STOP_SEQUENCES)] | None = None
+    stop: (
+        StopString
+        | Annotated[list[Annotated[StopString, Field(min_length=1)]], Field(max_length=limits.MAX_STOP_SEQUENCES)]
+        | None
+    ) = None
     seed: int | None = Field(None, ge=limits.SEED_MIN, le=limits.SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
-        None, max_length=limits.MAX_LOGIT_BIAS, description="token id (a decimal string) -> bias in [-100, 100]")
+        None, max_length=limits.MAX_LOGIT_BIAS, description="token id (a decimal string) -> bias in [-100, 100]"
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -80,7 +85,7 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = Field(None, ge=0, le=limits.MAX_TOP_LOGPROBS)
     # Not implemented yet (structured outputs): refused when they ask for something.
-    response_format: dict[str, Any] | None = Field(None, description="only {\"type\": \"text\"}; others are refused")
+    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}; others are refused')
     guided_json: Any = Field(None, description="refused: not supported yet")
     guided_regex: Any = Field(None, description="refused: not supported yet")
     guided_choice: Any = Field(None, description="refused: not supported yet")
@@ -105,8 +110,9 @@ class SamplingFields(OpenAIModel):
             biases[int(key)] = bias
         return biases
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                         prompt_logprobs: int | None = None) -> SamplingParams:
+    def _sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -131,7 +137,7 @@ class SamplingFields(OpenAIModel):
 
 
 class ContentPart(OpenAIModel):
-    type: str = Field(description="only \"text\": this server's models read text")
+    type: str = Field(description='only "text": this server\'s models read text')
     text: Text | None = None
 
 
@@ -156,11 +162,11 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=limits.MAX_TOP_LOGPROBS)
     # Not implemented yet (tool calling and other modalities): refused when they ask for something.
     tools: list[Any] | None = Field(None, description="refused when not empty: tool calling is not supported yet")
-    tool_choice: Any = Field(None, description="only \"none\"; others are refused")
+    tool_choice: Any = Field(None, description='only "none"; others are refused')
     parallel_tool_calls: bool | None = Field(None, description="refused: tool calling is not supported yet")
     functions: list[Any] | None = Field(None, description="refused: function calling is not supported")
-    function_call: Any = Field(None, description="only \"none\"; others are refused")
-    modalities: list[str] | None = Field(None, description="only [\"text\"]")
+    function_call: Any = Field(None, description='only "none"; others are refused')
+    modalities: list[str] | None = Field(None, description='only ["text"]')
     audio: Any = Field(None, description="refused: this server's models read and write text")
     prediction: Any = Field(None, description="refused: predicted outputs are not supported")
     web_search_options: Any = Field(None, description="refused: web search is not supported")
@@ -183,7 +189,7 @@ class ChatCompletionRequest(SamplingFields):
         if self.function_call not in (None, "none"):
             return "function_call", _not_supported("function calling (function_call)")
         if self.modalities not in (None, ["text"]):
-            return "modalities", _not_supported(f"output modalities {self.modalities!r} (only [\"text\"])")
+            return "modalities", _not_supported(f'output modalities {self.modalities!r} (only ["text"])')
         for name in ("audio", "prediction", "web_search_options"):
             if getattr(self, name) is not None:
                 return name, _not_supported(name)
@@ -207,15 +213,19 @@ class ChatCompletionRequest(SamplingFields):
 def _unsupported_in_message(index: int, message: ChatMessage) -> tuple[str, str] | None:
     where = f"messages[{index}]"
     if message.role in ("tool", "function"):
-        return f"{where}.role", (f"{where}: {message.role!r} messages (tool results) need tool calling, which this "
-                                 f"server does not support yet")
+        return f"{where}.role", (
+            f"{where}: {message.role!r} messages (tool results) need tool calling, which this "
+            f"server does not support yet"
+        )
     if message.tool_calls:
         return f"{where}.tool_calls", f"{where}.tool_calls: tool calling is not supported by this server yet"
     for part_index, part in enumerate(message.content if isinstance(message.content, list) else ()):
         if part.type != "text":
-            return (f"{where}.content[{part_index}].type",
-                    f"{where}.content[{part_index}]: {part.type!r} content parts are not supported: this model "
-                    f"reads text only")
+            return (
+                f"{where}.content[{part_index}].type",
+                f"{where}.content[{part_index}]: {part.type!r} content parts are not supported: this model "
+                f"reads text only",
+            )
         if part.text is None:
             return f"{where}.content[{part_index}].text", f"{where}.content[{part_index}]: a text part needs text"
     return None
@@ -223,7 +233,8 @@ def _unsupported_in_message(index: int, message: ChatMessage) -> tuple[str, str]
 
 class CompletionRequest(SamplingFields):
     prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]] = Field(
-        description=f"one prompt, or up to {limits.MAX_PROMPTS}, as text or token ids")
+        description=f"one prompt, or up to {limits.MAX_PROMPTS}, as text or token ids"
+    )
     # 0 with echo scores the prompt without generating (the legacy way to ask for prompt logprobs).
     max_tokens: int | None = Field(None, ge=0)
     logprobs: int | None = Field(None, ge=0, le=limits.MAX_TOP_LOGPROBS)
@@ -242,8 +253,10 @@ class CompletionRequest(SamplingFields):
         if len(prompt) > limits.MAX_PROMPTS:
             raise ValueError(f"prompt: at most {limits.MAX_PROMPTS} prompts in one request, got {len(prompt)}")
         if len(prompt) * self.n > limits.MAX_CHOICES:
-            raise ValueError(f"prompt: {len(prompt)} prompts times n={self.n} make {len(prompt) * self.n} "
-                             f"completions; at most {limits.MAX_CHOICES} in one request")
+            raise ValueError(
+                f"prompt: {len(prompt)} prompts times n={self.n} make {len(prompt) * self.n} "
+                f"completions; at most {limits.MAX_CHOICES} in one request"
+            )
         return list(prompt)
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -279,5 +292,8 @@ class DetokenizeRequest(OpenAIModel):
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

@@ -42,5 +42,11 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             if not scope["path"].endswith("completions"):  # generation routes log their own line, with tokens
-                logger.info("request %s %s %s status %d duration %.0fms", request_id, scope["method"],
-                            scope["path"], status, (time.monotonic() - started) * 1000)
+                logger.info(
+                    "request %s %s %s status %d duration %.0fms",
+                    request_id,
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    (time.monotonic() - started) * 1000,
+                )

@@ -38,12 +38,20 @@ class _AnnouncingServer(uvicorn.Server):
             print(self.announcement, flush=True)
 
 
-def serve(engine: AsyncLLMEngine, served_model_name: str, sockets: list[socket.socket], chat_template: str | None,
-          api_key: str | None, allowed_origins: list[str] | None, log_level: str, graceful_timeout: float,
-          ui: bool = False, max_request_body_bytes: int | None = None) -> int:
+def serve(
+    engine: AsyncLLMEngine,
+    served_model_name: str,
+    sockets: list[socket.socket],
+    chat_template: str | None,
+    api_key: str | None,
+    allowed_origins: list[str] | None,
+    log_level: str,
+    graceful_timeout: float,
+    ui: bool = False,
+    max_request_body_bytes: int | None = None,
+) -> int:
     """``sockets``: bound, not yet listening (``clex_serve.cli.listen_sockets``); uvicorn listens on them."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # sse-starlette ends every stream as soon as uvicorn is asked to stop; streams in flight should finish
     # instead, within uvicorn's grace period (after it, uvicorn cancels them, which aborts their requests).
     AppStatus.disable_automatic_graceful_drain()
@@ -54,8 +62,7 @@ def serve(engine: AsyncLLMEngine, served_model_name: str, sockets: list[socket.s
     if ui:
         app = _mount_ui(app, served_model_name, api_key)
         announcement += f", web UI at http://{shown_host}:{port}/ui"
-    config = uvicorn.Config(app, log_level=log_level,
-                            timeout_graceful_shutdown=graceful_timeout, access_log=False)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=graceful_timeout, access_log=False)
     server = _AnnouncingServer(config, announcement)
     try:
         server.run(sockets=sockets)
@@ -77,7 +84,16 @@ def _mount_ui(app, served_model_name: str, api_key: str | None):
     from clex_serve.web.app import build_demo
 
     ctx = app.state.ctx
-    demo = build_demo(EngineSource(ctx.engine, ctx.chat_template, served_model_name), f"clex-serve · {served_model_name}")
+    demo = build_demo(
+        EngineSource(ctx.engine, ctx.chat_template, served_model_name), f"clex-serve · {served_model_name}"
+    )
     auth = (lambda user, password: password == api_key) if api_key else None
-    return gr.mount_gradio_app(app, demo.queue(), path="/ui", ssr_mode=False, show_error=False, auth=auth,
-                               auth_message="The API key is the password." if api_key else None)
+    return gr.mount_gradio_app(
+        app,
+        demo.queue(),
+        path="/ui",
+        ssr_mode=False,
+        show_error=False,
+        auth=auth,
+        auth_message="The API key is the password." if api_key else None,
+    )

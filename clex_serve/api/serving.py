@@ -16,9 +16,11 @@ from clex_serve.engine.outputs import RequestOutput
 
 logger = logging.getLogger("clex_serve.api")
 
+
 class ServingContext:
-    def __init__(self, engine: AsyncLLMEngine, served_model_name: str, chat_template: str | None,
-                 metrics: ServerMetrics) -> None:
+    def __init__(
+        self, engine: AsyncLLMEngine, served_model_name: str, chat_template: str | None, metrics: ServerMetrics
+    ) -> None:
         self.engine = engine
         self.served_model_name = served_model_name
         self.chat_template = chat_template
@@ -29,8 +31,12 @@ class ServingContext:
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_model_name:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.served_model_name}`",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist; this server serves `{self.served_model_name}`",
+                param="model",
+                code="model_not_found",
+            )
 
     def check_engine(self) -> None:
         if self.engine.dead:
@@ -72,18 +78,37 @@ class ServingContext:
             return invalid(error)
         return APIError(500, f"generation failed: {error}", code="generation_failed")
 
-    def log(self, request_id: str, status: int, prompt_tokens: int, output_tokens: int,
-            time_to_first_token: float | None, started: float) -> None:
+    def log(
+        self,
+        request_id: str,
+        status: int,
+        prompt_tokens: int,
+        output_tokens: int,
+        time_to_first_token: float | None,
+        started: float,
+    ) -> None:
         ttft = f"{time_to_first_token * 1000:.0f}ms" if time_to_first_token is not None else "-"
-        logger.info("request %s status %d prompt_tokens %d output_tokens %d ttft %s duration %.0fms",
-                    request_id, status, prompt_tokens, output_tokens, ttft, (time.monotonic() - started) * 1000)
+        logger.info(
+            "request %s status %d prompt_tokens %d output_tokens %d ttft %s duration %.0fms",
+            request_id,
+            status,
+            prompt_tokens,
+            output_tokens,
+            ttft,
+            (time.monotonic() - started) * 1000,
+        )
 
 
-def prompt_logprobs_json(ctx: "ServingContext", output: RequestOutput) -> list | None:
+def prompt_logprobs_json(ctx: ServingContext, output: RequestOutput) -> list | None:
     """vLLM's ``prompt_logprobs`` field: per prompt position (the first has none), token id -> logprob."""
     if output.prompt_logprobs is None:
         return None
-    return [None if entry is None else
-            {str(token_id): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": ctx.tokenizer.decode([token_id])}
-             for token_id, lp in entry.items()}
-            for entry in output.prompt_logprobs]
+    return [
+        None
+        if entry is None
+        else {
+            str(token_id): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": ctx.tokenizer.decode([token_id])}
+            for token_id, lp in entry.items()
+        }
+        for entry in output.prompt_logprobs
+    ]

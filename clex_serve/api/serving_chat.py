@@ -9,8 +9,8 @@ from fastapi import Request
 
 from clex_serve.api.context_overflow import overflow_of
 from clex_serve.api.errors import APIError, invalid
-from clex_serve.api.protocol import ChatCompletionRequest, usage
 from clex_serve.api.generation import Generation
+from clex_serve.api.protocol import ChatCompletionRequest, usage
 from clex_serve.api.serving import ServingContext, prompt_logprobs_json
 from clex_serve.engine.input_processor import PromptTooLongError
 from clex_serve.engine.outputs import CompletionOutput
@@ -22,6 +22,7 @@ def chat_logprobs(ctx: ServingContext, completion: CompletionOutput, top_n: int)
         return None
     content = []
     for token_id, alternatives in zip(completion.token_ids, completion.logprobs):
+
         def entry(tid, logprob):
             text = ctx.tokenizer.decode([tid])
             return {"token": text, "logprob": logprob.logprob, "bytes": list(text.encode("utf-8"))}
@@ -33,8 +34,9 @@ def chat_logprobs(ctx: ServingContext, completion: CompletionOutput, top_n: int)
     return {"content": content}
 
 
-async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, raw_request: Request,
-                                 request_id: str):
+async def create_chat_completion(
+    ctx: ServingContext, body: ChatCompletionRequest, raw_request: Request, request_id: str
+):
     started = time.monotonic()
     ctx.check_request(body, request_id)
     prompt = await _render(ctx, body)
@@ -44,18 +46,32 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
         params = body.to_sampling_params(ctx.output_budget(requested, prompt_len, "messages"))
     except ValueError as error:
         raise invalid(error) from None
-    generation = Generation(ctx, request_id, [ctx.engine.generate(prompt, params, request_id)], [prompt_len],
-                            started=started)
+    generation = Generation(
+        ctx, request_id, [ctx.engine.generate(prompt, params, request_id)], [prompt_len], started=started
+    )
     top_n = body.top_logprobs or 0
     model, created = ctx.served_model_name, int(time.time())
 
     def whole(outputs):
         [output] = outputs
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(ctx, c, top_n), "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason} for c in output.outputs]
-        response = {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-                    "choices": choices, "usage": usage(prompt_len, generation.generated)}
+        choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(ctx, c, top_n),
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for c in output.outputs
+        ]
+        response = {
+            "id": request_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": usage(prompt_len, generation.generated),
+        }
         if body.prompt_logprobs is not None:
             response["prompt_logprobs"] = prompt_logprobs_json(ctx, output)
         return response
@@ -64,31 +80,54 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
         return await generation.whole(raw_request, whole)
 
     def chunk(choices, **extra):
-        return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": choices, **extra}
+        return {
+            "id": request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            **extra,
+        }
 
     async def chunks(firsts, outputs):
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for i in range(params.n)])
+        yield chunk(
+            [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(params.n)
+            ]
+        )
         async for _, output in outputs:
             for completion in output.outputs:
                 if completion.text or completion.token_ids or completion.finish_reason:
                     delta = {"content": completion.text} if completion.text else {}
-                    yield chunk([{"index": completion.index, "delta": delta,
-                                  "logprobs": chat_logprobs(ctx, completion, top_n),
-                                  "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}])
+                    yield chunk(
+                        [
+                            {
+                                "index": completion.index,
+                                "delta": delta,
+                                "logprobs": chat_logprobs(ctx, completion, top_n),
+                                "finish_reason": completion.finish_reason,
+                                "stop_reason": completion.stop_reason,
+                            }
+                        ]
+                    )
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await generation.event_stream(
-        chunks, (lambda generated: chunk([], usage=usage(prompt_len, generated))) if include_usage else None)
+        chunks, (lambda generated: chunk([], usage=usage(prompt_len, generated))) if include_usage else None
+    )
 
 
 async def _render(ctx: ServingContext, body: ChatCompletionRequest) -> dict:
     """The conversation through the chat template: the engine prompt (text and token ids)."""
     if ctx.chat_template is None:
-        raise APIError(400, "this model has no chat template: start the server with --chat-template (vicuna, "
-                            "zephyr, or a Jinja file), or use /v1/completions", param="messages",
-                       code="no_chat_template")
+        raise APIError(
+            400,
+            "this model has no chat template: start the server with --chat-template (vicuna, "
+            "zephyr, or a Jinja file), or use /v1/completions",
+            param="messages",
+            code="no_chat_template",
+        )
     conversation = body.conversation()
     try:
         ctx.engine.check_text_length(sum(len(m["content"]) for m in conversation), "the messages")

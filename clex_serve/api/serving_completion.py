@@ -15,8 +15,8 @@ from fastapi import Request
 
 from clex_serve.api.context_overflow import overflow_of
 from clex_serve.api.errors import APIError, invalid
-from clex_serve.api.protocol import CompletionRequest, usage
 from clex_serve.api.generation import Generation
+from clex_serve.api.protocol import CompletionRequest, usage
 from clex_serve.api.serving import ServingContext, prompt_logprobs_json
 from clex_serve.engine.input_processor import PromptTooLongError
 from clex_serve.engine.outputs import CompletionOutput, RequestOutput
@@ -71,8 +71,11 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw_re
     ctx.check_request(body, request_id)
     scoring = body.scores_only()
     if scoring and not body.echo:
-        raise APIError(400, "max_tokens: 0 is allowed only with echo, to score the prompt; ask for at least 1 token",
-                       param="max_tokens")
+        raise APIError(
+            400,
+            "max_tokens: 0 is allowed only with echo, to score the prompt; ask for at least 1 token",
+            param="max_tokens",
+        )
     try:
         prompts = body.prompts()
         processed = [await ctx.engine.process_inputs(prompt) for prompt in prompts]
@@ -85,8 +88,10 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw_re
     budgets = [ctx.output_budget(requested, length, "prompt") for length in lengths]
     try:
         params = body.to_sampling_params(min(budgets))
-        submitted = [ctx.engine.with_params(item, dataclasses.replace(params, max_tokens=budget))
-                     for item, budget in zip(processed, budgets)]
+        submitted = [
+            ctx.engine.with_params(item, dataclasses.replace(params, max_tokens=budget))
+            for item, budget in zip(processed, budgets)
+        ]
     except ValueError as error:
         raise invalid(error) from None
     echo_logprobs = body.echo and body.logprobs is not None
@@ -109,21 +114,38 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw_re
                 else:
                     text, finish_reason, stop_reason = echo + c.text, c.finish_reason, c.stop_reason
                     logprobs = _joined(prompt_part, completion_logprobs(ctx, c, _end_offset(prompt_part, echo)))
-                choice = {"index": choice_index(prompt_index, c), "text": text, "logprobs": logprobs,
-                          "finish_reason": finish_reason, "stop_reason": stop_reason}
+                choice = {
+                    "index": choice_index(prompt_index, c),
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason,
+                    "stop_reason": stop_reason,
+                }
                 if body.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = prompt_logprobs_json(ctx, output)
                 choices.append(choice)
         choices.sort(key=lambda choice: choice["index"])
-        return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                "choices": choices, "usage": usage(generation.prompt_tokens, generation.generated)}
+        return {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": usage(generation.prompt_tokens, generation.generated),
+        }
 
     if not body.stream:
         return await generation.whole(raw_request, whole)
 
     def chunk(choices, **extra):
-        return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                "choices": choices, **extra}
+        return {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            **extra,
+        }
 
     async def chunks(firsts, outputs):
         offsets: dict[int, int] = {}
@@ -132,23 +154,50 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw_re
                 prompt_part = echoed_logprobs(ctx, first) if echo_logprobs else None
                 for i in range(n):
                     offsets[prompt_index * n + i] = _end_offset(prompt_part, echoes[prompt_index])
-                    yield chunk([{"index": prompt_index * n + i, "text": echoes[prompt_index],
-                                  "logprobs": prompt_part, "finish_reason": None}])
+                    yield chunk(
+                        [
+                            {
+                                "index": prompt_index * n + i,
+                                "text": echoes[prompt_index],
+                                "logprobs": prompt_part,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
         async for prompt_index, output in outputs:
             for c in output.outputs:
                 index = choice_index(prompt_index, c)
                 if scoring:  # the sampled token is dropped: only the end is told
                     if c.finish_reason:
-                        yield chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": "length",
-                                      "stop_reason": None}])
+                        yield chunk(
+                            [
+                                {
+                                    "index": index,
+                                    "text": "",
+                                    "logprobs": None,
+                                    "finish_reason": "length",
+                                    "stop_reason": None,
+                                }
+                            ]
+                        )
                     continue
                 if c.text or c.token_ids or c.finish_reason:
                     logprobs = completion_logprobs(ctx, c, offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + len(c.text)
-                    yield chunk([{"index": index, "text": c.text, "logprobs": logprobs,
-                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}])
+                    yield chunk(
+                        [
+                            {
+                                "index": index,
+                                "text": c.text,
+                                "logprobs": logprobs,
+                                "finish_reason": c.finish_reason,
+                                "stop_reason": c.stop_reason,
+                            }
+                        ]
+                    )
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await generation.event_stream(
-        chunks, (lambda generated: chunk([], usage=usage(generation.prompt_tokens, generated))) if include_usage
-        else None)
+        chunks,
+        (lambda generated: chunk([], usage=usage(generation.prompt_tokens, generated))) if include_usage else None,
+    )

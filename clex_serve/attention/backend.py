@@ -23,8 +23,15 @@ class AttentionBackend:
     def prepare(self, meta: AttentionMetadata) -> None:
         """Per-step work shared by all layers; nothing by default."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         """q [N, Hq, D], k/v [N, Hkv, D] (the step's new tokens, not yet rotated) -> [N, Hq * D]; rotates q and
         k with the step's tables and writes k and v to their cache slots first."""
         raise NotImplementedError

@@ -36,14 +36,21 @@ def decode_kernel_fits(head_dim: int, num_heads: int, num_kv_heads: int) -> bool
     return head_dim <= cpu_ops.DECODE_MAX_HEAD_DIM and num_heads // num_kv_heads <= cpu_ops.DECODE_MAX_GROUP
 
 
-def cpu_rotate_and_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+def cpu_rotate_and_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``sdpa.rotate_and_write`` in one C++ call (bit for bit the same)."""
     if meta.cos.dtype != q.dtype:
         return rotate_and_write(q, k, v, k_cache, v_cache, meta)
     scale = meta.query_scale.flatten() if meta.query_scale is not None else None
-    return cpu_ops.rotate_and_cache(q, k, v, meta.cos, meta.sin, scale, meta.slot_mapping, flat_slots(k_cache),
-                                    flat_slots(v_cache))
+    return cpu_ops.rotate_and_cache(
+        q, k, v, meta.cos, meta.sin, scale, meta.slot_mapping, flat_slots(k_cache), flat_slots(v_cache)
+    )
 
 
 @dataclass
@@ -91,8 +98,10 @@ class CpuAttentionBackend(AttentionBackend):
                 return segments.slot_runs(kept[index], length, meta.block_size)
             return segments.contiguous_runs(meta.block_tables_host[index], length, meta.block_size)
 
-        runs = [slot_runs(index, context if new == 1 else context - new)
-                for index, (context, new) in enumerate(zip(meta.context_lens_host, meta.query_lens))]
+        runs = [
+            slot_runs(index, context if new == 1 else context - new)
+            for index, (context, new) in enumerate(zip(meta.context_lens_host, meta.query_lens))
+        ]
         # A prompt chunk whose cached context and own slots are one run: one fused call with an end-aligned
         # causal mask (built here once for all layers) instead of two calls and a merge.
         one_run = {}
@@ -105,12 +114,22 @@ class CpuAttentionBackend(AttentionBackend):
         rows = [index for index, new in enumerate(meta.query_lens) if new == 1]
         if self.kernels and rows:  # every decode of the step in one kernel call per layer: their runs as one tensor
             counts = [len(runs[index]) for index in rows]
-            decodes = DecodeRuns(torch.tensor([run for index in rows for run in runs[index]], dtype=torch.long),
-                                 torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.long), rows)
+            decodes = DecodeRuns(
+                torch.tensor([run for index in rows for run in runs[index]], dtype=torch.long),
+                torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.long),
+                rows,
+            )
         meta.backend_state[RUN_PLAN] = RunPlan(runs, one_run, decodes)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         """q [N, Hq, D], k/v [N, Hkv, D] (new tokens, not yet rotated) -> [N, Hq * D]."""
         q, k = self.rotate_and_write(q, k, v, k_cache, v_cache, meta)
         return self._attend(q, k, v, flat_slots(k_cache), flat_slots(v_cache), meta).reshape(q.shape[0], -1)

@@ -33,20 +33,38 @@ class FlashAttentionBackend(AttentionBackend):
             cu_k[1:] = torch.cumsum(meta.context_lens, 0)
             meta.backend_state["cu_seqlens_k"] = cu_k
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         q, k = rotate_queries_and_keys(q, k, meta)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if meta.is_decode:
             out = self._with_kvcache(
-                q[:, None], k_cache, v_cache, cache_seqlens=meta.context_lens,
-                block_table=meta.block_tables, causal=True, window_size=self.window,
+                q[:, None],
+                k_cache,
+                v_cache,
+                cache_seqlens=meta.context_lens,
+                block_table=meta.block_tables,
+                causal=True,
+                window_size=self.window,
             )[:, 0]
         else:
             out = self._varlen(
-                q, k_cache, v_cache,
-                cu_seqlens_q=meta.cu_seqlens_q, cu_seqlens_k=meta.backend_state["cu_seqlens_k"],
-                max_seqlen_q=max(meta.query_lens), max_seqlen_k=max(meta.context_lens_host),
-                causal=True, window_size=self.window, block_table=meta.block_tables,
+                q,
+                k_cache,
+                v_cache,
+                cu_seqlens_q=meta.cu_seqlens_q,
+                cu_seqlens_k=meta.backend_state["cu_seqlens_k"],
+                max_seqlen_q=max(meta.query_lens),
+                max_seqlen_k=max(meta.context_lens_host),
+                causal=True,
+                window_size=self.window,
+                block_table=meta.block_tables,
             )
         return out.reshape(q.shape[0], -1)

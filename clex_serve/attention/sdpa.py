@@ -22,8 +22,9 @@ from clex_serve.layers.rotary import apply_rotary
 RotateAndWrite = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def rotate_queries_and_keys(q: torch.Tensor, k: torch.Tensor,
-                            meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_queries_and_keys(
+    q: torch.Tensor, k: torch.Tensor, meta: AttentionMetadata
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k with the step's tables; multiply queries by the CLEX log scale where it applies."""
     q = apply_rotary(q, meta.cos, meta.sin)
     k = apply_rotary(k, meta.cos, meta.sin)
@@ -32,14 +33,21 @@ def rotate_queries_and_keys(q: torch.Tensor, k: torch.Tensor,
     return q, k
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     flat_slots(k_cache).index_copy_(0, slot_mapping, k)
     flat_slots(v_cache).index_copy_(0, slot_mapping, v)
 
 
-def rotate_and_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_and_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The eager ``RotateAndWrite``: rotate (and scale) with PyTorch's operators, then write K/V."""
     q, k = rotate_queries_and_keys(q, k, meta)
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
@@ -58,8 +66,9 @@ def context_slots(block_tables: torch.Tensor, block_size: int, length: int) -> t
     return cache_slot(block_tables.long(), positions, block_size)
 
 
-def visibility_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
-                    sliding_window: int | None) -> torch.Tensor:
+def visibility_mask(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, sliding_window: int | None
+) -> torch.Tensor:
     """True where a query may attend a key: causal and, with a window, ``q - k < window`` (transformers')."""
     distance = query_positions[..., :, None] - key_positions[..., None, :]
     mask = distance >= 0
@@ -97,8 +106,15 @@ class SdpaAttentionBackend(AttentionBackend):
             mask &= (meta.positions[:, None] - key_positions[None, :]) < self.sliding_window
         meta.backend_state["padded_decode"] = PaddedDecode(slots, mask[:, None, None, :])
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         """q [N, Hq, D], k/v [N, Hkv, D] (new tokens, not yet rotated) -> [N, Hq * D]."""
         q, k = self.rotate_and_write(q, k, v, k_cache, v_cache, meta)
         if meta.is_decode:
@@ -113,7 +129,10 @@ class SdpaAttentionBackend(AttentionBackend):
         keys = gather_slots(flat_slots(k_cache), gather.slots).transpose(1, 2)  # [B, Hkv, S, D]
         values = gather_slots(flat_slots(v_cache), gather.slots).transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q[:, :, None, :], keys, values, attn_mask=gather.mask,
+            q[:, :, None, :],
+            keys,
+            values,
+            attn_mask=gather.mask,
             enable_gqa=q.shape[1] != num_kv_heads,
         )
         return out[:, :, 0, :]
@@ -131,7 +150,7 @@ class SdpaAttentionBackend(AttentionBackend):
                 # The whole context is new: attend to the step's own keys, no cache gather.
                 k_seq, v_seq = k[start:end], v[start:end]
             else:
-                slots = context_slots(meta.block_tables[index:index + 1], meta.block_size, context_len)[0]
+                slots = context_slots(meta.block_tables[index : index + 1], meta.block_size, context_len)[0]
                 k_seq, v_seq = gather_slots(flat_k, slots), gather_slots(flat_v, slots)
             k_seq, v_seq = k_seq.transpose(0, 1)[None], v_seq.transpose(0, 1)[None]
             if context_len == query_len and self.sliding_window is None:

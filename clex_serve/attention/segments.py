@@ -49,8 +49,9 @@ def slot_runs(runs: list[list[int]], num_tokens: int, block_size: int) -> list[t
     return slots
 
 
-def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def attend_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q [1, H, Lq, D], k/v [1, H, Lk, D] (any strides with a unit last one) -> (out, lse [1, H, Lq] f32)."""
     if q.shape[2] == 0 or k.shape[2] == 0:  # the kernel divides by these lengths
         out = q.new_zeros(*q.shape[:3], v.shape[3])
@@ -69,8 +70,9 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     return out.to(parts[0][0].dtype)
 
 
-def cached_parts(q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
-                 runs: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def cached_parts(
+    q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor, runs: list[tuple[int, int]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Attention of q [1, Hkv, Lq, D] over each run of the flat [slots, Hkv, D] cache, without a mask."""
     parts = []
     for start, end in runs:
@@ -80,8 +82,9 @@ def cached_parts(q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
     return parts
 
 
-def decode_one(q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
-               runs: list[tuple[int, int]]) -> torch.Tensor:
+def decode_one(
+    q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor, runs: list[tuple[int, int]]
+) -> torch.Tensor:
     """One decode query q [Hq, D] over its cached context (its own key included) -> [Hq, D].
 
     Query heads sharing a KV head ride as that head's query rows, so grouped-query attention reads each
@@ -93,8 +96,14 @@ def decode_one(q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
     return out.reshape(num_heads, head_dim)
 
 
-def prefill_one(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, flat_k: torch.Tensor,
-                flat_v: torch.Tensor, cached_runs: list[tuple[int, int]]) -> torch.Tensor:
+def prefill_one(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    flat_k: torch.Tensor,
+    flat_v: torch.Tensor,
+    cached_runs: list[tuple[int, int]],
+) -> torch.Tensor:
     """A chunk's queries q [Lq, Hq, D] over the cached runs (all visible) and its own keys k_new/v_new
     [Lq, Hkv, D] (causal) -> [Lq, Hq, D]."""
     num_heads = q.shape[1]
@@ -125,8 +134,9 @@ def causal_mask_at_end(num_queries: int, num_keys: int, dtype: torch.dtype) -> t
     return mask.masked_fill_(torch.arange(num_keys)[None, :] > own, float("-inf"))
 
 
-def prefill_in_one_run(q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor, run: tuple[int, int],
-                       mask: torch.Tensor) -> torch.Tensor:
+def prefill_in_one_run(
+    q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor, run: tuple[int, int], mask: torch.Tensor
+) -> torch.Tensor:
     """A chunk's queries q [Lq, Hq, D] whose whole context, its own keys included (already written), is the
     one run ``[start, end)`` of the pool: one fused call with ``causal_mask_at_end``, instead of attending
     the cached part and the chunk apart and merging them. -> [Lq, Hq, D]."""

@@ -30,8 +30,9 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def get_attention_backend(name: str, device: torch.device, sliding_window: int | None,
-                          dtype: torch.dtype) -> AttentionBackend:
+def get_attention_backend(
+    name: str, device: torch.device, sliding_window: int | None, dtype: torch.dtype
+) -> AttentionBackend:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(BACKENDS)}")
     half = dtype in (torch.float16, torch.bfloat16)

@@ -31,12 +31,20 @@ class TritonAttentionBackend(SdpaAttentionBackend):
         if not meta.is_decode:
             super().prepare(meta)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         if not meta.is_decode:
             return super().forward(q, k, v, k_cache, v_cache, meta)
         q = rotate_and_cache(q, k, v, meta.cos, meta.sin, meta.query_scale, meta.slot_mapping, k_cache, v_cache)
         num_splits = num_splits_for(q.shape[0], k_cache.shape[-2], self.num_multiprocessors)
-        out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, num_splits,
-                                     self.sliding_window)
+        out = paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, num_splits, self.sliding_window
+        )
         return out.reshape(q.shape[0], -1)

@@ -26,13 +26,28 @@ _NO_WINDOW = 1 << 30
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, partial_out_ptr, partial_lse_ptr,
-    sm_scale, sliding_window,
-    stride_q_seq, stride_q_head,
-    stride_cache_block, stride_cache_slot, stride_cache_head,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    sm_scale,
+    sliding_window,
+    stride_q_seq,
+    stride_q_head,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_head,
     stride_table_seq,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    QUERIES_PER_KV: tl.constexpr, QUERY_ROWS: tl.constexpr, NUM_SPLITS: tl.constexpr, TILE_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    QUERIES_PER_KV: tl.constexpr,
+    QUERY_ROWS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    TILE_N: tl.constexpr,
     IEEE_DOT: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -51,8 +66,11 @@ def _split_kernel(
     row_valid = rows < QUERIES_PER_KV
     dim_valid = dims < HEAD_DIM
     heads = kv_head * QUERIES_PER_KV + rows
-    q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
-                mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
+        mask=row_valid[:, None] & dim_valid[None, :],
+        other=0.0,
+    )
 
     running_max = tl.full([QUERY_ROWS], float("-inf"), tl.float32)
     running_sum = tl.zeros([QUERY_ROWS], tl.float32)
@@ -63,8 +81,9 @@ def _split_kernel(
         positions = tile_start + offsets
         valid = positions < end
         blocks = tl.load(table + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        rows_at = blocks * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_slot \
-            + kv_head * stride_cache_head
+        rows_at = (
+            blocks * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_slot + kv_head * stride_cache_head
+        )
         kv_mask = valid[:, None] & dim_valid[None, :]
         keys = tl.load(k_cache_ptr + rows_at[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         if IEEE_DOT:
@@ -93,8 +112,16 @@ def _split_kernel(
 
 
 @triton.jit
-def _merge_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_out_seq, stride_out_head,
-                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr):
+def _merge_kernel(
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    stride_out_seq,
+    stride_out_head,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = seq * tl.num_programs(1) + head
@@ -104,8 +131,11 @@ def _merge_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_out_seq, str
     weights = tl.exp(lse - tl.max(lse, 0))  # empty splits have lse -inf: weight 0
     partial = tl.load(partial_out_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM_PAD + dims[None, :])
     out = tl.sum(partial * weights[:, None], 0) / tl.sum(weights, 0)
-    tl.store(out_ptr + seq * stride_out_seq + head * stride_out_head + dims, out.to(out_ptr.dtype.element_ty),
-             mask=dims < HEAD_DIM)
+    tl.store(
+        out_ptr + seq * stride_out_seq + head * stride_out_head + dims,
+        out.to(out_ptr.dtype.element_ty),
+        mask=dims < HEAD_DIM,
+    )
 
 
 def num_splits_for(batch_size: int, num_kv_heads: int, num_multiprocessors: int) -> int:
@@ -116,10 +146,19 @@ def num_splits_for(batch_size: int, num_kv_heads: int, num_multiprocessors: int)
     return min(MAX_SPLITS, triton.next_power_of_2(wanted))
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor, num_splits: int,
-                           sliding_window: int | None = None, scale: float | None = None,
-                           tile: int = TILE, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    num_splits: int,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    tile: int = TILE,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
     """Attention of one query per sequence over its cache.
 
     q [B, Hq, D]; k_cache/v_cache [blocks, block_size, Hkv, D] (one layer's view of the pool);
@@ -139,18 +178,40 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     partial_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     _split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, partial_out, partial_lse,
-        scale if scale is not None else head_dim ** -0.5, sliding_window or _NO_WINDOW,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        partial_out,
+        partial_lse,
+        scale if scale is not None else head_dim**-0.5,
+        sliding_window or _NO_WINDOW,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
         block_tables.stride(0),
-        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        QUERIES_PER_KV=queries_per_kv, QUERY_ROWS=max(16, triton.next_power_of_2(queries_per_kv)),
-        NUM_SPLITS=num_splits, TILE_N=tile, IEEE_DOT=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        QUERIES_PER_KV=queries_per_kv,
+        QUERY_ROWS=max(16, triton.next_power_of_2(queries_per_kv)),
+        NUM_SPLITS=num_splits,
+        TILE_N=tile,
+        IEEE_DOT=q.dtype == torch.float32,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     _merge_kernel[(batch, num_heads)](
-        partial_out, partial_lse, out, out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=num_splits,
+        partial_out,
+        partial_lse,
+        out,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        NUM_SPLITS=num_splits,
     )
     return out

@@ -19,8 +19,13 @@ class EngineSource(ChatSource):
     """``chat_template``: None for the tokenizer's own, else the model family's. ``owns_engine``: ``close()``
     shuts the engine down (the terminal chat's own; a server's engine is the server's to stop)."""
 
-    def __init__(self, engine: AsyncLLMEngine, chat_template: str | None, model_name: str | None = None,
-                 owns_engine: bool = False) -> None:
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        chat_template: str | None,
+        model_name: str | None = None,
+        owns_engine: bool = False,
+    ) -> None:
         self.engine = engine
         self.chat_template = chat_template
         self.model_name = model_name or str(engine.model_path)
@@ -30,8 +35,7 @@ class EngineSource(ChatSource):
     def _prompt(self, messages: list[dict]) -> dict:
         from clex_serve.text.chat_template import chat_prompt
 
-        return chat_prompt(self.engine.tokenizer, messages, self.engine.model_config.family, True,
-                           self.chat_template)
+        return chat_prompt(self.engine.tokenizer, messages, self.engine.model_config.family, True, self.chat_template)
 
     async def count_tokens(self, messages: list[dict]) -> int:
         return len((await asyncio.to_thread(self._prompt, messages))["prompt_token_ids"])

@@ -48,8 +48,9 @@ class OpenAISource(ChatSource):
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
             async with httpx.AsyncClient(timeout=30) as http:
-                response = await http.post(f"{base}/tokenize", json={"model": self.model_name, "messages": messages},
-                                           headers=headers)
+                response = await http.post(
+                    f"{base}/tokenize", json={"model": self.model_name, "messages": messages}, headers=headers
+                )
             return response.json()["count"] if response.status_code == 200 else None
         except (httpx.HTTPError, KeyError, TypeError, ValueError):
             return None
@@ -59,9 +60,15 @@ class OpenAISource(ChatSource):
 
         try:
             response = await self.client.chat.completions.create(
-                model=self.model_name, messages=messages, stream=True, temperature=params.temperature,
-                top_p=params.top_p, max_tokens=params.max_tokens, seed=params.seed,
-                extra_body={"top_k": params.top_k, "repetition_penalty": params.repetition_penalty})
+                model=self.model_name,
+                messages=messages,
+                stream=True,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_tokens,
+                seed=params.seed,
+                extra_body={"top_k": params.top_k, "repetition_penalty": params.repetition_penalty},
+            )
         except openai.AuthenticationError:
             raise ChatSourceError(self._refused_key()) from None
         except openai.APIConnectionError:

@@ -28,7 +28,9 @@ _CODE_LINE = re.compile(
       | (return|yield|raise|assert)(\s|$) | (pass|break|continue)\s*$
       | @[\w.]+ | [A-Za-z_][\w.]*(\[[^\]]*\])?\s*([-+*/%|&]?=)(?!=)\s*\S
       | [A-Za-z_][\w.]*\(.*\)\s*$
-    )""", re.VERBOSE)
+    )""",
+    re.VERBOSE,
+)
 _INDENTED = re.compile(r"^(\t| {4})")
 _COMMENT = re.compile(r"^\s*#")
 # Complete code spans (a run of backticks closed by a run of the same length), and <scheme://...> autolinks,
@@ -48,7 +50,7 @@ def display_markdown(text: str) -> str:
             out.append(_prose_markdown(prose))
             prose = []
             end = _fence_end(lines, index, fence.group(1))
-            block = lines[index:end + 1]
+            block = lines[index : end + 1]
             if end == len(lines):  # still open: close it, so that what streamed so far shows as code
                 block.append(fence.group(1))
             out.append("\n".join(block))
@@ -87,7 +89,7 @@ def _prose_markdown(lines: list[str]) -> str | None:
 
 
 def _line_kinds(lines: list[str]) -> list[str]:
-    """"code" for each line in a run that reads as code, "prose" for the others. A run starts at a line
+    """ "code" for each line in a run that reads as code, "prose" for the others. A run starts at a line
     that is code on its own (or a comment right above one) and goes on through indented lines, comments,
     and blank lines that more code follows."""
     strong = [bool(_CODE_LINE.match(line)) for line in lines]
@@ -95,8 +97,10 @@ def _line_kinds(lines: list[str]) -> list[str]:
     in_code = False
     for index, line in enumerate(lines):
         next_index = next((j for j in range(index + 1, len(lines)) if lines[j].strip()), None)
-        next_is_code = next_index is not None and (strong[next_index] or (in_code and (
-            _INDENTED.match(lines[next_index]) or _COMMENT.match(lines[next_index]))))
+        next_is_code = next_index is not None and (
+            strong[next_index]
+            or (in_code and (_INDENTED.match(lines[next_index]) or _COMMENT.match(lines[next_index])))
+        )
         if strong[index]:
             in_code = True
         elif not line.strip():
@@ -112,7 +116,7 @@ def _line_kinds(lines: list[str]) -> list[str]:
 def _escape_underscores(text: str) -> str:
     pieces, last = [], 0
     for span in _VERBATIM.finditer(text):
-        pieces.append(_UNESCAPED_UNDERSCORE.sub(r"\\_", text[last:span.start()]))
+        pieces.append(_UNESCAPED_UNDERSCORE.sub(r"\\_", text[last : span.start()]))
         pieces.append(span.group(0))
         last = span.end()
     pieces.append(_UNESCAPED_UNDERSCORE.sub(r"\\_", text[last:]))

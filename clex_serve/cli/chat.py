@@ -24,12 +24,15 @@ from clex_serve.cli.engine_start import start_engine
 from clex_serve.cli.help_format import DefaultsOnceHelpFormatter
 from clex_serve.sampling_params import SamplingParams
 
-DEFAULT_HISTORY = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "clex-serve" / "chat_history"
+DEFAULT_HISTORY = (
+    Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "clex-serve" / "chat_history"
+)
 
 
 def build_parser(prog: str = "clex-chat") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Chat with a CLEX model in the terminal.",
-                                     formatter_class=DefaultsOnceHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Chat with a CLEX model in the terminal.", formatter_class=DefaultsOnceHelpFormatter
+    )
     add_engine_args(parser)
     parser.add_argument("--model-path", dest="model_path", help="the same as --model (FastChat's name)")
     client = parser.add_argument_group("client mode")
@@ -42,10 +45,18 @@ def build_parser(prog: str = "clex-chat") -> argparse.ArgumentParser:
     chat.add_argument("--repetition-penalty", type=float, default=1.0, help="1: none")
     chat.add_argument("--max-new-tokens", type=positive_int, default=512, help="tokens per answer at most")
     chat.add_argument("--system", help="a system message opening the conversation")
-    chat.add_argument("--chat-template", "--conv-template", dest="chat_template",
-                      help="vicuna, zephyr or a Jinja file (default: the model's own, else its family's)")
-    chat.add_argument("--style", choices=["rich", "simple"], default=None,
-                      help="rich: markdown and history (default on a terminal); simple: plain lines (pipes)")
+    chat.add_argument(
+        "--chat-template",
+        "--conv-template",
+        dest="chat_template",
+        help="vicuna, zephyr or a Jinja file (default: the model's own, else its family's)",
+    )
+    chat.add_argument(
+        "--style",
+        choices=["rich", "simple"],
+        default=None,
+        help="rich: markdown and history (default on a terminal); simple: plain lines (pipes)",
+    )
     chat.add_argument("--history-file", type=Path, default=DEFAULT_HISTORY, help="input history across sessions")
     return parser
 
@@ -132,8 +143,11 @@ class ChatSession:
         try:
             messages = json.loads(Path(path).read_text())
             valid = isinstance(messages, list) and all(
-                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                and isinstance(m.get("content"), str) for m in messages)
+                isinstance(m, dict)
+                and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str)
+                for m in messages
+            )
         except (OSError, ValueError) as error:
             self.io.info(f"(cannot load {path}: {getattr(error, 'strerror', None) or error})")
             return
@@ -156,15 +170,19 @@ class ChatSession:
                 return True
             first_turn = 1 if self.messages and self.messages[0]["role"] == "system" else 0
             if len(self.messages) - first_turn <= 1:
-                self.io.info(f"(this message takes {used} tokens; with the {reserve} kept for the answer, the "
-                             f"{limit} tokens the model reads are not enough: shorten it)")
+                self.io.info(
+                    f"(this message takes {used} tokens; with the {reserve} kept for the answer, the "
+                    f"{limit} tokens the model reads are not enough: shorten it)"
+                )
                 self.messages.pop()
                 return False
-            if not self.io.confirm(f"The conversation ({used} tokens) and the {reserve} tokens kept for the "
-                                   f"answer do not fit the context of {limit}. Drop the oldest turn?"):
+            if not self.io.confirm(
+                f"The conversation ({used} tokens) and the {reserve} tokens kept for the "
+                f"answer do not fit the context of {limit}. Drop the oldest turn?"
+            ):
                 self.messages.pop()
                 return False
-            del self.messages[first_turn:first_turn + 2]
+            del self.messages[first_turn : first_turn + 2]
 
     def answer(self) -> None:
         if not self._fit_context():
@@ -211,9 +229,14 @@ def main(argv: list[str] | None = None, prog: str = "clex-chat") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                repetition_penalty=args.repetition_penalty, max_tokens=args.max_new_tokens,
-                                seed=args.seed if args.seed else None)
+        params = SamplingParams(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            repetition_penalty=args.repetition_penalty,
+            max_tokens=args.max_new_tokens,
+            seed=args.seed if args.seed else None,
+        )
     except ValueError as error:
         parser.exit(2, f"{prog}: error: {error}\n")
     style = args.style or ("rich" if sys.stdin.isatty() and sys.stdout.isatty() else "simple")
@@ -237,8 +260,9 @@ def _source(args, prog: str):
     args.model = args.model or args.model_path
     engine = start_engine(args, prog)
     template = resolve_chat_template(engine.tokenizer, args.model or "", args.chat_template)
-    return EngineSource(AsyncLLMEngine(engine), template or fallback_template(engine.model_config.family),
-                        args.model, owns_engine=True)
+    return EngineSource(
+        AsyncLLMEngine(engine), template or fallback_template(engine.model_config.family), args.model, owns_engine=True
+    )
 
 
 if __name__ == "__main__":

@@ -103,9 +103,13 @@ class RichChatIO(ChatIO):
         def _(event):
             event.current_buffer.validate_and_handle()
 
-        self.session = PromptSession(history=FileHistory(str(history_file)), auto_suggest=AutoSuggestFromHistory(),
-                                     completer=WordCompleter(list(COMMANDS), sentence=True), key_bindings=bindings,
-                                     multiline=True)
+        self.session = PromptSession(
+            history=FileHistory(str(history_file)),
+            auto_suggest=AutoSuggestFromHistory(),
+            completer=WordCompleter(list(COMMANDS), sentence=True),
+            key_bindings=bindings,
+            multiline=True,
+        )
         self.console = Console()
 
     def read_message(self, status: str) -> str | None:
@@ -128,8 +132,10 @@ class RichChatIO(ChatIO):
 
         shown = self.last_shown = ""
         self.console.print("[bold]ASSISTANT[/bold]:")
-        with _keys_not_echoed(), Live(Markdown(""), console=self.console, refresh_per_second=12,
-                                      vertical_overflow="visible") as live:
+        with (
+            _keys_not_echoed(),
+            Live(Markdown(""), console=self.console, refresh_per_second=12, vertical_overflow="visible") as live,
+        ):
             for delta in deltas:
                 shown = self.last_shown = shown + delta
                 live.update(Markdown(display_markdown(shown)))

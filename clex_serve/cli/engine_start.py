@@ -15,8 +15,12 @@ def warn_about_slow_flags(args: argparse.Namespace, prog: str) -> None:
     if args.dtype == "float16" and resolve_device(args.device).type == "cpu":
         # CPUs have no float16 arithmetic of their own: every matmul converts, which makes float16 the
         # slowest of the three there. It still works, so it is a warning, not a refusal.
-        print(f"{prog}: warning: --dtype float16 on the CPU is the slowest choice there (no float16 kernels); "
-              f"float32 (what auto picks) or bfloat16 runs faster", file=sys.stderr, flush=True)
+        print(
+            f"{prog}: warning: --dtype float16 on the CPU is the slowest choice there (no float16 kernels); "
+            f"float32 (what auto picks) or bfloat16 runs faster",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def start_engine(args: argparse.Namespace, prog: str):

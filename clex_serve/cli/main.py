@@ -19,7 +19,6 @@ from clex_serve.cli.engine_start import start_engine
 from clex_serve.cli.help_format import DefaultsOnceHelpFormatter
 from clex_serve.sampling_params import RequestOutputKind, SamplingParams
 
-
 COMMANDS = ("serve", "generate", "chat", "web")
 DEMO_MODEL_NAME = "clex-serve-demo"
 
@@ -36,39 +35,62 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     formatter = DefaultsOnceHelpFormatter
     serve = commands.add_parser(
-        "serve", formatter_class=formatter, help="the OpenAI-compatible server (the default command)",
+        "serve",
+        formatter_class=formatter,
+        help="the OpenAI-compatible server (the default command)",
         description="Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, /health, "
-                    "/metrics). `clex-serve generate --help` shows the command-line generator.")
+        "/metrics). `clex-serve generate --help` shows the command-line generator.",
+    )
     add_engine_args(serve)
     server = serve.add_argument_group("server")
-    server.add_argument("--host", default=os.environ.get("CLEX_SERVE_HOST", "127.0.0.1"),
-                        help="address to listen on (0.0.0.0: every interface; $CLEX_SERVE_HOST sets it too)")
+    server.add_argument(
+        "--host",
+        default=os.environ.get("CLEX_SERVE_HOST", "127.0.0.1"),
+        help="address to listen on (0.0.0.0: every interface; $CLEX_SERVE_HOST sets it too)",
+    )
     server.add_argument("--port", type=port_number, default=8000, help="port to listen on")
-    server.add_argument("--served-model-name", help="the model name clients use (default: --model, or "
-                                                    f"{DEMO_MODEL_NAME} for the embedded model)")
-    server.add_argument("--chat-template", help="vicuna, zephyr, or a Jinja file (default: the tokenizer's own, "
-                                                "or the released CLEX chat models' format)")
-    server.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes "
-                                          "(default: $CLEX_SERVE_API_KEY, else none)")
-    server.add_argument("--allowed-origins", default="",
-                        help="comma-separated CORS origins ('*' for any; default: none, so browsers allow "
-                             "same-origin pages only)")
-    server.add_argument("--uvicorn-log-level", default="warning",
-                        choices=["critical", "error", "warning", "info", "debug", "trace"],
-                        help="how much uvicorn itself logs (its start-up and connection errors); clex-serve's "
-                             "own line per request is logged whatever this says")
-    server.add_argument("--graceful-timeout", type=float, default=30.0,
-                        help="seconds requests in flight may run on after SIGTERM")
-    server.add_argument("--max-request-body-bytes", type=positive_int, default=None,
-                        help="larger request bodies are refused with a 413 before they are read (default: "
-                             "sized from the longest prompt the model can read, 64 bytes per token of context, "
-                             "at least 1 MiB)")
-    server.add_argument("--ui", action="store_true",
-                        help="also serve the Gradio chat demo at /ui (pip install 'clex-serve[web]')")
+    server.add_argument(
+        "--served-model-name",
+        help=f"the model name clients use (default: --model, or {DEMO_MODEL_NAME} for the embedded model)",
+    )
+    server.add_argument(
+        "--chat-template",
+        help="vicuna, zephyr, or a Jinja file (default: the tokenizer's own, or the released CLEX chat models' format)",
+    )
+    server.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CLEX_SERVE_API_KEY, else none)"
+    )
+    server.add_argument(
+        "--allowed-origins",
+        default="",
+        help="comma-separated CORS origins ('*' for any; default: none, so browsers allow same-origin pages only)",
+    )
+    server.add_argument(
+        "--uvicorn-log-level",
+        default="warning",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="how much uvicorn itself logs (its start-up and connection errors); clex-serve's "
+        "own line per request is logged whatever this says",
+    )
+    server.add_argument(
+        "--graceful-timeout", type=float, default=30.0, help="seconds requests in flight may run on after SIGTERM"
+    )
+    server.add_argument(
+        "--max-request-body-bytes",
+        type=positive_int,
+        default=None,
+        help="larger request bodies are refused with a 413 before they are read (default: "
+        "sized from the longest prompt the model can read, 64 bytes per token of context, "
+        "at least 1 MiB)",
+    )
+    server.add_argument(
+        "--ui", action="store_true", help="also serve the Gradio chat demo at /ui (pip install 'clex-serve[web]')"
+    )
     commands.add_parser("chat", help="the terminal chat (the same as clex-chat; `clex-serve chat --help`)")
     commands.add_parser("web", help="the web demo against a server (`clex-serve web --help`)")
-    generate = commands.add_parser("generate", formatter_class=formatter,
-                                   help="stream completions of prompts to standard output")
+    generate = commands.add_parser(
+        "generate", formatter_class=formatter, help="stream completions of prompts to standard output"
+    )
     add_engine_args(generate)
     sampling = generate.add_argument_group("sampling")
     sampling.add_argument("--prompt", help="the prompt (default: each line of standard input)")
@@ -77,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     sampling.add_argument("--top-k", type=int, default=0, help="0: no top-k")
     sampling.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    sampling.add_argument("--ignore-eos", action="store_true",
-                          help="write on past the end-of-sequence token, up to --max-tokens")
+    sampling.add_argument(
+        "--ignore-eos", action="store_true", help="write on past the end-of-sequence token, up to --max-tokens"
+    )
     return parser
 
 
@@ -113,9 +136,18 @@ def _serve_on(sockets, args) -> int:
     template = resolve_chat_template(engine.tokenizer, args.model or "", args.chat_template)
     origins = [origin.strip() for origin in args.allowed_origins.split(",") if origin.strip()]
     api_key = args.api_key or os.environ.get("CLEX_SERVE_API_KEY") or None
-    return serve(AsyncLLMEngine(engine), name, sockets, template, api_key, origins,
-                 args.uvicorn_log_level, args.graceful_timeout, ui=args.ui,
-                 max_request_body_bytes=args.max_request_body_bytes)
+    return serve(
+        AsyncLLMEngine(engine),
+        name,
+        sockets,
+        template,
+        api_key,
+        origins,
+        args.uvicorn_log_level,
+        args.graceful_timeout,
+        ui=args.ui,
+        max_request_body_bytes=args.max_request_body_bytes,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,9 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
     try:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, stop=args.stop, ignore_eos=args.ignore_eos,
-                                output_kind=RequestOutputKind.DELTA)
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            stop=args.stop,
+            ignore_eos=args.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
         engine = start_engine(args, "clex-serve")
         prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
         for prompt in prompts:

@@ -74,7 +74,7 @@ class AsyncLLMEngine:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
+    def from_config(cls, config: EngineConfig) -> AsyncLLMEngine:
         return cls(LLMEngine(config))
 
     # ------------------------------------------------------------------ state
@@ -136,8 +136,9 @@ class AsyncLLMEngine:
 
     # ------------------------------------------------------------------ requests
 
-    async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as it advances (what each carries follows ``params.output_kind``;
         a consumer that reads slowly gets what it missed merged into one output). The last one has
         ``finished``. Raises ValueError for a bad request; the engine thread's QueueFullError, when too many
@@ -188,9 +189,16 @@ class AsyncLLMEngine:
     def _aborted_output(request_id: str, processed: ProcessedPrompt) -> RequestOutput:
         params = processed.params
         completions = [CompletionOutput(index, "", [], None, None, "abort") for index in range(params.n)]
-        return RequestOutput(request_id, processed.text, processed.token_ids, None, completions, True,
-                             RequestMetrics(time.monotonic(), num_prompt_tokens=len(processed.token_ids)),
-                             params.output_kind)
+        return RequestOutput(
+            request_id,
+            processed.text,
+            processed.token_ids,
+            None,
+            completions,
+            True,
+            RequestMetrics(time.monotonic(), num_prompt_tokens=len(processed.token_ids)),
+            params.output_kind,
+        )
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the engine thread after its current step; every pending generate() ends with

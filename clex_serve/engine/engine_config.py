@@ -57,6 +57,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         """Messages name the Python parameter; the command line checks its flags itself, in its own words."""
+
         def check(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(message)
@@ -66,33 +67,54 @@ class EngineConfig:
             if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
 
-        for name in ("max_model_len", "max_num_batched_tokens", "max_prefill_tokens_with_decodes", "block_size",
-                     "max_queued_requests", "threads"):
+        for name in (
+            "max_model_len",
+            "max_num_batched_tokens",
+            "max_prefill_tokens_with_decodes",
+            "block_size",
+            "max_queued_requests",
+            "threads",
+        ):
             integer(name)
         for name in ("max_num_seqs", "seed"):
             integer(name, optional=False)
-        check(self.max_model_len is None or self.max_model_len >= 1,
-              f"max_model_len must be positive, got {self.max_model_len}")
+        check(
+            self.max_model_len is None or self.max_model_len >= 1,
+            f"max_model_len must be positive, got {self.max_model_len}",
+        )
         check(self.max_num_seqs >= 1, f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
-        check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
-              f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
-        check(self.max_prefill_tokens_with_decodes is None or self.max_prefill_tokens_with_decodes >= 1,
-              f"max_prefill_tokens_with_decodes must be positive, got {self.max_prefill_tokens_with_decodes}")
-        check(self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0,
-              f"kv_cache_memory_gib must be positive, got {self.kv_cache_memory_gib}")
-        check(0 < self.gpu_memory_utilization <= 1,
-              f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        check(0 < self.kv_cache_memory_fraction <= 1,
-              f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        check(
+            self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+            f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}",
+        )
+        check(
+            self.max_prefill_tokens_with_decodes is None or self.max_prefill_tokens_with_decodes >= 1,
+            f"max_prefill_tokens_with_decodes must be positive, got {self.max_prefill_tokens_with_decodes}",
+        )
+        check(
+            self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0,
+            f"kv_cache_memory_gib must be positive, got {self.kv_cache_memory_gib}",
+        )
+        check(
+            0 < self.gpu_memory_utilization <= 1,
+            f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}",
+        )
+        check(
+            0 < self.kv_cache_memory_fraction <= 1,
+            f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}",
+        )
         check(self.block_size is None or self.block_size >= 1, f"block_size must be positive, got {self.block_size}")
         check(self.threads is None or self.threads >= 1, f"threads must be at least 1, got {self.threads}")
-        check(self.max_queued_requests is None or self.max_queued_requests >= 0,
-              f"max_queued_requests must be non-negative, got {self.max_queued_requests}")
+        check(
+            self.max_queued_requests is None or self.max_queued_requests >= 0,
+            f"max_queued_requests must be non-negative, got {self.max_queued_requests}",
+        )
 
     def resolved_model(self) -> str:
         if self.model is not None:
             return self.model
         from clex_serve.assets import DEFAULT_MODEL_PATH
+
         return str(DEFAULT_MODEL_PATH)
 
     def resolved_max_model_len(self, config: ModelConfig) -> int:
@@ -129,8 +151,15 @@ def _gpu_budget(engine: EngineConfig, device: torch.device, activation_bytes: in
     return budget
 
 
-def num_kv_blocks(engine: EngineConfig, config: ModelConfig, block_size: int, dtype: torch.dtype,
-                  device: torch.device, max_model_len: int, activation_bytes: int = 0) -> int:
+def num_kv_blocks(
+    engine: EngineConfig,
+    config: ModelConfig,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_model_len: int,
+    activation_bytes: int = 0,
+) -> int:
     """``activation_bytes``: the measured activation peak (CUDA), kept out of the pool."""
     per_block = bytes_per_block(config, block_size, dtype)
     if engine.kv_cache_memory_gib is not None:

@@ -49,8 +49,9 @@ def check_unicode(text: str, what: str = "the prompt") -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise ValueError(f"{what} has a lone surrogate {text[error.start]!r} at character {error.start}: "
-                         f"send valid Unicode") from None
+        raise ValueError(
+            f"{what} has a lone surrogate {text[error.start]!r} at character {error.start}: send valid Unicode"
+        ) from None
 
 
 class InputProcessor:
@@ -67,7 +68,10 @@ class InputProcessor:
             raise PromptTooLongError(
                 f"{what} has {num_chars} characters, more than the {self.max_model_len} tokens this model reads "
                 f"can hold (no token is longer than {self.max_prompt_chars // self.max_model_len} characters)",
-                at_least, self.max_model_len, exact=False)
+                at_least,
+                self.max_model_len,
+                exact=False,
+            )
 
     def tokenize(self, text: str) -> list[int]:
         check_unicode(text)
@@ -83,13 +87,17 @@ class InputProcessor:
             raise ValueError("the prompt is empty")
         for position, token_id in enumerate(token_ids):
             if not _is_token_id(token_id) or not 0 <= token_id < self.vocab_size:
-                raise ValueError(f"prompt token id {token_id!r} at position {position} is not in the vocabulary "
-                                 f"[0, {self.vocab_size})")
+                raise ValueError(
+                    f"prompt token id {token_id!r} at position {position} is not in the vocabulary "
+                    f"[0, {self.vocab_size})"
+                )
         if len(token_ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"the prompt has {len(token_ids)} tokens, but this model reads at most {self.max_model_len} "
                 f"(prompt and output together); shorten it or raise max_model_len",
-                len(token_ids), self.max_model_len)
+                len(token_ids),
+                self.max_model_len,
+            )
         self.check_params(params)
         return ProcessedPrompt(text, token_ids, params)
 
@@ -117,8 +125,9 @@ class InputProcessor:
             raise ValueError("a prompt dict needs 'prompt' (a string) or 'prompt_token_ids'")
         if isinstance(prompt, (list, tuple)):
             return None, self._ids(prompt)
-        raise ValueError(f"a prompt is a string, a list of token ids, or {{'prompt_token_ids': [...]}}; "
-                         f"got {type(prompt).__name__}")
+        raise ValueError(
+            f"a prompt is a string, a list of token ids, or {{'prompt_token_ids': [...]}}; got {type(prompt).__name__}"
+        )
 
     @staticmethod
     def _ids(values) -> list[int]:

@@ -13,21 +13,21 @@ import time
 import torch
 
 from clex_serve.engine.core.block_manager import BlockManager, PrefixKey
+from clex_serve.engine.core.request import Request
+from clex_serve.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from clex_serve.engine.core.sequence import Sequence
 from clex_serve.engine.engine_config import EngineConfig, default_prefill_tokens_with_decodes, num_kv_blocks
 from clex_serve.engine.errors import QueueFullError
 from clex_serve.engine.input_processor import InputProcessor, ProcessedPrompt
-from clex_serve.engine.worker.model_runner import ModelRunner
 from clex_serve.engine.output_processor import OutputProcessor
 from clex_serve.engine.outputs import RequestMetrics, RequestOutput
-from clex_serve.engine.core.request import Request
-from clex_serve.engine.worker.sampler import Sampler
-from clex_serve.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from clex_serve.engine.core.sequence import Sequence
 from clex_serve.engine.stats import EngineStats
+from clex_serve.engine.worker.model_runner import ModelRunner
+from clex_serve.engine.worker.sampler import Sampler
 from clex_serve.engine.worker.worker import Worker
 from clex_serve.loading.loader import load_model
-from clex_serve.loading.tokenizer_fit import check_tokenizer_fits
 from clex_serve.loading.model_source import resolve_model_path
+from clex_serve.loading.tokenizer_fit import check_tokenizer_fits
 from clex_serve.sampling_params import SamplingParams
 from clex_serve.text.detokenizer import IncrementalDetokenizer
 from clex_serve.text.tokenizer import eos_token_ids, load_tokenizer
@@ -42,9 +42,15 @@ class LLMEngine:
         model_path = resolve_model_path(config.resolved_model(), config.revision)
         # The tokenizer first: it is cheap, and a missing one should not cost a model load to discover.
         self.tokenizer = load_tokenizer(config.tokenizer or model_path)
-        loaded = load_model(model_path, dtype=config.dtype, device=config.device,
-                            show_progress=config.show_progress, config_overrides=overrides,
-                            load_format=config.load_format, seed=config.seed)
+        loaded = load_model(
+            model_path,
+            dtype=config.dtype,
+            device=config.device,
+            show_progress=config.show_progress,
+            config_overrides=overrides,
+            load_format=config.load_format,
+            seed=config.seed,
+        )
         self.model_config = loaded.config
         self.model_path = loaded.path
         check_tokenizer_fits(self.tokenizer, self.model_config.vocab_size, str(config.tokenizer or model_path))
@@ -54,36 +60,51 @@ class LLMEngine:
 
         # One runner: it chooses the backend and block size, measures a step's memory on CUDA (before the
         # pool exists), then gets the pool sized from what is left.
-        runner = ModelRunner(loaded, None, config.block_size, config.attention_backend,
-                             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-                             enforce_eager=config.enforce_eager)
+        runner = ModelRunner(
+            loaded,
+            None,
+            config.block_size,
+            config.attention_backend,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            enforce_eager=config.enforce_eager,
+        )
         block_size = runner.block_size
         max_num_batched_tokens = config.max_num_batched_tokens or max(self.max_model_len, 2048)
         activation_bytes = 0
         if loaded.device.type == "cuda" and config.kv_cache_memory_gib is None:
             activation_bytes = runner.profile_peak_memory(min(max_num_batched_tokens, self.max_model_len))
-        num_blocks = num_kv_blocks(config, self.model_config, block_size, loaded.dtype, loaded.device,
-                                   self.max_model_len, activation_bytes)
+        num_blocks = num_kv_blocks(
+            config, self.model_config, block_size, loaded.dtype, loaded.device, self.max_model_len, activation_bytes
+        )
         if num_blocks * block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * block_size} tokens, less than one sequence of "
                 f"max_model_len {self.max_model_len}; give the cache more memory or lower max_model_len"
             )
         runner.allocate_kv_cache(num_blocks)
-        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching,
-                                          layout=runner.cache_layout)
+        self.block_manager = BlockManager(
+            num_blocks, block_size, config.enable_prefix_caching, layout=runner.cache_layout
+        )
         rope = runner.rope
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, max_num_batched_tokens,
-                            config.max_prefill_tokens_with_decodes
-                            or default_prefill_tokens_with_decodes(loaded.device.type)),
-            self.block_manager, rope.scale_for_length, self._prefix_key, rope.cache_follows_scale,
-            self.eos_token_ids, self.max_model_len,
+            SchedulerConfig(
+                config.max_num_seqs,
+                max_num_batched_tokens,
+                config.max_prefill_tokens_with_decodes or default_prefill_tokens_with_decodes(loaded.device.type),
+            ),
+            self.block_manager,
+            rope.scale_for_length,
+            self._prefix_key,
+            rope.cache_follows_scale,
+            self.eos_token_ids,
+            self.max_model_len,
         )
         self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len)
         self.outputs = OutputProcessor()
-        self.worker = Worker(runner, Sampler(self.model_config.vocab_size, self.device, config.seed),
-                             self.eos_token_ids)
+        self.worker = Worker(
+            runner, Sampler(self.model_config.vocab_size, self.device, config.seed), self.eos_token_ids
+        )
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
@@ -106,12 +127,14 @@ class LLMEngine:
         """Tokenize and check a request; reads no engine state, so any thread may call it."""
         return self.inputs.process(prompt, params)
 
-    def add_request(self, prompt: str | list[int] | dict, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt: str | list[int] | dict, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
         return self.add_processed_request(self.process_inputs(prompt, params), request_id)
 
-    def add_processed_request(self, processed: ProcessedPrompt, request_id: str | None = None,
-                              arrival_time: float | None = None) -> str:
+    def add_processed_request(
+        self, processed: ProcessedPrompt, request_id: str | None = None, arrival_time: float | None = None
+    ) -> str:
         request_id = f"req-{next(self._request_ids)}" if request_id is None else request_id
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
@@ -119,8 +142,9 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         limit = self.engine_config.max_queued_requests
         if limit is not None and len(self.scheduler.waiting) >= limit:
-            raise QueueFullError(f"{len(self.scheduler.waiting)} requests are already waiting (the limit is "
-                                 f"{limit}); try again later")
+            raise QueueFullError(
+                f"{len(self.scheduler.waiting)} requests are already waiting (the limit is {limit}); try again later"
+            )
         params, token_ids = processed.params, processed.token_ids
         seqs, detokenizers = [], []
         for index in range(params.n):
@@ -129,10 +153,12 @@ class LLMEngine:
                 seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
             seqs.append(seq)
             detokenizers.append(IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens))
-        metrics = RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-                                 num_prompt_tokens=len(token_ids))
-        self.requests[request_id] = Request(request_id, processed.text, list(token_ids), params, seqs,
-                                            detokenizers, metrics)
+        metrics = RequestMetrics(
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time, num_prompt_tokens=len(token_ids)
+        )
+        self.requests[request_id] = Request(
+            request_id, processed.text, list(token_ids), params, seqs, detokenizers, metrics
+        )
         for seq in seqs:
             self.scheduler.add(seq)
         return request_id
@@ -189,8 +215,9 @@ class LLMEngine:
         advanced = self.scheduler.update_from_output(plan, result.sampled)
         for chunk in plan.chunks:
             if chunk.seq.seq_id in result.prompt_logprobs:
-                self.outputs.add_prompt_logprobs(self.requests[chunk.seq.request_id], chunk.start,
-                                                 result.prompt_logprobs[chunk.seq.seq_id])
+                self.outputs.add_prompt_logprobs(
+                    self.requests[chunk.seq.request_id], chunk.start, result.prompt_logprobs[chunk.seq.seq_id]
+                )
         now = time.monotonic()
         for seq, tokens in advanced:
             self.outputs.append_tokens(self.requests[seq.request_id], seq, tokens, now)

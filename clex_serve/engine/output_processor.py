@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from clex_serve.engine.outputs import CompletionOutput, RequestOutput
 from clex_serve.engine.core.request import Request
-from clex_serve.engine.worker.sampler import SampledToken
 from clex_serve.engine.core.sequence import Logprob, Sequence
+from clex_serve.engine.outputs import CompletionOutput, RequestOutput
+from clex_serve.engine.worker.sampler import SampledToken
 from clex_serve.sampling_params import RequestOutputKind
 from clex_serve.text.stop_checker import find_stop_string, visible_length
 
@@ -64,26 +64,36 @@ class OutputProcessor:
         if finished and request.metrics.finished_time is None:
             request.metrics.finished_time = time.monotonic()
         delta = kind is RequestOutputKind.DELTA
-        completions = [self._completion(seq, request.sent[seq.index], request.params.logprobs is not None, delta)
-                       for seq in request.seqs]
+        completions = [
+            self._completion(seq, request.sent[seq.index], request.params.logprobs is not None, delta)
+            for seq in request.seqs
+        ]
         prompt_logprobs = request.prompt_logprobs
         if delta:
             prompt_logprobs = None if request.prompt_logprobs_sent else request.prompt_logprobs
             request.prompt_logprobs_sent = request.prompt_logprobs is not None
         metrics = dataclasses.replace(request.metrics, inter_token_times=request.pending_inter_token_times)
         request.pending_inter_token_times = []
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, prompt_logprobs,
-                             completions, finished, metrics, kind)
+        return RequestOutput(
+            request.request_id,
+            request.prompt,
+            request.prompt_token_ids,
+            prompt_logprobs,
+            completions,
+            finished,
+            metrics,
+            kind,
+        )
 
     @staticmethod
     def _completion(seq: Sequence, sent, with_logprobs: bool, delta: bool) -> CompletionOutput:
         visible = visible_length(seq.params, seq.output_text, seq.finish_reason is not None)
         first_token = seq.num_prompt_tokens + (sent.tokens if delta else 0)
         token_ids = seq.token_ids[first_token:]
-        text = seq.output_text[sent.text if delta else 0:visible]
+        text = seq.output_text[sent.text if delta else 0 : visible]
         logprobs = None
         if with_logprobs:
-            logprobs = seq.output_logprobs[sent.logprobs:] if delta else list(seq.output_logprobs)
+            logprobs = seq.output_logprobs[sent.logprobs :] if delta else list(seq.output_logprobs)
         if delta:
             sent.tokens, sent.text, sent.logprobs = seq.num_output_tokens, visible, len(seq.output_logprobs)
         return CompletionOutput(

@@ -42,9 +42,22 @@ def decode_layer_weights(layer: LlamaDecoderLayer) -> cpu_ops.DecodeLayerWeights
         return None
     qkv, o, gate_up, down = linears
     return cpu_ops.DecodeLayerWeights(
-        norms[0].weight, norms[1].weight, norms[0].eps, qkv.blocked_weight, qkv.blocked_bias, o.blocked_weight,
-        o.blocked_bias, gate_up.blocked_weight, gate_up.blocked_bias, down.blocked_weight, down.blocked_bias,
-        attention.num_heads, attention.num_kv_heads, attention.head_dim, down.out_features, down.in_features,
+        norms[0].weight,
+        norms[1].weight,
+        norms[0].eps,
+        qkv.blocked_weight,
+        qkv.blocked_bias,
+        o.blocked_weight,
+        o.blocked_bias,
+        gate_up.blocked_weight,
+        gate_up.blocked_bias,
+        down.blocked_weight,
+        down.blocked_bias,
+        attention.num_heads,
+        attention.num_kv_heads,
+        attention.head_dim,
+        down.out_features,
+        down.in_features,
     )
 
 
@@ -69,11 +82,25 @@ class CpuLlamaDecoderLayer(LlamaDecoderLayer):
 
     def forward(self, hidden_states: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         plan: RunPlan | None = meta.backend_state.get(RUN_PLAN)
-        if (plan is None or not plan.every_sequence_decodes() or hidden_states.dim() != 2
-                or hidden_states.shape[0] > self.max_rows or hidden_states.dtype != self.weights.input_norm.dtype):
+        if (
+            plan is None
+            or not plan.every_sequence_decodes()
+            or hidden_states.dim() != 2
+            or hidden_states.shape[0] > self.max_rows
+            or hidden_states.dtype != self.weights.input_norm.dtype
+        ):
             return super().forward(hidden_states, meta)
         scale = meta.query_scale.flatten() if meta.query_scale is not None else None
         k_cache, v_cache = meta.kv_caches[self.self_attn.layer_index]
-        return cpu_ops.llama_decode_layer(hidden_states.contiguous(), self.weights, meta.cos, meta.sin, scale,
-                                          meta.slot_mapping, flat_slots(k_cache), flat_slots(v_cache),
-                                          plan.decodes.runs, plan.decodes.offsets)
+        return cpu_ops.llama_decode_layer(
+            hidden_states.contiguous(),
+            self.weights,
+            meta.cos,
+            meta.sin,
+            scale,
+            meta.slot_mapping,
+            flat_slots(k_cache),
+            flat_slots(v_cache),
+            plan.decodes.runs,
+            plan.decodes.offsets,
+        )

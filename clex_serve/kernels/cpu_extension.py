@@ -32,9 +32,21 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 # One file per op family; torch_bindings.cpp registers every schema, clex_cpu.h declares every op.
-SOURCES = [CSRC / name for name in ("torch_bindings.cpp", "cpu_features.cpp", "blocked_linear.cpp", "rms_norm.cpp",
-                                    "activation.cpp", "rotary_cache.cpp", "decode_attention.cpp",
-                                    "decoder_layer.cpp", "sampling.cpp", "penalties.cpp")]
+SOURCES = [
+    CSRC / name
+    for name in (
+        "torch_bindings.cpp",
+        "cpu_features.cpp",
+        "blocked_linear.cpp",
+        "rms_norm.cpp",
+        "activation.cpp",
+        "rotary_cache.cpp",
+        "decode_attention.cpp",
+        "decoder_layer.cpp",
+        "sampling.cpp",
+        "penalties.cpp",
+    )
+]
 DISABLE_VARIABLE = "CLEX_SERVE_CPU_KERNELS"
 NAME_PREFIX = "clex_serve_cpu_kernels"
 # OpenMP: at::parallel_for runs on torch's own thread pool (the libgomp torch loaded), so the kernels use the
@@ -93,12 +105,20 @@ def _build() -> None:
     if library.is_file() and not (build_directory / "lock").exists():
         torch.ops.load_library(str(library))  # built before from exactly these sources: no compiler needed
         return
-    logger.warning("compiling clex-serve's CPU kernels for this installation (once: 10 s to over a minute; "
-                   "cached in %s)", build_directory)
+    logger.warning(
+        "compiling clex-serve's CPU kernels for this installation (once: 10 s to over a minute; cached in %s)",
+        build_directory,
+    )
     _put_ninja_on_path()
-    cpp_extension.load(name=name, sources=[str(source) for source in SOURCES], extra_cflags=CFLAGS,
-                       extra_ldflags=LDFLAGS, build_directory=str(build_directory), is_python_module=False,
-                       verbose=False)
+    cpp_extension.load(
+        name=name,
+        sources=[str(source) for source in SOURCES],
+        extra_cflags=CFLAGS,
+        extra_ldflags=LDFLAGS,
+        build_directory=str(build_directory),
+        is_python_module=False,
+        verbose=False,
+    )
 
 
 def _put_ninja_on_path() -> None:

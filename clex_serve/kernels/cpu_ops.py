@@ -26,15 +26,17 @@ def cpu_supported() -> bool:
     return torch.ops.clex_cpu.cpu_supported()
 
 
-def blocked_linear(x: torch.Tensor, blocked_weight: torch.Tensor, blocked_bias: torch.Tensor | None,
-                   out_features: int) -> torch.Tensor:
+def blocked_linear(
+    x: torch.Tensor, blocked_weight: torch.Tensor, blocked_bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
     """x [M, K] contiguous times a weight in the blocked layout [ceil(N / 64), K, 64] (``cpu_linear.to_blocked``),
     plus the bias padded to whole blocks -> [M, out_features]; float32 accumulation for both dtypes."""
     return torch.ops.clex_cpu.blocked_linear(x, blocked_weight, blocked_bias, out_features)
 
 
-def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x [rows, hidden] (contiguous columns), weight [hidden] of x's dtype -> (norm(x + residual), the sum
     rounded to the dtype); without ``residual``, the second tensor is undefined."""
     return torch.ops.clex_cpu.rms_norm(x, residual, weight, eps)
@@ -45,17 +47,31 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.ops.clex_cpu.silu_and_mul(gate_up)
 
 
-def rotate_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     query_scale: torch.Tensor | None, slots: torch.Tensor, flat_k_cache: torch.Tensor,
-                     flat_v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_and_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    query_scale: torch.Tensor | None,
+    slots: torch.Tensor,
+    flat_k_cache: torch.Tensor,
+    flat_v_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [N, Hq, D] and k [N, Hkv, D] with cos/sin [N, rotary_dim] (queries times ``query_scale`` [N],
     if given) and write k and v [N, Hkv, D] to ``slots`` [N] int64 of the [slots, Hkv, D] cache views ->
     (rotated queries, rotated keys)."""
     return torch.ops.clex_cpu.rotate_and_cache(q, k, v, cos, sin, query_scale, slots, flat_k_cache, flat_v_cache)
 
 
-def decode_attention(q: torch.Tensor, flat_k_cache: torch.Tensor, flat_v_cache: torch.Tensor, runs: torch.Tensor,
-                     run_offsets: torch.Tensor, scale: float) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    flat_k_cache: torch.Tensor,
+    flat_v_cache: torch.Tensor,
+    runs: torch.Tensor,
+    run_offsets: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """One query per sequence, q [B, Hq, D], over its cached runs: ``runs`` [R, 2] int64 slot ranges
     [start, end) of the [slots, Hkv, D] cache views, sequence b's rows ``run_offsets[b]:run_offsets[b + 1]``
     -> [B, Hq, D]."""
@@ -84,14 +100,24 @@ class DecodeLayerWeights(NamedTuple):
     intermediate_size: int
 
 
-def llama_decode_layer(hidden: torch.Tensor, weights: DecodeLayerWeights, cos: torch.Tensor, sin: torch.Tensor,
-                       query_scale: torch.Tensor | None, slots: torch.Tensor, flat_k_cache: torch.Tensor,
-                       flat_v_cache: torch.Tensor, runs: torch.Tensor, run_offsets: torch.Tensor) -> torch.Tensor:
+def llama_decode_layer(
+    hidden: torch.Tensor,
+    weights: DecodeLayerWeights,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    query_scale: torch.Tensor | None,
+    slots: torch.Tensor,
+    flat_k_cache: torch.Tensor,
+    flat_v_cache: torch.Tensor,
+    runs: torch.Tensor,
+    run_offsets: torch.Tensor,
+) -> torch.Tensor:
     """A Llama-family decoder layer's output for hidden [B, hidden] contiguous, one token per sequence: the
     kernels of the layer-by-layer path in its order; the step's arguments as in ``rotate_and_cache`` and
     ``decode_attention``."""
-    return torch.ops.clex_cpu.llama_decode_layer(hidden, *weights, cos, sin, query_scale, slots, flat_k_cache,
-                                                 flat_v_cache, runs, run_offsets)
+    return torch.ops.clex_cpu.llama_decode_layer(
+        hidden, *weights, cos, sin, query_scale, slots, flat_k_cache, flat_v_cache, runs, run_offsets
+    )
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -105,11 +131,19 @@ def sample_rows(logits: torch.Tensor, temperatures: torch.Tensor, uniforms: torc
     return torch.ops.clex_cpu.sample_rows(logits, temperatures, uniforms)
 
 
-def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, in_prompt: torch.Tensor,
-                    picked: torch.Tensor, table_rows: torch.Tensor, repetition: torch.Tensor,
-                    frequency: torch.Tensor, presence: torch.Tensor) -> None:
+def apply_penalties(
+    logits: torch.Tensor,
+    output_counts: torch.Tensor,
+    in_prompt: torch.Tensor,
+    picked: torch.Tensor,
+    table_rows: torch.Tensor,
+    repetition: torch.Tensor,
+    frequency: torch.Tensor,
+    presence: torch.Tensor,
+) -> None:
     """Repetition, frequency and presence penalties on rows ``picked`` [P] of [B, V] float32 contiguous
     logits, in place; their counts and prompt flags are rows ``table_rows`` [P] of ``output_counts`` [R, V]
     int32 and ``in_prompt`` [R, V] bool; the penalties [P] float32 each."""
-    torch.ops.clex_cpu.apply_penalties(logits, output_counts, in_prompt, picked, table_rows, repetition, frequency,
-                                       presence)
+    torch.ops.clex_cpu.apply_penalties(
+        logits, output_counts, in_prompt, picked, table_rows, repetition, frequency, presence
+    )

@@ -13,8 +13,21 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, stride_x, stride_residual, stride_out,
-                     stride_sum, num_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    out_ptr,
+    sum_ptr,
+    stride_x,
+    stride_residual,
+    stride_out,
+    stride_sum,
+    num_cols,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < num_cols
@@ -30,8 +43,9 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, stride_x
     tl.store(out_ptr + row * stride_out + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``weight * normalise(x)`` for x [rows, hidden]; with ``residual``, (that of ``x + residual``, the sum)."""
     rows, cols = x.shape
     if x.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
@@ -41,8 +55,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     total = torch.empty_like(x) if residual is not None else out
     block = triton.next_power_of_2(cols)
     _rms_norm_kernel[(rows,)](
-        x, residual if residual is not None else x, weight, out, total,
-        x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), total.stride(0),
-        cols, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+        x,
+        residual if residual is not None else x,
+        weight,
+        out,
+        total,
+        x.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+        total.stride(0),
+        cols,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
+        num_warps=min(16, max(1, block // 256)),
     )
     return (out, total) if residual is not None else out

@@ -16,12 +16,29 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotary_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, query_scale_ptr, slot_ptr,
-                         q_out_ptr, k_cache_ptr, v_cache_ptr,
-                         stride_q, stride_k, stride_v, stride_cos,
-                         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         ROTARY_DIM: tl.constexpr, HALF_PAD: tl.constexpr, PASS_PAD: tl.constexpr,
-                         HAS_QUERY_SCALE: tl.constexpr):
+def _rotary_cache_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cos_ptr,
+    sin_ptr,
+    query_scale_ptr,
+    slot_ptr,
+    q_out_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    stride_q,
+    stride_k,
+    stride_v,
+    stride_cos,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    PASS_PAD: tl.constexpr,
+    HAS_QUERY_SCALE: tl.constexpr,
+):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     half = tl.arange(0, HALF_PAD)
@@ -65,9 +82,17 @@ def _rotary_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, query_scale_ptr,
         tl.store(v_cache_ptr + (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM + dims, value, mask=dims_mask)
 
 
-def rotate_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     query_scale: torch.Tensor | None, slot_mapping: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor) -> torch.Tensor:
+def rotate_and_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    query_scale: torch.Tensor | None,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> torch.Tensor:
     """q [N, Hq, D], k/v [N, Hkv, D] (views with contiguous heads), cos/sin [N, rotary_dim], query_scale
     [N, 1, 1] or None, slot_mapping [N]; k_cache/v_cache [blocks, block_size, Hkv, D] contiguous.
     Returns the rotated, scaled queries [N, Hq, D]; the rotated keys and the values go into the cache."""
@@ -77,16 +102,34 @@ def rotate_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if tensor.stride(2) != 1 or tensor.stride(1) != head_dim:
             raise ValueError(f"rotate_and_cache needs {name} with contiguous heads")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and cos.stride(-1) == 1 and sin.stride() == cos.stride()):
+    if not (
+        k_cache.is_contiguous() and v_cache.is_contiguous() and cos.stride(-1) == 1 and sin.stride() == cos.stride()
+    ):
         raise ValueError("rotate_and_cache needs contiguous caches and rotary tables")
     q_out = torch.empty(tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     half_pad = triton.next_power_of_2(max(head_dim, rotary_dim) // 2)
     _rotary_cache_kernel[(tokens, num_heads + num_kv_heads)](
-        q, k, v, cos, sin, query_scale if query_scale is not None else cos, slot_mapping,
-        q_out, k_cache, v_cache,
-        q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim,
-        HALF_PAD=half_pad, PASS_PAD=triton.next_power_of_2(max(1, head_dim - rotary_dim)),
-        HAS_QUERY_SCALE=query_scale is not None, num_warps=1,
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        query_scale if query_scale is not None else cos,
+        slot_mapping,
+        q_out,
+        k_cache,
+        v_cache,
+        q.stride(0),
+        k.stride(0),
+        v.stride(0),
+        cos.stride(0),
+        NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        ROTARY_DIM=rotary_dim,
+        HALF_PAD=half_pad,
+        PASS_PAD=triton.next_power_of_2(max(1, head_dim - rotary_dim)),
+        HAS_QUERY_SCALE=query_scale is not None,
+        num_warps=1,
     )
     return q_out

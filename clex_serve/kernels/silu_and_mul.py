@@ -28,6 +28,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         raise ValueError("silu_and_mul needs the last dimension contiguous")
     width = double_width // 2
     out = torch.empty(rows, width, dtype=gate_up.dtype, device=gate_up.device)
-    _silu_and_mul_kernel[(rows, triton.cdiv(width, _BLOCK))](gate_up, out, gate_up.stride(0), out.stride(0), width,
-                                                            BLOCK=_BLOCK, num_warps=4)
+    _silu_and_mul_kernel[(rows, triton.cdiv(width, _BLOCK))](
+        gate_up, out, gate_up.stride(0), out.stride(0), width, BLOCK=_BLOCK, num_warps=4
+    )
     return out

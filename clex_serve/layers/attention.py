@@ -25,7 +25,8 @@ class Attention(nn.Module):
         hidden = config.hidden_size
         kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = PackedLinear(
-            hidden, {"q_proj": self.num_heads * self.head_dim, "k_proj": kv_size, "v_proj": kv_size},
+            hidden,
+            {"q_proj": self.num_heads * self.head_dim, "k_proj": kv_size, "v_proj": kv_size},
             bias=config.qkv_bias,
         )
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)

@@ -19,9 +19,9 @@ class PackedLinear(nn.Linear):
         """Checkpoint name (relative to the parent module) -> the rows of this layer's tensors it fills."""
         views, offset = {}, 0
         for name, size in self.shard_sizes.items():
-            views[f"{name}.weight"] = self.weight[offset:offset + size]
+            views[f"{name}.weight"] = self.weight[offset : offset + size]
             if self.bias is not None:
-                views[f"{name}.bias"] = self.bias[offset:offset + size]
+                views[f"{name}.bias"] = self.bias[offset : offset + size]
             offset += size
         return views
 

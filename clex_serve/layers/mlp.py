@@ -14,8 +14,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False) -> None:
         super().__init__()
-        self.gate_up_proj = PackedLinear(hidden_size, {"gate_proj": intermediate_size, "up_proj": intermediate_size},
-                                         bias=bias)
+        self.gate_up_proj = PackedLinear(
+            hidden_size, {"gate_proj": intermediate_size, "up_proj": intermediate_size}, bias=bias
+        )
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act_and_mul = ActAndMul(act)
 

@@ -15,10 +15,10 @@ import torch
 from tqdm import tqdm
 
 from clex_serve.config import ModelConfig, read_lenient_json
-from clex_serve.loading.model_source import resolve_model_path
-from clex_serve.loading.weights import CheckpointError, checkpoint_files, count_tensors, iterate_tensors
 from clex_serve.layers.linear import PackedLinear
 from clex_serve.layers.rotary import get_rope
+from clex_serve.loading.model_source import resolve_model_path
+from clex_serve.loading.weights import CheckpointError, checkpoint_files, count_tensors, iterate_tensors
 from clex_serve.models import build_model
 from clex_serve.models.base import CausalLM
 
@@ -65,9 +65,16 @@ class LoadedModel:
 LOAD_FORMATS = ("auto", "dummy")
 
 
-def load_model(model: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-               revision: str | None = None, show_progress: bool = True,
-               config_overrides: dict | None = None, load_format: str = "auto", seed: int = 0) -> LoadedModel:
+def load_model(
+    model: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    revision: str | None = None,
+    show_progress: bool = True,
+    config_overrides: dict | None = None,
+    load_format: str = "auto",
+    seed: int = 0,
+) -> LoadedModel:
     """``config_overrides`` replace keys of config.json before validation (e.g. another ``rope_scaling``
     or ``log_scale``, as the official chat lets a flag override it). ``load_format="dummy"`` (vLLM's name)
     reads only config.json and fills the weights with seeded random values: for benchmarks and profiling."""
@@ -146,8 +153,15 @@ def _fill_weights(module: CausalLM, files: list[Path], show_progress: bool) -> N
     expected, optional = _expected_tensors(module)
     loaded: set[str] = set()
     # The bar appears only when loading lasts (a multi-GB checkpoint), not for the embedded 8 MB model.
-    progress = tqdm(total=count_tensors(files) or None, desc="Loading weights", unit="tensor",
-                    disable=not show_progress, file=sys.stderr, dynamic_ncols=True, delay=_PROGRESS_DELAY)
+    progress = tqdm(
+        total=count_tensors(files) or None,
+        desc="Loading weights",
+        unit="tensor",
+        disable=not show_progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        delay=_PROGRESS_DELAY,
+    )
     with progress, torch.no_grad():
         for name, tensor in iterate_tensors(files):
             progress.update(1)

@@ -54,11 +54,11 @@ def _download(repo_id: str, revision: str | None) -> Path:
     online = not constants.HF_HUB_OFFLINE and _hub_reachable(constants.ENDPOINT)
     try:
         if not online:
-            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=all_patterns,
-                                          local_files_only=True))
+            return Path(
+                snapshot_download(repo_id, revision=revision, allow_patterns=all_patterns, local_files_only=True)
+            )
         files = list_repo_files(repo_id, revision=revision)
-        patterns = SIDE_PATTERNS + (WEIGHT_PATTERNS if any(f.endswith(".safetensors") for f in files)
-                                    else BIN_PATTERNS)
+        patterns = SIDE_PATTERNS + (WEIGHT_PATTERNS if any(f.endswith(".safetensors") for f in files) else BIN_PATTERNS)
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except RepositoryNotFoundError:
         raise ModelNotFoundError(f"{repo_id!r} is not a model on the Hugging Face hub (or it is private)") from None

@@ -14,4 +14,5 @@ def check_tokenizer_fits(tokenizer, vocab_size: int, tokenizer_source: str) -> N
         raise ValueError(
             f"the tokenizer from {tokenizer_source} has {len(tokenizer)} tokens (ids up to {largest}), but the "
             f"model's vocabulary has {vocab_size} (vocab_size in config.json): pass the model's own tokenizer "
-            f"with --tokenizer")
+            f"with --tokenizer"
+        )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -15,8 +15,10 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
-    for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
-                                    ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    for index_name, single_name in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
         index = folder / index_name
         if index.is_file():
             try:
@@ -61,4 +63,6 @@ def iterate_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         except CheckpointError:
             raise
         except Exception as error:
-            raise CheckpointError(f"{file}: corrupt or truncated checkpoint ({type(error).__name__}: {error})") from None
+            raise CheckpointError(
+                f"{file}: corrupt or truncated checkpoint ({type(error).__name__}: {error})"
+            ) from None

@@ -21,8 +21,9 @@ class DecoderModel(nn.Module):
         super().__init__()
         # Given an uninitialised weight, Embedding skips its random init: the checkpoint fills it anyway, and on
         # the meta device that init alone would cost seconds of imports at start-up.
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
+        )
         self.layers = nn.ModuleList(layers)
         for index, layer in enumerate(layers):
             layer.self_attn.layer_index = index  # which of the step's cache views is this layer's

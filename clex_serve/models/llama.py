@@ -30,8 +30,9 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig) -> None:
         layers = [
-            LlamaDecoderLayer(config, GatedMLP(config.hidden_size, config.intermediate_size,
-                                               config.hidden_act, config.mlp_bias))
+            LlamaDecoderLayer(
+                config, GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+            )
             for _ in range(config.num_hidden_layers)
         ]
         super().__init__(config, DecoderModel(config, layers, RMSNorm(config.hidden_size, config.norm_eps)))

@@ -11,8 +11,13 @@ from clex_serve.models.llama import LlamaDecoderLayer
 
 class MixtralDecoderLayer(LlamaDecoderLayer):
     def __init__(self, config: ModelConfig) -> None:
-        moe = SparseMoE(config.hidden_size, config.intermediate_size, config.num_local_experts,
-                        config.num_experts_per_tok, config.hidden_act)
+        moe = SparseMoE(
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_local_experts,
+            config.num_experts_per_tok,
+            config.hidden_act,
+        )
         super().__init__(config, moe)
 
 

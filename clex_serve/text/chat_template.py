@@ -15,7 +15,7 @@ VICUNA_SYSTEM = (
 
 VICUNA_TEMPLATE = (
     "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-    "{% set turns = messages[1:] %}{% else %}{% set system = \"" + VICUNA_SYSTEM + "\" %}"
+    '{% set turns = messages[1:] %}{% else %}{% set system = "' + VICUNA_SYSTEM + '" %}'
     "{% set turns = messages %}{% endif %}"
     "{{ bos_token + system }}"
     "{% for message in turns %}"
@@ -53,8 +53,9 @@ def resolve_chat_template(tokenizer, model_name: str, override: str | None = Non
             with open(override, encoding="utf-8") as handle:
                 return handle.read()
         except OSError:
-            raise ValueError(f"chat template {override!r} is neither a built-in ({', '.join(BUILTIN_TEMPLATES)}) "
-                             f"nor a readable file") from None
+            raise ValueError(
+                f"chat template {override!r} is neither a built-in ({', '.join(BUILTIN_TEMPLATES)}) nor a readable file"
+            ) from None
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.chat_template
     name = model_name.lower()
@@ -63,20 +64,23 @@ def resolve_chat_template(tokenizer, model_name: str, override: str | None = Non
     return None
 
 
-def render_chat(tokenizer, messages: list[dict], family: str, add_generation_prompt: bool = True,
-                template: str | None = None) -> str:
+def render_chat(
+    tokenizer, messages: list[dict], family: str, add_generation_prompt: bool = True, template: str | None = None
+) -> str:
     for message in messages:
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
             raise ValueError("each message needs a role of system, user or assistant, and a content string")
         if not isinstance(message.get("content"), str):
             raise ValueError("message content must be a string")
     template = template or getattr(tokenizer, "chat_template", None) or fallback_template(family)
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
-def chat_prompt(tokenizer, messages: list[dict], family: str, add_generation_prompt: bool = True,
-                template: str | None = None) -> dict:
+def chat_prompt(
+    tokenizer, messages: list[dict], family: str, add_generation_prompt: bool = True, template: str | None = None
+) -> dict:
     """The engine prompt of a conversation: its text and its token ids (no special tokens added on top)."""
     text = render_chat(tokenizer, messages, family, add_generation_prompt, template)
     return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}

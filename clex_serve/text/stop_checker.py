@@ -9,8 +9,14 @@ from __future__ import annotations
 from clex_serve.sampling_params import SamplingParams
 
 
-def token_stop(params: SamplingParams, token_id: int, num_output_tokens: int, length: int,
-               eos_token_ids: list[int], max_model_len: int) -> tuple[str, int | None] | None:
+def token_stop(
+    params: SamplingParams,
+    token_id: int,
+    num_output_tokens: int,
+    length: int,
+    eos_token_ids: list[int],
+    max_model_len: int,
+) -> tuple[str, int | None] | None:
     """(finish_reason, stop_reason) once ``token_id`` was appended, making ``num_output_tokens`` outputs and
     a sequence of ``length`` tokens; None while it goes on."""
     below_min = num_output_tokens < params.min_tokens
@@ -25,8 +31,9 @@ def token_stop(params: SamplingParams, token_id: int, num_output_tokens: int, le
     return None
 
 
-def find_stop_string(params: SamplingParams, text: str, new_text_len: int, num_output_tokens: int
-                     ) -> tuple[int, str] | None:
+def find_stop_string(
+    params: SamplingParams, text: str, new_text_len: int, num_output_tokens: int
+) -> tuple[int, str] | None:
     """(where the output text ends, the stop string) for the first stop string in the text just added (and
     the few characters before it); None when there is none."""
     if not params.stop or num_output_tokens < params.min_tokens:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from clex_serve.config import ModelConfig
 
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -32,8 +31,10 @@ def load_tokenizer(path: str | Path):
             # The class AutoTokenizer would pick, without the seconds AutoTokenizer spends importing and
             # resolving configs: this keeps the embedded model's start-up short.
             from transformers import PreTrainedTokenizerFast
+
             return PreTrainedTokenizerFast.from_pretrained(str(folder))
         from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot load a tokenizer from {path}: {str(error).splitlines()[0]}") from None

@@ -32,8 +32,16 @@ def run_finetune(run_dir: Path, out: Path, recipe: Recipe) -> Path:
     tokenizer, train_stream, _ = prepare(run_dir, shape.vocab_size, shape.base_len * MAX_FACTOR)
     model = build_model(shape, use_clex=True, seed=recipe.pretrain.seed)
     model.load_state_dict(finished_weights(run_dir / "clex" / "checkpoint.pt", recipe.clex.steps))
-    finetune(model, shape, tokenizer, train_stream, recipe.sft, recipe.sft_batch_size, recipe.sft_lm_batch_size,
-             run_dir / "clex" / "sft_checkpoint.pt")
+    finetune(
+        model,
+        shape,
+        tokenizer,
+        train_stream,
+        recipe.sft,
+        recipe.sft_batch_size,
+        recipe.sft_lm_batch_size,
+        run_dir / "clex" / "sft_checkpoint.pt",
+    )
     export_model(model, shape, run_dir / "clex" / "chat", tokenizer_dir(run_dir), True, MAX_FACTOR)
     return export_model(model, shape, out, tokenizer_dir(run_dir), True, MAX_FACTOR, dtype="bfloat16")
 
@@ -41,11 +49,20 @@ def run_finetune(run_dir: Path, out: Path, recipe: Recipe) -> Path:
 def run_evaluation(run_dir: Path, shipped: Path) -> None:
     from clex_serve.train import evaluate
 
-    evaluate.main([
-        "--clex", f"CLEX base={run_dir / 'clex' / 'base'}", "--clex", f"CLEX chat (shipped)={shipped}",
-        "--rope", f"RoPE={run_dir / 'plain' / 'base'}",
-        "--plot", str(run_dir / "evaluation.png"), "--json", str(run_dir / "evaluation.json"),
-    ])
+    evaluate.main(
+        [
+            "--clex",
+            f"CLEX base={run_dir / 'clex' / 'base'}",
+            "--clex",
+            f"CLEX chat (shipped)={shipped}",
+            "--rope",
+            f"RoPE={run_dir / 'plain' / 'base'}",
+            "--plot",
+            str(run_dir / "evaluation.png"),
+            "--json",
+            str(run_dir / "evaluation.json"),
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,11 +34,18 @@ class TrainingRotary(nn.Module):
     """``use_clex=False`` is plain RoPE at the given positions; with CLEX, scale ``t > 1`` rotates with
     ``exp`` of the ODE solved from 1 to ``t`` (differentiable), and ``t == 1`` with the base ``inv_freq``."""
 
-    def __init__(self, head_dim: int, rope_theta: float, use_clex: bool, param_factor: int = 1,
-                 act: str = "silu", time_dt: float = 0.01) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        rope_theta: float,
+        use_clex: bool,
+        param_factor: int = 1,
+        act: str = "silu",
+        time_dt: float = 0.01,
+    ) -> None:
         super().__init__()
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-        self.register_buffer("inv_freq", 1.0 / (rope_theta ** exponents), persistent=True)
+        self.register_buffer("inv_freq", 1.0 / (rope_theta**exponents), persistent=True)
         self.use_clex = use_clex
         self.proj_func = CachedNtkClexODE(head_dim, param_factor, act, time_dt) if use_clex else None
         if self.proj_func is not None:

@@ -6,8 +6,8 @@ exactly the batches the uninterrupted run would have read, with no loader state 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer
@@ -39,8 +39,10 @@ class WindowSampler:
     def __init__(self, stream: torch.Tensor, seq_len: int, batch_size: int, seed: int) -> None:
         self.num_windows = stream.numel() // seq_len
         if self.num_windows < batch_size:
-            raise ValueError(f"the stream has {self.num_windows} windows of {seq_len} tokens, fewer than "
-                             f"one batch of {batch_size}; use more text or a smaller batch")
+            raise ValueError(
+                f"the stream has {self.num_windows} windows of {seq_len} tokens, fewer than "
+                f"one batch of {batch_size}; use more text or a smaller batch"
+            )
         self.windows = stream[: self.num_windows * seq_len].view(self.num_windows, seq_len).long()
         self.batch_size = batch_size
         self.seed = seed
@@ -53,5 +55,5 @@ class WindowSampler:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
             self._epoch, self._order = epoch, torch.randperm(self.num_windows, generator=generator)
-        rows = self._order[index * self.batch_size:(index + 1) * self.batch_size]
+        rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
         return self.windows[rows]

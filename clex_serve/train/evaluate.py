@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(results, base_len))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"base_len": base_len, "num_tokens": args.num_tokens,
-                                         "perplexity": results}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"base_len": base_len, "num_tokens": args.num_tokens, "perplexity": results}, indent=2) + "\n"
+        )
     if args.plot and save_plot(results, base_len, args.plot):
         print(f"plot: {args.plot}")
 

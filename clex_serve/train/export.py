@@ -45,8 +45,14 @@ def hf_config(shape: ModelShape, use_clex: bool, max_factor: int, dtype: str) ->
         "torch_dtype": dtype,
     }
     if use_clex:
-        config["rope_scaling"] = {"type": "clex", "max_factor": max_factor, "param_factor": 1,
-                                  "time_dt": 0.01, "act": "silu", "factor": max_factor}
+        config["rope_scaling"] = {
+            "type": "clex",
+            "max_factor": max_factor,
+            "param_factor": 1,
+            "time_dt": 0.01,
+            "act": "silu",
+            "factor": max_factor,
+        }
     return config
 
 
@@ -64,19 +70,33 @@ def checkpoint_tensors(model, use_clex: bool, dtype: torch.dtype) -> dict[str, t
     return tensors
 
 
-def export_model(model, shape: ModelShape, folder: Path, tokenizer_folder: Path, use_clex: bool,
-                 max_factor: int, dtype: str = "float32") -> Path:
+def export_model(
+    model,
+    shape: ModelShape,
+    folder: Path,
+    tokenizer_folder: Path,
+    use_clex: bool,
+    max_factor: int,
+    dtype: str = "float32",
+) -> Path:
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(SAVE_DTYPES)}, got {dtype!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(checkpoint_tensors(model, use_clex, SAVE_DTYPES[dtype]), str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        checkpoint_tensors(model, use_clex, SAVE_DTYPES[dtype]),
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (folder / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the shipped copy must be readable
     (folder / "config.json").write_text(json.dumps(hf_config(shape, use_clex, max_factor, dtype), indent=2) + "\n")
     context_limit = shape.base_len * (max_factor if use_clex else 1)
-    generation = {"bos_token_id": shape.bos_token_id, "eos_token_id": shape.eos_token_id,
-                  "max_length": context_limit, "do_sample": False}
+    generation = {
+        "bos_token_id": shape.bos_token_id,
+        "eos_token_id": shape.eos_token_id,
+        "max_length": context_limit,
+        "do_sample": False,
+    }
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     for name in TOKENIZER_FILES:
         if (Path(tokenizer_folder) / name).exists():

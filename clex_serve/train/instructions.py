@@ -44,8 +44,11 @@ def _question(kind: str, name: str) -> str:
     # A stable choice of phrasing per name, so the chat model does not learn one fixed question.
     pick = hashlib.sha256(name.encode()).digest()[0] % 3
     if kind == "module":
-        return (f"What is the {name} module for?", f"What does the Python module {name} do?",
-                f"Explain the {name} module.")[pick]
+        return (
+            f"What is the {name} module for?",
+            f"What does the Python module {name} do?",
+            f"Explain the {name} module.",
+        )[pick]
     if kind == "class":
         return (f"What is {name}?", f"What does the class {name} represent?", f"Explain {name}.")[pick]
     return (f"What does {name} do?", f"What is {name} used for?", f"Explain {name}.")[pick]

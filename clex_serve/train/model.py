@@ -39,11 +39,19 @@ class ModelShape:
         from transformers import LlamaConfig
 
         return LlamaConfig(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_heads, max_position_embeddings=self.base_len,
-            rope_theta=self.rope_theta, rms_norm_eps=1e-5, tie_word_embeddings=self.tie_word_embeddings,
-            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, attention_dropout=0.0,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            max_position_embeddings=self.base_len,
+            rope_theta=self.rope_theta,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=self.tie_word_embeddings,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            attention_dropout=0.0,
             attn_implementation="sdpa",
         )
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from clex_serve.loading.loader import load_model
 from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
+from clex_serve.loading.loader import load_model
 
 BLOCK_SIZE = 16
 
@@ -39,16 +39,20 @@ class Method:
             # transformers' dynamic NTK with its documented example factor 2: it grows the base only past L0.
             return {"rope_scaling": {"type": "dynamic", "factor": 2.0}}
         if self.scaling == "yarn":
-            return {"rope_scaling": {"type": "yarn", "factor": factor,
-                                     "original_max_position_embeddings": base_len}}
+            return {"rope_scaling": {"type": "yarn", "factor": factor, "original_max_position_embeddings": base_len}}
         raise ValueError(f"unknown scaling {self.scaling!r}; use linear, dynamic or yarn")
 
 
 def window_nll(runner: ModelRunner, window: list[int]) -> tuple[float, int]:
     """(sum of next-token negative log-likelihoods, number of predictions) for one window in one pass."""
     num_blocks = math.ceil(len(window) / runner.block_size)
-    step = SequenceStep(token_ids=window, num_cached=0, block_table=list(range(num_blocks)), all_logits=True,
-                        scale=runner.rope.scale_for_length(len(window)))
+    step = SequenceStep(
+        token_ids=window,
+        num_cached=0,
+        block_table=list(range(num_blocks)),
+        all_logits=True,
+        scale=runner.rope.scale_for_length(len(window)),
+    )
     logits = runner.execute([step]).all_logits[0]
     targets = torch.tensor(window[1:], device=logits.device)
     nll = F.cross_entropy(logits[:-1].float(), targets, reduction="sum")
@@ -58,11 +62,16 @@ def window_nll(runner: ModelRunner, window: list[int]) -> tuple[float, int]:
 def perplexity(method: Method, tokens: torch.Tensor, length: int, base_len: int, dtype: str = "float32") -> float:
     if tokens.numel() < length:
         raise ValueError(f"{tokens.numel()} held-out tokens are fewer than one window of {length}")
-    loaded = load_model(method.model_path, dtype=dtype, device="cpu", show_progress=False,
-                        config_overrides=method.config_overrides(length, base_len))
+    loaded = load_model(
+        method.model_path,
+        dtype=dtype,
+        device="cpu",
+        show_progress=False,
+        config_overrides=method.config_overrides(length, base_len),
+    )
     runner = ModelRunner(loaded, num_blocks=math.ceil(length / BLOCK_SIZE), block_size=BLOCK_SIZE)
     total, count = 0.0, 0
     for start in range(0, tokens.numel() - length + 1, length):
-        nll, n = window_nll(runner, tokens[start:start + length].tolist())
+        nll, n = window_nll(runner, tokens[start : start + length].tolist())
         total, count = total + nll, count + n
     return math.exp(total / count)

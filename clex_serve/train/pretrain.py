@@ -32,8 +32,9 @@ def finished_weights(checkpoint: Path, steps: int) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
-def pretrain(run_dir: Path, rope: str, recipe: Recipe = Recipe()) -> Path:
+def pretrain(run_dir: Path, rope: str, recipe: Recipe | None = None) -> Path:
     """Train (or finish training) one stage and return its exported folder."""
+    recipe = recipe or Recipe()
     if rope not in ROPE_CHOICES:
         raise ValueError(f"rope must be one of {ROPE_CHOICES}, got {rope!r}")
     run_dir, shape = Path(run_dir), recipe.shape

@@ -24,17 +24,36 @@ VOCAB_SIZE = 4096
 class Recipe:
     shape: ModelShape = field(default_factory=lambda: ModelShape(vocab_size=VOCAB_SIZE))
     batch_size: int = 32  # windows of shape.base_len tokens per pretraining step
-    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=750, learning_rate=3e-3, warmup_steps=40, max_factor=MAX_FACTOR, seed=0, checkpoint_every=50))
+    pretrain: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=750, learning_rate=3e-3, warmup_steps=40, max_factor=MAX_FACTOR, seed=0, checkpoint_every=50
+        )
+    )
     # CLEX continued pretraining of the plain model: t drawn from 1..T and sparse positions every step.
-    clex: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=300, learning_rate=1e-3, warmup_steps=20, max_factor=MAX_FACTOR, seed=2, checkpoint_every=25,
-        ode_lr_ratio=0.01))
+    clex: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=300,
+            learning_rate=1e-3,
+            warmup_steps=20,
+            max_factor=MAX_FACTOR,
+            seed=2,
+            checkpoint_every=25,
+            ode_lr_ratio=0.01,
+        )
+    )
     sft_batch_size: int = 32  # chat examples per fine-tuning step
     sft_lm_batch_size: int = 16  # pretraining windows mixed into each fine-tuning step (keeps CLEX trained)
-    sft: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=150, learning_rate=1e-3, warmup_steps=10, max_factor=MAX_FACTOR, seed=1, checkpoint_every=25,
-        ode_lr_ratio=0.01))
+    sft: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=150,
+            learning_rate=1e-3,
+            warmup_steps=10,
+            max_factor=MAX_FACTOR,
+            seed=1,
+            checkpoint_every=25,
+            ode_lr_ratio=0.01,
+        )
+    )
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.sft_batch_size < 1 or self.sft_lm_batch_size < 0:

@@ -28,8 +28,7 @@ def chat_prompt(question: str) -> str:
     return f"{BOS}{VICUNA_SYSTEM} USER: {question} ASSISTANT:"
 
 
-def encode_example(tokenizer: Tokenizer, pair: InstructionPair,
-                   max_len: int) -> tuple[list[int], list[int]] | None:
+def encode_example(tokenizer: Tokenizer, pair: InstructionPair, max_len: int) -> tuple[list[int], list[int]] | None:
     """(input ids, labels): labels are the ids on the answer and its ``</s>``, IGNORE_INDEX on the prompt.
     Answers are cut to fit ``max_len``; None when the prompt alone leaves no room for an answer."""
     prompt = tokenizer.encode(chat_prompt(pair.question), add_special_tokens=False).ids
@@ -43,8 +42,9 @@ def encode_example(tokenizer: Tokenizer, pair: InstructionPair,
 class ChatBatches:
     """Fixed-size, right-padded batches of chat examples, in a seeded order per epoch."""
 
-    def __init__(self, tokenizer: Tokenizer, pairs: list[InstructionPair], batch_size: int, max_len: int,
-                 seed: int) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, pairs: list[InstructionPair], batch_size: int, max_len: int, seed: int
+    ) -> None:
         encoded = [example for example in (encode_example(tokenizer, pair, max_len) for pair in pairs) if example]
         if len(encoded) < batch_size:
             raise ValueError(f"only {len(encoded)} chat examples for a batch of {batch_size}")
@@ -61,12 +61,21 @@ class ChatBatches:
         per_epoch = self.ids.shape[0] // self.batch_size
         epoch, index = divmod(step, per_epoch)
         order = torch.randperm(self.ids.shape[0], generator=torch.Generator().manual_seed(self.seed + epoch))
-        rows = order[index * self.batch_size:(index + 1) * self.batch_size]
+        rows = order[index * self.batch_size : (index + 1) * self.batch_size]
         return Batch(self.ids[rows], self.labels[rows], clex_sampling=False)
 
 
-def finetune(model, shape: ModelShape, tokenizer: Tokenizer, train_stream: torch.Tensor, config: TrainConfig,
-             batch_size: int, lm_batch_size: int, checkpoint_path: Path, use_clex: bool = True) -> None:
+def finetune(
+    model,
+    shape: ModelShape,
+    tokenizer: Tokenizer,
+    train_stream: torch.Tensor,
+    config: TrainConfig,
+    batch_size: int,
+    lm_batch_size: int,
+    checkpoint_path: Path,
+    use_clex: bool = True,
+) -> None:
     train_files, _ = split_files()
     chats = ChatBatches(tokenizer, instruction_pairs(train_files), batch_size, shape.base_len, config.seed)
     windows = WindowSampler(train_stream, shape.base_len, lm_batch_size, config.seed) if lm_batch_size else None

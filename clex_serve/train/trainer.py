@@ -9,16 +9,15 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from clex_serve.train.model import rotary_of
 from clex_serve.train.positions import draw_scale, fractional_positions
-
 
 MAX_BAD_STEPS = 10
 
@@ -75,16 +74,26 @@ def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
             ode.append(param)
         else:
             (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay, "lr_ratio": 1.0},
-              {"params": no_decay, "weight_decay": 0.0, "lr_ratio": 1.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay, "lr_ratio": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_ratio": 1.0},
+    ]
     if ode:
         groups.append({"params": ode, "weight_decay": 0.0, "lr_ratio": config.ode_lr_ratio})
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-8)
 
 
 class Trainer:
-    def __init__(self, model, config: TrainConfig, batches: BatchFn, checkpoint_path: Path,
-                 use_clex: bool, base_len: int, log=None) -> None:
+    def __init__(
+        self,
+        model,
+        config: TrainConfig,
+        batches: BatchFn,
+        checkpoint_path: Path,
+        use_clex: bool,
+        base_len: int,
+        log=None,
+    ) -> None:
         self.model = model
         self.config = config
         self.batches = batches
@@ -99,8 +108,11 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         state = {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
             "config": asdict(self.config),
         }
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,8 +162,10 @@ class Trainer:
             self.bad_steps += 1
             self.log(f"step {self.step}: non-finite loss or gradient at scales {scales}, update skipped")
             if self.bad_steps >= MAX_BAD_STEPS:
-                raise FloatingPointError(f"{MAX_BAD_STEPS} non-finite steps in a row; lower the learning rate "
-                                         "(or ode_lr_ratio) and resume from the last checkpoint")
+                raise FloatingPointError(
+                    f"{MAX_BAD_STEPS} non-finite steps in a row; lower the learning rate "
+                    "(or ode_lr_ratio) and resume from the last checkpoint"
+                )
         self.step += 1
         return total, scales
 
@@ -171,8 +185,9 @@ class Trainer:
             self.log(f"{desc}: resumed at step {self.step}/{self.config.steps}")
         start = time.time()
         recent: list[float] = []
-        with tqdm(total=self.config.steps, initial=self.step, desc=desc, file=sys.stderr,
-                  mininterval=20, dynamic_ncols=True) as progress:
+        with tqdm(
+            total=self.config.steps, initial=self.step, desc=desc, file=sys.stderr, mininterval=20, dynamic_ncols=True
+        ) as progress:
             while self.step < self.config.steps:
                 loss, scales = self.train_step()
                 recent.append(loss)
@@ -180,7 +195,9 @@ class Trainer:
                 progress.set_postfix(loss=f"{loss:.3f}", t=scales[-1], refresh=False)  # keeps logs short
                 if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
                     self.save_checkpoint()
-                    self.log(f"{desc}: step {self.step} mean loss {sum(recent) / len(recent):.4f} "
-                             f"lr {self.config.lr_at(self.step - 1):.2e} elapsed {time.time() - start:.0f}s"
-                             + self._ode_summary())
+                    self.log(
+                        f"{desc}: step {self.step} mean loss {sum(recent) / len(recent):.4f} "
+                        f"lr {self.config.lr_at(self.step - 1):.2e} elapsed {time.time() - start:.0f}s"
+                        + self._ode_summary()
+                    )
                     recent = []

@@ -35,8 +35,7 @@ def build_demo(source, title: str = "clex-serve"):
             parts.append(f"CLEX scale t = {scale}")
         return " · ".join(parts)
 
-    async def respond(message, conversation, system, temperature, top_p, top_k, max_new_tokens,
-                      repetition_penalty):
+    async def respond(message, conversation, system, temperature, top_p, top_k, max_new_tokens, repetition_penalty):
         conversation = list(conversation or [])
         if message and message.strip():
             conversation.append({"role": "user", "content": message})
@@ -46,14 +45,25 @@ def build_demo(source, title: str = "clex-serve"):
             return
         used = await source.count_tokens(messages)
         if used is not None and limit and used >= limit:
-            conversation.append({"role": "assistant", "content": (
-                f"(This conversation is {used} tokens; the model reads at most {limit}. Shorten the message, "
-                f"undo it, or clear the conversation.)")})
+            conversation.append(
+                {
+                    "role": "assistant",
+                    "content": (
+                        f"(This conversation is {used} tokens; the model reads at most {limit}. Shorten the message, "
+                        f"undo it, or clear the conversation.)"
+                    ),
+                }
+            )
             yield _shown(conversation), "", await status_line(messages), conversation
             return
         budget = int(max_new_tokens) if not limit or used is None else max(1, min(int(max_new_tokens), limit - used))
-        params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-                                repetition_penalty=float(repetition_penalty), max_tokens=budget)
+        params = SamplingParams(
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=int(top_k),
+            repetition_penalty=float(repetition_penalty),
+            max_tokens=budget,
+        )
         answer = {"role": "assistant", "content": ""}
         conversation.append(answer)
         status = await status_line(messages)
@@ -82,8 +92,9 @@ def build_demo(source, title: str = "clex-serve"):
         chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="conversation")
         status = gr.Markdown("Tokens: 0" + (f" / {limit}" if limit else ""), elem_id="status")
         with gr.Row():
-            box = gr.Textbox(placeholder="Message (Enter sends)", show_label=False, scale=6, lines=1, max_lines=12,
-                             elem_id="message")
+            box = gr.Textbox(
+                placeholder="Message (Enter sends)", show_label=False, scale=6, lines=1, max_lines=12, elem_id="message"
+            )
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
             stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
         with gr.Row():
@@ -95,8 +106,14 @@ def build_demo(source, title: str = "clex-serve"):
             temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", elem_id="temperature")
             top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
             top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0: off)")
-            max_new_tokens = gr.Slider(1, max(16, min(limit or 4096, 4096)), value=min(512, limit or 512), step=1,
-                                       label="Max new tokens", elem_id="max-new-tokens")
+            max_new_tokens = gr.Slider(
+                1,
+                max(16, min(limit or 4096, 4096)),
+                value=min(512, limit or 512),
+                step=1,
+                label="Max new tokens",
+                elem_id="max-new-tokens",
+            )
             repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty")
 
         conversation = gr.State([])  # the messages as written; the chat box shows them as display markdown
@@ -105,9 +122,11 @@ def build_demo(source, title: str = "clex-serve"):
         submitted = box.submit(respond, [box, conversation, *controls], outputs, concurrency_limit=None)
         clicked = send.click(respond, [box, conversation, *controls], outputs, concurrency_limit=None)
         retried = retry.click(drop_answer, conversation, [chatbot, conversation]).then(
-            respond, [gr.State(""), conversation, *controls], outputs, concurrency_limit=None)
+            respond, [gr.State(""), conversation, *controls], outputs, concurrency_limit=None
+        )
         stop.click(None, None, None, cancels=[submitted, clicked, retried])
         undo_button.click(undo, conversation, [chatbot, conversation])
-        clear.click(lambda: ([], "Tokens: 0" + (f" / {limit}" if limit else ""), []), None,
-                    [chatbot, status, conversation])
+        clear.click(
+            lambda: ([], "Tokens: 0" + (f" / {limit}" if limit else ""), []), None, [chatbot, status, conversation]
+        )
     return demo

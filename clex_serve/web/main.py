@@ -12,8 +12,11 @@ from clex_serve.web import INSTALL_HINT
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="The Gradio chat demo, against an OpenAI-compatible "
-                                     "server.", formatter_class=DefaultsOnceHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="The Gradio chat demo, against an OpenAI-compatible server.",
+        formatter_class=DefaultsOnceHelpFormatter,
+    )
     parser.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--api-key", help="the server's API key (default: $CLEX_SERVE_API_KEY)")
     parser.add_argument("--model", help="the served model to use (default: the server's first)")
@@ -37,8 +40,14 @@ def main(argv: list[str] | None = None, prog: str = "clex-serve web") -> int:
     except ChatSourceError as error:
         parser.exit(2, f"{prog}: error: {error}\n")
     demo = build_demo(source, f"clex-serve · {source.model_name}")
-    demo.queue().launch(server_name=args.host, server_port=args.port, ssr_mode=False, quiet=True,
-                        prevent_thread_lock=True, show_error=False)
+    demo.queue().launch(
+        server_name=args.host,
+        server_port=args.port,
+        ssr_mode=False,
+        quiet=True,
+        prevent_thread_lock=True,
+        show_error=False,
+    )
     print(f"clex-serve: web UI at http://{args.host}:{args.port}/ (answers from {args.url})", flush=True)
     try:
         demo.block_thread()

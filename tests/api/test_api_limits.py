@@ -40,8 +40,9 @@ def resident_bytes(pid: int) -> int:
 
 def post(server: str, route: str, body, **headers) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(f"{server}{route}", content=content, timeout=60,
-                      headers={"content-type": "application/json", **headers})
+    return httpx.post(
+        f"{server}{route}", content=content, timeout=60, headers={"content-type": "application/json", **headers}
+    )
 
 
 def error_of(response: httpx.Response) -> dict:
@@ -68,11 +69,12 @@ def test_huge_n_and_huge_bodies_are_refused_at_once_and_cost_no_memory(served):
 
     def chunks():  # no Content-Length: the body is counted as it arrives
         for start in range(0, len(huge), 1 << 20):
-            yield huge[start:start + (1 << 20)]
+            yield huge[start : start + (1 << 20)]
 
     started = time.monotonic()
-    response = httpx.post(f"{server}/v1/completions", content=chunks(), timeout=60,
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{server}/v1/completions", content=chunks(), timeout=60, headers={"content-type": "application/json"}
+    )
     assert time.monotonic() - started < 2
     assert response.status_code == 413 and error_of(response)["code"] == "request_too_large"
 
@@ -92,17 +94,23 @@ def test_a_prompt_too_long_in_characters_is_refused_before_tokenizing(server):
     assert chat.status_code == 400 and error_of(chat)["param"] == "messages"
 
 
-@pytest.mark.parametrize("route,extra,param", [
-    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
-    ("/v1/chat/completions", {"parallel_tool_calls": True}, "parallel_tool_calls"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-     "response_format"),
-    ("/v1/completions", {"best_of": 3}, "best_of"),
-    ("/v1/completions", {"suffix": "end"}, "suffix"),
-    ("/v1/completions", {"guided_json": {"type": "object"}}, "guided_json"),
-])
+@pytest.mark.parametrize(
+    "route,extra,param",
+    [
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+        ("/v1/chat/completions", {"parallel_tool_calls": True}, "parallel_tool_calls"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            "/v1/chat/completions",
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+        ),
+        ("/v1/completions", {"best_of": 3}, "best_of"),
+        ("/v1/completions", {"suffix": "end"}, "suffix"),
+        ("/v1/completions", {"guided_json": {"type": "object"}}, "guided_json"),
+    ],
+)
 def test_unimplemented_parameters_are_refused_by_name(server, route, extra, param):
     body = {"messages": QUESTION} if "chat" in route else {"prompt": "hello"}
     response = post(server, route, {**body, "max_tokens": 2, **extra})
@@ -112,37 +120,72 @@ def test_unimplemented_parameters_are_refused_by_name(server, route, extra, para
 
 
 def test_no_op_values_of_those_parameters_are_accepted(client):
-    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, tool_choice="none",
-                                           response_format={"type": "text"})
+    reply = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=2, tool_choice="none", response_format={"type": "text"}
+    )
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2, n=2, best_of=2).choices
 
 
-@pytest.mark.parametrize("route,body,param,says", [
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "seed": 2**70}, "seed",
-     "less than or equal to"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
-                              "top_logprobs": 100}, "top_logprobs", "20"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages[0].content[0].type",
-     "'image_url' content parts are not supported"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "42", "tool_call_id": "a"}]},
-     "messages[0].role", "tool calling"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content",
-     "lone surrogate"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content",
-     "a valid string or a valid list"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": 0}, "stream",
-     "valid boolean"),
-    ("/v1/completions", {"prompt": "\udfff"}, "prompt", "lone surrogate"),
-    ("/v1/completions", {"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias", "not a token id"),
-    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias.5", "less than or equal to 100"),
-    ("/v1/completions", {"prompt": "hi", "logit_bias": {"999999": 1}}, "logit_bias", "not in the vocabulary"),
-    ("/v1/completions", {"prompt": "hi", "stop": ["x"] * 33}, "stop", "at most 32"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", "only with echo"),
-    ("/tokenize", {"messages": []}, "messages", "at least 1"),
-    ("/v1/completions", [1, 2], None, "the body must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "route,body,param,says",
+    [
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "seed": 2**70},
+            "seed",
+            "less than or equal to",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 100},
+            "top_logprobs",
+            "20",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}
+                ]
+            },
+            "messages[0].content[0].type",
+            "'image_url' content parts are not supported",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "tool", "content": "42", "tool_call_id": "a"}]},
+            "messages[0].role",
+            "tool calling",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "\ud800"}]},
+            "messages[0].content",
+            "lone surrogate",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": 5}]},
+            "messages[0].content",
+            "a valid string or a valid list",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "stream": 0},
+            "stream",
+            "valid boolean",
+        ),
+        ("/v1/completions", {"prompt": "\udfff"}, "prompt", "lone surrogate"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias", "not a token id"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias.5", "less than or equal to 100"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"999999": 1}}, "logit_bias", "not in the vocabulary"),
+        ("/v1/completions", {"prompt": "hi", "stop": ["x"] * 33}, "stop", "at most 32"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", "only with echo"),
+        ("/tokenize", {"messages": []}, "messages", "at least 1"),
+        ("/v1/completions", [1, 2], None, "the body must be a JSON object"),
+    ],
+)
 def test_messages_name_the_parameter_and_say_what_is_wrong(server, route, body, param, says):
     response = post(server, route, json.dumps(body))  # lone surrogates travel as JSON escapes
     error = error_of(response)
@@ -171,11 +214,18 @@ def test_logit_bias_steers_greedy_decoding(server, client):
     greedy_id = tokens(plain.choices[0].text)[0]
     forced_id = tokens(" json")[0]
     assert forced_id != greedy_id
-    forced = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
-                                       logit_bias={str(forced_id): 100}, extra_body={"ignore_eos": True})
+    forced = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0,
+        logit_bias={str(forced_id): 100},
+        extra_body={"ignore_eos": True},
+    )
     assert forced.choices[0].text == post(server, "/detokenize", {"tokens": [forced_id] * 6}).json()["prompt"]
-    banned = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
-                                       logit_bias={str(greedy_id): -100})
+    banned = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logit_bias={str(greedy_id): -100}
+    )
     assert tokens(banned.choices[0].text)[0] != greedy_id
 
 
@@ -201,12 +251,20 @@ def test_a_method_not_allowed_says_which_are_and_the_body_limit_is_a_flag():
 
 def test_unknown_fields_are_ignored_with_one_log_line_and_aborted_streams_log_499():
     with running_server("--uvicorn-log-level", "warning") as (url, process):
-        reply = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "frobnicate": 1, "store": True},
-                     **{"x-request-id": "unknown-fields"})
+        reply = post(
+            url,
+            "/v1/completions",
+            {"prompt": "hi", "max_tokens": 2, "frobnicate": 1, "store": True},
+            **{"x-request-id": "unknown-fields"},
+        )
         assert reply.status_code == 200
-        with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
-                          json={"prompt": "hi", "max_tokens": 2000, "stream": True, "ignore_eos": True},
-                          headers={"x-request-id": "goes-away"}) as stream:
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/completions",
+            timeout=60,
+            json={"prompt": "hi", "max_tokens": 2000, "stream": True, "ignore_eos": True},
+            headers={"x-request-id": "goes-away"},
+        ) as stream:
             for _ in zip(range(3), stream.iter_lines()):
                 pass
         process.send_signal(signal.SIGTERM)

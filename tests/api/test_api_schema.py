@@ -17,8 +17,12 @@ from helpers.servers import running_server
 
 pytestmark = pytest.mark.slow
 
-CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
-          checks.response_schema_conformance]
+CHECKS = [
+    checks.not_a_server_error,
+    checks.status_code_conformance,
+    checks.content_type_conformance,
+    checks.response_schema_conformance,
+]
 EXAMPLES = 50
 
 
@@ -37,11 +41,16 @@ def operations(schema):
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_responses_match_the_description(api_schema, mode):
     tested = []
+    chosen = CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
     for operation in operations(api_schema):
-        chosen = CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
 
-        @settings(max_examples=EXAMPLES, deadline=None, phases=[Phase.generate], database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            phases=[Phase.generate],
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
         def run(case):
             case.call_and_validate(checks=chosen, timeout=60)

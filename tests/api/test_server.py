@@ -57,8 +57,16 @@ def test_chat_streamed_equals_whole(client):
     text = whole.choices[0].message.content
     assert text and whole.choices[0].finish_reason in ("stop", "length")
     assert whole.usage.completion_tokens > 0 and whole.usage.prompt_tokens > 0
-    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=40,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            temperature=0,
+            max_tokens=40,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == text
@@ -69,17 +77,23 @@ def test_chat_streamed_equals_whole(client):
 
 def test_completions_streamed_equals_whole_with_token_prompts_and_echo(client):
     whole = client.completions.create(model=MODEL, prompt="def add(a, b):", temperature=0, max_tokens=16)
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=MODEL, prompt="def add(a, b):", temperature=0, max_tokens=16, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt="def add(a, b):", temperature=0, max_tokens=16, stream=True
+        )
+    )
     assert streamed == whole.choices[0].text
-    ids = httpx.post(f"{client.base_url}".replace("/v1/", "") + "/tokenize",
-                     json={"prompt": "def add(a, b):"}, timeout=10).json()["tokens"]
+    ids = httpx.post(
+        f"{client.base_url}".replace("/v1/", "") + "/tokenize", json={"prompt": "def add(a, b):"}, timeout=10
+    ).json()["tokens"]
     by_ids = client.completions.create(model=MODEL, prompt=ids, temperature=0, max_tokens=16)
     assert by_ids.choices[0].text == whole.choices[0].text
     echoed = client.completions.create(model=MODEL, prompt="def add(a, b):", temperature=0, max_tokens=16, echo=True)
     assert echoed.choices[0].text == "def add(a, b):" + whole.choices[0].text
-    several = client.completions.create(model=MODEL, prompt=["def add(a, b):", [ids]][0:1] + ["import json"],
-                                        temperature=0, max_tokens=4)
+    several = client.completions.create(
+        model=MODEL, prompt=["def add(a, b):", [ids]][0:1] + ["import json"], temperature=0, max_tokens=4
+    )
     assert [choice.index for choice in several.choices] == [0, 1]
 
 
@@ -94,17 +108,27 @@ def test_n_seed_and_stop(client):
     assert stop
     for stream in (False, True):
         if stream:
-            text = "".join(c.choices[0].text for c in client.completions.create(
-                model=MODEL, prompt="def add(a, b):", temperature=0, max_tokens=30, stop=[stop], stream=True))
+            text = "".join(
+                c.choices[0].text
+                for c in client.completions.create(
+                    model=MODEL, prompt="def add(a, b):", temperature=0, max_tokens=30, stop=[stop], stream=True
+                )
+            )
         else:
-            text = client.completions.create(model=MODEL, prompt="def add(a, b):", temperature=0, max_tokens=30,
-                                             stop=[stop]).choices[0].text
+            text = (
+                client.completions.create(
+                    model=MODEL, prompt="def add(a, b):", temperature=0, max_tokens=30, stop=[stop]
+                )
+                .choices[0]
+                .text
+            )
         assert stop not in text and full.startswith(text)
 
 
 def test_logprobs(client):
-    chat = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=5,
-                                          logprobs=True, top_logprobs=3)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=5, logprobs=True, top_logprobs=3
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens
     assert all(len(item.top_logprobs) == 3 and item.logprob <= 0 for item in content)
@@ -127,15 +151,39 @@ def test_errors_are_openai_errors(client):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt=[10**7], max_tokens=3)
     with pytest.raises(openai.BadRequestError):  # errors inside a stream surface before it starts
-        list(client.chat.completions.create(model=MODEL, messages=QUESTION, stream=True,
-                                            extra_body={"stop_token_ids": [10**6]}))
+        list(
+            client.chat.completions.create(
+                model=MODEL, messages=QUESTION, stream=True, extra_body={"stop_token_ids": [10**6]}
+            )
+        )
 
 
 def _random_body(rng: random.Random) -> tuple[str, object]:
-    values = [None, -1, 0, 10**12, -10**12, 1e309, "x", "", [], {}, [1, "a"], True, 2.5, "NaN", [[]], [{"a": 1}]]
-    fields = ["messages", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs",
-              "top_logprobs", "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty",
-              "stop_token_ids", "min_tokens", "stream", "stream_options", "echo", "model", "max_completion_tokens"]
+    values = [None, -1, 0, 10**12, -(10**12), 1e309, "x", "", [], {}, [1, "a"], True, 2.5, "NaN", [[]], [{"a": 1}]]
+    fields = [
+        "messages",
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "seed",
+        "logprobs",
+        "top_logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "stop_token_ids",
+        "min_tokens",
+        "stream",
+        "stream_options",
+        "echo",
+        "model",
+        "max_completion_tokens",
+    ]
     route = rng.choice(["/v1/chat/completions", "/v1/completions"])
     body = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in route else {"prompt": "hi"}
     body["max_tokens"] = 4
@@ -172,15 +220,26 @@ def test_fuzzed_bodies_get_4xx_openai_errors(server):
 def test_sixteen_streams_half_dropped(server, client):
     """16 concurrent streams; 8 are closed after a few chunks. The other 8 end with their full text, and the
     KV pool is empty afterwards."""
-    expected = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=64,
-                                              extra_body={"ignore_eos": True}).choices[0].message.content
+    expected = (
+        client.chat.completions.create(
+            model=MODEL, messages=QUESTION, temperature=0, max_tokens=64, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .message.content
+    )
     results, errors = {}, []
 
     def worker(index):
         try:
             local = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
-            stream = local.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=64,
-                                                   stream=True, extra_body={"ignore_eos": True})
+            stream = local.chat.completions.create(
+                model=MODEL,
+                messages=QUESTION,
+                temperature=0,
+                max_tokens=64,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
             text, chunks = "", 0
             for chunk in stream:
                 chunks += 1
@@ -215,8 +274,9 @@ def test_api_key_and_full_queue():
 
         def worker():
             try:
-                client.completions.create(model=MODEL, prompt="import json", max_tokens=48,
-                                          extra_body={"ignore_eos": True})
+                client.completions.create(
+                    model=MODEL, prompt="import json", max_tokens=48, extra_body={"ignore_eos": True}
+                )
                 done.append(1)
             except openai.RateLimitError as error:
                 refused.append(error.response.headers.get("retry-after"))
@@ -236,8 +296,11 @@ def test_sigterm_lets_requests_in_flight_finish():
         def worker():
             try:
                 client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-                chunks = list(client.completions.create(model=MODEL, prompt="import json", max_tokens=96,
-                                                        stream=True, extra_body={"ignore_eos": True}))
+                chunks = list(
+                    client.completions.create(
+                        model=MODEL, prompt="import json", max_tokens=96, stream=True, extra_body={"ignore_eos": True}
+                    )
+                )
                 results.append(chunks[-1].choices[0].finish_reason)
             except Exception as error:
                 errors.append(error)
@@ -286,33 +349,61 @@ def test_serve_flags_fail_in_one_line_and_help_shows_defaults():
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "clex_serve.cli.main", "--port", "70000"], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "clex_serve.cli.main", "--port", "70000"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2 and "argument --port: must be in [0, 65535], got 70000" in result.stderr
     assert "Traceback" not in result.stderr
-    help_text = " ".join(subprocess.run([sys.executable, "-m", "clex_serve.cli.main", "--help"], capture_output=True,
-                                        text=True, timeout=60).stdout.split())
-    for flag in ("--host", "--port", "--served-model-name", "--chat-template", "--api-key", "--allowed-origins",
-                 "--max-queued-requests", "--enable-prefix-caching", "--no-log-scale", "--uvicorn-log-level",
-                 "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--kv-cache-memory"):
+    help_text = " ".join(
+        subprocess.run(
+            [sys.executable, "-m", "clex_serve.cli.main", "--help"], capture_output=True, text=True, timeout=60
+        ).stdout.split()
+    )
+    for flag in (
+        "--host",
+        "--port",
+        "--served-model-name",
+        "--chat-template",
+        "--api-key",
+        "--allowed-origins",
+        "--max-queued-requests",
+        "--enable-prefix-caching",
+        "--no-log-scale",
+        "--uvicorn-log-level",
+        "--max-model-len",
+        "--max-num-seqs",
+        "--max-num-batched-tokens",
+        "--kv-cache-memory",
+    ):
         assert flag in help_text, flag
     assert "(default: 127.0.0.1)" in help_text and "(default: 8000)" in help_text
 
 
 def test_metrics_and_extensions(server, client):
-    completion = client.completions.create(model=MODEL, prompt="import json", max_tokens=4, temperature=0,
-                                           extra_body={"prompt_logprobs": 1, "top_k": 5, "min_p": 0.01,
-                                                       "repetition_penalty": 1.1, "min_tokens": 2})
+    completion = client.completions.create(
+        model=MODEL,
+        prompt="import json",
+        max_tokens=4,
+        temperature=0,
+        extra_body={"prompt_logprobs": 1, "top_k": 5, "min_p": 0.01, "repetition_penalty": 1.1, "min_tokens": 2},
+    )
     prompt_logprobs = completion.choices[0].model_extra["prompt_logprobs"]
     assert prompt_logprobs[0] is None and len(prompt_logprobs) == completion.usage.prompt_tokens
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"min_p": 7})
     text = httpx.get(f"{server}/metrics", timeout=10).text
-    for name in ("clex_serve_requests_running", "clex_serve_requests_waiting", "clex_serve_kv_blocks_used",
-                 "clex_serve_preemptions_total", "clex_serve_prefix_cache_hit_rate",
-                 "clex_serve_time_to_first_token_seconds_count", "clex_serve_inter_token_latency_seconds_count",
-                 "clex_serve_e2e_request_latency_seconds_count", "clex_serve_prompt_tokens_total",
-                 "clex_serve_generation_tokens_total"):
+    for name in (
+        "clex_serve_requests_running",
+        "clex_serve_requests_waiting",
+        "clex_serve_kv_blocks_used",
+        "clex_serve_preemptions_total",
+        "clex_serve_prefix_cache_hit_rate",
+        "clex_serve_time_to_first_token_seconds_count",
+        "clex_serve_inter_token_latency_seconds_count",
+        "clex_serve_e2e_request_latency_seconds_count",
+        "clex_serve_prompt_tokens_total",
+        "clex_serve_generation_tokens_total",
+    ):
         assert re.search(rf"^{name}(\{{[^}}]*\}})? ", text, re.MULTILINE), name
     assert metric(server, "clex_serve_generation_tokens_total") > 0
     assert re.search(r'^clex_serve_requests_total\{outcome="invalid"\} [1-9]', text, re.MULTILINE)

@@ -12,8 +12,8 @@ from clex_serve.engine import async_engine as async_module
 from clex_serve.engine.async_engine import AsyncLLMEngine
 from clex_serve.engine.errors import EngineDeadError, EngineShutdownError
 from clex_serve.sampling_params import RequestOutputKind
-from helpers.reference import reference_cases
 from helpers.models import model_with_tokenizer
+from helpers.reference import reference_cases
 
 NAME = "llama"
 GREEDY = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
@@ -22,8 +22,13 @@ DELTA = RequestOutputKind.DELTA
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    return LLM(str(model_with_tokenizer(NAME, tmp_path_factory.mktemp("model"))), dtype="float32", device="cpu",
-               show_progress=False, block_size=4)
+    return LLM(
+        str(model_with_tokenizer(NAME, tmp_path_factory.mktemp("model"))),
+        dtype="float32",
+        device="cpu",
+        show_progress=False,
+        block_size=4,
+    )
 
 
 @pytest.fixture
@@ -56,8 +61,9 @@ async def collect(engine, request, params, request_id=None):
 
 def test_streams_deltas_and_a_vanishing_consumer_aborts(engine, llm):
     async def scenario():
-        outputs = await collect(engine, prompt(7), SamplingParams(temperature=0, max_tokens=None, ignore_eos=True,
-                                                                   output_kind=DELTA))
+        outputs = await collect(
+            engine, prompt(7), SamplingParams(temperature=0, max_tokens=None, ignore_eos=True, output_kind=DELTA)
+        )
         stream = engine.generate(prompt(35), SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
         for _ in range(3):
             await stream.__anext__()
@@ -71,8 +77,9 @@ def test_streams_deltas_and_a_vanishing_consumer_aborts(engine, llm):
 
 def test_abort_gives_the_waiting_consumer_a_final_abort_output(engine):
     async def scenario():
-        stream = engine.generate(prompt(7), SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),
-                                 request_id="to-abort")
+        stream = engine.generate(
+            prompt(7), SamplingParams(temperature=0, max_tokens=None, ignore_eos=True), request_id="to-abort"
+        )
         first = await stream.__anext__()
         engine.abort("to-abort")
         rest = [output async for output in stream]
@@ -178,8 +185,9 @@ def test_a_consumer_that_reads_nothing_holds_one_pending_output(engine, llm, mon
     monkeypatch.setattr(llm.engine, "step", step)
 
     async def scenario():
-        stream = engine.generate(prompt(7), SamplingParams(temperature=0, max_tokens=None, ignore_eos=True,
-                                                           output_kind=DELTA, logprobs=1))
+        stream = engine.generate(
+            prompt(7), SamplingParams(temperature=0, max_tokens=None, ignore_eos=True, output_kind=DELTA, logprobs=1)
+        )
         first = await stream.__anext__()
         while not streams[0].closed:  # read nothing until the engine has finished the request
             await asyncio.sleep(0.01)

@@ -4,13 +4,13 @@ runs of consecutive blocks in place), streams that grow side by side each keep a
 import random
 
 import pytest
-from helpers.sequences import make_sequence
 
 from clex_serve import SamplingParams
 from clex_serve.attention.cache_layout import PAGED, RUNS
 from clex_serve.attention.segments import contiguous_runs
 from clex_serve.engine.core.block_manager import BlockManager
 from clex_serve.engine.core.sequence import Sequence
+from helpers.sequences import make_sequence
 
 
 def _grow_side_by_side(manager: BlockManager, streams: int, prompt_len: int, steps: int) -> list[Sequence]:
@@ -83,8 +83,9 @@ def test_the_runs_kept_with_each_table_follow_every_change_to_it(contiguous):
     from clex_serve.engine.core.block_manager import PrefixKey, block_runs
 
     rng = random.Random(0)
-    manager = BlockManager(num_blocks=400, block_size=4, enable_prefix_caching=True,
-                           layout=RUNS if contiguous else PAGED)
+    manager = BlockManager(
+        num_blocks=400, block_size=4, enable_prefix_caching=True, layout=RUNS if contiguous else PAGED
+    )
     key = PrefixKey(scale=1, length=None)
     prompt = list(range(1, 30))
     live: list[Sequence] = []
@@ -92,7 +93,7 @@ def test_the_runs_kept_with_each_table_follow_every_change_to_it(contiguous):
     for step in range(600):
         action = rng.random()
         if action < 0.15 and len(live) < 12:
-            seq = Sequence(step, f"r{step}", 0, list(prompt[:rng.randint(8, 29)]), SamplingParams())
+            seq = Sequence(step, f"r{step}", 0, list(prompt[: rng.randint(8, 29)]), SamplingParams())
             manager.allocate(seq, key)
             seq.num_cached_tokens = len(seq)
             manager.register_prompt_blocks(seq, key)  # later prompts share these blocks

@@ -4,13 +4,16 @@ import pytest
 import torch
 
 from clex_serve import LLM, SamplingParams
-from clex_serve.engine.worker.sampler import Sampler
 from clex_serve.engine.core.sequence import Sequence
+from clex_serve.engine.worker.sampler import Sampler
 from clex_serve.text.chat_template import VICUNA_SYSTEM, VICUNA_TEMPLATE, render_chat
 from helpers.models import byte_level_tokenizer, model_with_tokenizer
 
-MESSAGES = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-            {"role": "user", "content": "What is CLEX?"}]
+MESSAGES = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "What is CLEX?"},
+]
 
 
 def test_llama_chat_falls_back_to_vicuna():
@@ -35,13 +38,20 @@ def test_bad_message_is_refused():
 
 
 def test_llm_chat_generates_from_the_rendered_prompt(tmp_path):
-    llm = LLM(str(model_with_tokenizer("llama", tmp_path)), dtype="float32", device="cpu", show_progress=False,
-              max_model_len=512, allow_long_max_model_len=True)  # the tiny tokenizer spends many tokens on the system line
+    llm = LLM(
+        str(model_with_tokenizer("llama", tmp_path)),
+        dtype="float32",
+        device="cpu",
+        show_progress=False,
+        max_model_len=512,
+        allow_long_max_model_len=True,
+    )  # the tiny tokenizer spends many tokens on the system line
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     [chat] = llm.chat(MESSAGES, params)
     # The prompt ids are transformers' own tokenization of the conversation: one BOS, from the template.
-    expected = llm.get_tokenizer().apply_chat_template(MESSAGES, chat_template=VICUNA_TEMPLATE, tokenize=True,
-                                                       add_generation_prompt=True)
+    expected = llm.get_tokenizer().apply_chat_template(
+        MESSAGES, chat_template=VICUNA_TEMPLATE, tokenize=True, add_generation_prompt=True
+    )
     expected = list(expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected)
     assert chat.prompt_token_ids == expected
     bos = llm.get_tokenizer().bos_token_id
@@ -79,9 +89,11 @@ def test_logit_bias_moves_greedy_and_sampled_rows_and_leaves_logprobs_raw():
     vocab = 64  # more than one 16-lane block, so the C++ sampling path sees a full row
     logits = torch.zeros(3, vocab)
     logits[:, 7] = 5.0
-    rows = [_seq(SamplingParams(temperature=0, logit_bias={3: 100}, logprobs=0)),
-            _seq(SamplingParams(temperature=1.0, seed=1, logit_bias={9: 100})),
-            _seq(SamplingParams(temperature=0, logit_bias={7: -100}, presence_penalty=0.5), output=(9,))]
+    rows = [
+        _seq(SamplingParams(temperature=0, logit_bias={3: 100}, logprobs=0)),
+        _seq(SamplingParams(temperature=1.0, seed=1, logit_bias={9: 100})),
+        _seq(SamplingParams(temperature=0, logit_bias={7: -100}, presence_penalty=0.5), output=(9,)),
+    ]
     raw = logits.clone()
     chosen = sample(logits, rows, [])
     assert [token.token_id for token in chosen][:2] == [3, 9]
@@ -100,8 +112,18 @@ def test_logprobs_report_rank_and_alternatives():
     assert abs(token.logprobs[0].logprob - expected[0].item()) < 1e-6
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(n=0), dict(max_tokens=0),
-                                 dict(logprobs=50), dict(stop=[""]), dict(presence_penalty=3)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(n=0),
+        dict(max_tokens=0),
+        dict(logprobs=50),
+        dict(stop=[""]),
+        dict(presence_penalty=3),
+    ],
+)
 def test_invalid_sampling_params_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -38,13 +38,16 @@ def test_mixtral_ignores_log_scale_and_phi_uses_partial_rotary():
     assert phi.rotary_dim == 8 and phi.qkv_bias and phi.family == "phi"
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture 'GPT2LMHeadModel'"),
-    ({"rope_scaling": {"type": "clex", "max_factor": 4, "act": "relu"}}, "clex act must be one of"),
-    ({"rope_scaling": {"type": "clex"}}, "needs 'max_factor'"),
-    ({"rope_scaling": {"type": "longrope", "factor": 2}}, "rope_scaling type 'longrope' is not supported"),
-    ({"num_key_value_heads": 3}, "must be a multiple of num_key_value_heads"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture 'GPT2LMHeadModel'"),
+        ({"rope_scaling": {"type": "clex", "max_factor": 4, "act": "relu"}}, "clex act must be one of"),
+        ({"rope_scaling": {"type": "clex"}}, "needs 'max_factor'"),
+        ({"rope_scaling": {"type": "longrope", "factor": 2}}, "rope_scaling type 'longrope' is not supported"),
+        ({"num_key_value_heads": 3}, "must be a multiple of num_key_value_heads"),
+    ],
+)
 def test_invalid_configs_are_refused_with_a_clear_message(change, message, tmp_path):
     raw = json.loads((FIXTURES / "llama" / "config.json").read_text())
     raw.update(change)

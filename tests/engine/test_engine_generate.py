@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from clex_serve import LLM, SamplingParams
-from helpers.reference import REFERENCE_MODELS, reference_cases
 from helpers.models import model_with_tokenizer
+from helpers.reference import REFERENCE_MODELS, reference_cases
 
 GREEDY_TO_LIMIT = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True, logprobs=2)
 GREEDY_PROMPTS = (7, 35)
@@ -89,8 +89,7 @@ def test_seeded_request_is_reproducible_inside_a_busy_batch(engines):
     seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=40, ignore_eos=True)
     [alone] = llm.generate(_prompt("mixtral", 20), seeded)
     noise = SamplingParams(temperature=1.2, max_tokens=60, ignore_eos=True)
-    busy = llm.generate([_prompt("mixtral", 50), _prompt("mixtral", 20), _prompt("mixtral", 9)],
-                        [noise, seeded, noise])
+    busy = llm.generate([_prompt("mixtral", 50), _prompt("mixtral", 20), _prompt("mixtral", 9)], [noise, seeded, noise])
     assert busy[1].outputs[0].token_ids == alone.outputs[0].token_ids
     other_seed = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=99, max_tokens=40, ignore_eos=True)
     assert llm.generate(_prompt("mixtral", 20), other_seed)[0].outputs[0].token_ids != alone.outputs[0].token_ids
@@ -155,7 +154,7 @@ def test_stop_strings_never_reach_streamed_or_final_text(engines):
     prompt = {"prompt": "def generate(prompt"}
     [free] = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
     text = free.outputs[0].text
-    stop = text[len(text) // 2: len(text) // 2 + 3]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert len(stop) == 3 and stop in text
     request_id = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop]))
     streamed = []
@@ -164,7 +163,7 @@ def test_stop_strings_never_reach_streamed_or_final_text(engines):
             assert output.request_id == request_id
             streamed.append(output.outputs[0].text)
     final = streamed[-1]
-    assert final == text[:text.index(stop)]
+    assert final == text[: text.index(stop)]
     assert all(stop not in piece for piece in streamed)
     assert all(later.startswith(earlier) for earlier, later in zip(streamed, streamed[1:]))
     assert output.outputs[0].finish_reason == "stop" and output.outputs[0].stop_reason == stop

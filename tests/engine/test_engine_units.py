@@ -2,18 +2,18 @@
 
 import pytest
 import torch
-from helpers.models import (
-    TRAINING_TEXT,
-    byte_level_tokenizer,
-    sentencepiece_style_tokenizer,
-)
-from helpers.sequences import clex_scale, make_sequence
 
 from clex_serve import SamplingParams
 from clex_serve.engine.core.block_manager import BlockManager, PrefixKey
 from clex_serve.engine.core.scheduler import Scheduler, SchedulerConfig
 from clex_serve.engine.worker.sampler import Sampler
 from clex_serve.text.detokenizer import IncrementalDetokenizer
+from helpers.models import (
+    TRAINING_TEXT,
+    byte_level_tokenizer,
+    sentencepiece_style_tokenizer,
+)
+from helpers.sequences import clex_scale, make_sequence
 
 
 def test_block_manager_allocates_appends_and_frees():
@@ -111,18 +111,28 @@ def test_recompute_replays_each_scale_in_its_own_chunk():
         [chunk] = scheduler.schedule().chunks
         chunks.append((chunk.start, chunk.end, chunk.is_prompt_pass, chunk.per_token_scale))
         seq.num_cached_tokens = chunk.end
-    assert chunks == [(0, 5, True, False), (5, 8, False, True), (8, 16, False, True),
-                      (16, 24, False, True), (24, 25, False, False)]  # the last is a plain decode step
+    assert chunks == [
+        (0, 5, True, False),
+        (5, 8, False, True),
+        (8, 16, False, True),
+        (16, 24, False, True),
+        (24, 25, False, False),
+    ]  # the last is a plain decode step
 
 
 def test_sampling_rules():
     logits = torch.tensor([[0.5, 3.0, 2.9, -1.0]] * 4)
-    seqs = [make_sequence(i, 2, p) for i, p in enumerate([
-        SamplingParams(temperature=0),
-        SamplingParams(temperature=1.0, top_k=1),
-        SamplingParams(temperature=5.0, min_p=0.99),
-        SamplingParams(temperature=0, repetition_penalty=100.0),  # tokens 1 and 2 are in the prompt
-    ])]
+    seqs = [
+        make_sequence(i, 2, p)
+        for i, p in enumerate(
+            [
+                SamplingParams(temperature=0),
+                SamplingParams(temperature=1.0, top_k=1),
+                SamplingParams(temperature=5.0, min_p=0.99),
+                SamplingParams(temperature=0, repetition_penalty=100.0),  # tokens 1 and 2 are in the prompt
+            ]
+        )
+    ]
     tokens = [s.token_id for s in Sampler(logits.shape[-1], torch.device("cpu")).sample(logits, seqs, eos_token_ids=[])]
     assert tokens == [1, 1, 1, 0]
 
@@ -191,6 +201,7 @@ def test_temperature_sampling_follows_the_scaled_distribution(cpu_kernel):
     cumulative sum): 4,000 draws at temperature 0.5 over a vocabulary of 40 (two full 16s and a tail of 8)
     follow softmax(logits / 0.5) within 4 standard deviations per token; tokens of logit -inf never come."""
     from clex_serve.kernels.cpu_extension import cpu_kernels_available
+
     if cpu_kernel and not cpu_kernels_available():
         pytest.skip("CPU kernels do not build here")
     mass = {0: 0.4, 1: 0.2, 2: 0.15, 3: 0.05, 20: 0.1, 35: 0.1}
@@ -199,8 +210,14 @@ def test_temperature_sampling_follows_the_scaled_distribution(cpu_kernel):
         logits[token] = torch.tensor(probability).log()
     rows = 4000
     seqs = [make_sequence(i, 2, SamplingParams(temperature=0.5)) for i in range(rows)]
-    drawn = torch.tensor([s.token_id for s in Sampler(40, torch.device("cpu"), seed=3, cpu_kernels=cpu_kernel).sample(
-        logits.expand(rows, 40).clone(), seqs, [])])
+    drawn = torch.tensor(
+        [
+            s.token_id
+            for s in Sampler(40, torch.device("cpu"), seed=3, cpu_kernels=cpu_kernel).sample(
+                logits.expand(rows, 40).clone(), seqs, []
+            )
+        ]
+    )
     counts = torch.bincount(drawn, minlength=40).double()
     expected = torch.softmax(logits.double() / 0.5, dim=-1)
     spread = (rows * expected * (1 - expected)).sqrt()

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import clex_serve.engine.worker.cache_rotation as cache_rotation
-from clex_serve.loading.loader import load_model
 from clex_serve.engine.worker.model_runner import ModelRunner
 from clex_serve.layers.rotary import apply_rotary
+from clex_serve.loading.loader import load_model
 from helpers.reference import FIXTURES, SingleSequence, reference_cases
 
 
@@ -77,11 +77,20 @@ def test_sequences_changing_scale_in_one_step_are_rerotated_together(monkeypatch
 
     runner = _runner("llama", num_blocks=16)
     rope = runner.rope
-    pool = KVCachePool(runner.config, num_blocks=16, block_size=8, dtype=torch.float32, device=torch.device("cpu"),
-                       head_major=head_major)
+    pool = KVCachePool(
+        runner.config,
+        num_blocks=16,
+        block_size=8,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        head_major=head_major,
+    )
     pool.tensor.normal_(generator=torch.Generator().manual_seed(0))
-    jobs = [cache_rotation.Rerotation([3, 1, 7], 20, 1, 2), cache_rotation.Rerotation([9, 4], 13, 2, 4),
-            cache_rotation.Rerotation([12], 5, 3, 3)]  # unchanged scale: left alone
+    jobs = [
+        cache_rotation.Rerotation([3, 1, 7], 20, 1, 2),
+        cache_rotation.Rerotation([9, 4], 13, 2, 4),
+        cache_rotation.Rerotation([12], 5, 3, 3),
+    ]  # unchanged scale: left alone
     original = pool.tensor.clone()
     for job in jobs:
         cache_rotation.rerotate_all(pool, rope, [job])
@@ -101,8 +110,9 @@ def test_block_copies_and_slots_mean_the_same_in_both_layouts(head_major):
     from clex_serve.engine.worker.kv_cache import KVCachePool
 
     config = load_model(FIXTURES / "llama", dtype="float32", device="cpu", show_progress=False).config
-    pool = KVCachePool(config, num_blocks=6, block_size=4, dtype=torch.float32, device=torch.device("cpu"),
-                       head_major=head_major)
+    pool = KVCachePool(
+        config, num_blocks=6, block_size=4, dtype=torch.float32, device=torch.device("cpu"), head_major=head_major
+    )
     pool.tensor.normal_(generator=torch.Generator().manual_seed(0))
     before = [pool.flat_keys(layer).clone() for layer in range(pool.num_layers)]
     values_before = pool.tensor.clone()

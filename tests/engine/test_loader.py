@@ -22,6 +22,7 @@ def _copy_fixture(name, tmp_path):
 
 def _first_logits(folder, **kwargs):
     from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
+
     loaded = load_model(folder, device="cpu", show_progress=False, **kwargs)
     runner = ModelRunner(loaded, num_blocks=4, block_size=16)
     return runner.execute([SequenceStep([3, 5, 7, 11], 0, [0], scale=runner.rope.scale_for_length(4))]).last_logits[0]
@@ -61,7 +62,9 @@ def test_missing_weight_is_named(tmp_path):
     folder, weights = _copy_fixture("llama", tmp_path)
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, str(folder / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"^checkpoint is incomplete: weight model.layers.1.mlp.up_proj.weight is missing$"):
+    with pytest.raises(
+        CheckpointError, match=r"^checkpoint is incomplete: weight model.layers.1.mlp.up_proj.weight is missing$"
+    ):
         load_model(folder, show_progress=False)
 
 
@@ -92,6 +95,7 @@ def test_hub_id_offline_names_the_id_and_the_way_out(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     import huggingface_hub.constants as hub_constants
+
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelNotFoundError) as error:
         load_model("DAMO-NLP-SG/CLEX-7B-Chat-16K", show_progress=False)
@@ -129,8 +133,11 @@ def test_dummy_load_format_fills_every_weight_from_the_config_alone(tmp_path):
     raw = json.loads((FIXTURES / "llama" / "config.json").read_text())
     config = transformers.LlamaConfig(**{k: v for k, v in raw.items() if k not in ("rope_scaling", "log_scale")})
     theirs = {name for name, _ in transformers.LlamaForCausalLM(config).named_parameters()}
-    assert theirs == set(ours) - {"model.rotary_emb.inv_freq", "model.rotary_emb.proj_func.ode_up_proj",
-                                  "model.rotary_emb.proj_func.ode_down_proj"}
+    assert theirs == set(ours) - {
+        "model.rotary_emb.inv_freq",
+        "model.rotary_emb.proj_func.ode_up_proj",
+        "model.rotary_emb.proj_func.ode_down_proj",
+    }
 
 
 def test_unknown_load_format_is_refused(tmp_path):
@@ -141,14 +148,16 @@ def test_unknown_load_format_is_refused(tmp_path):
 def test_a_tokenizer_fits_when_its_ids_are_rows_of_the_embedding():
     """Fewer tokens than embedding rows is common and fine (Llama-2: 32000 of 32000, Qwen2: 151646 of 151936);
     an id at vocab_size or past it, even only a special token's, is refused with both sizes named."""
-    from helpers.models import word_level_tokenizer
-
     from clex_serve.loading.tokenizer_fit import check_tokenizer_fits
+    from helpers.models import word_level_tokenizer
 
     check_tokenizer_fits(word_level_tokenizer(320), 320, "here")
     check_tokenizer_fits(word_level_tokenizer(300), 320, "here")
-    with pytest.raises(ValueError, match=r"from here has 321 tokens \(ids up to 320\), but the model's vocabulary "
-                                         r"has 320 \(vocab_size in config.json\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"from here has 321 tokens \(ids up to 320\), but the model's vocabulary "
+        r"has 320 \(vocab_size in config.json\)",
+    ):
         check_tokenizer_fits(word_level_tokenizer(321), 320, "here")
     padded = word_level_tokenizer(300)
     padded.add_special_tokens({"pad_token": "<pad>"})  # id 300: still inside a 320-row embedding

@@ -7,15 +7,15 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers.models import model_with_tokenizer
-from helpers.reference import FIXTURES, reference_cases, requires_cuda
-from helpers.sequences import clex_scale, make_sequence
 
 from clex_serve import LLM, SamplingParams
 from clex_serve.config import ModelConfig
 from clex_serve.engine.core.block_manager import BlockManager, PrefixKey
 from clex_serve.engine.core.scheduler import Scheduler, SchedulerConfig
 from clex_serve.engine.worker.kv_cache import bytes_per_block
+from helpers.models import model_with_tokenizer
+from helpers.reference import FIXTURES, reference_cases, requires_cuda
+from helpers.sequences import clex_scale, make_sequence
 
 
 def _scheduler(num_blocks=64, budget=8, max_num_seqs=8, prefix_caching=False):
@@ -31,8 +31,9 @@ def _check_blocks(scheduler):
     """Every reference count is the number of block tables holding the block; the rest are free."""
     manager = scheduler.block_manager
     holders = Counter(block for seq in scheduler.running for block in seq.block_table)
-    assert [manager.ref_counts[block] for block in range(manager.num_blocks)] == \
-        [holders[block] for block in range(manager.num_blocks)]
+    assert [manager.ref_counts[block] for block in range(manager.num_blocks)] == [
+        holders[block] for block in range(manager.num_blocks)
+    ]
     assert manager.num_free_blocks == sum(1 for block in range(manager.num_blocks) if not holders[block])
     assert all(not seq.block_table for seq in scheduler.waiting)
 
@@ -202,8 +203,10 @@ def test_shared_blocks_are_copied_when_decodes_and_a_prompt_chunk_share_a_step()
         scheduler.add(newcomer)
         shared = first.block_table[:2]
         out = _step(scheduler)
-        assert [(chunk.seq, chunk.scale, chunk.rescale_from) for chunk in out.decodes] == \
-            [(first, 3, 2), (second, 2, None)]
+        assert [(chunk.seq, chunk.scale, chunk.rescale_from) for chunk in out.decodes] == [
+            (first, 3, 2),
+            (second, 2, None),
+        ]
         assert [source for source, _ in out.block_copies] == shared
         assert [destination for _, destination in out.block_copies] == first.block_table[:2]
         assert second.block_table[:2] == shared
@@ -213,8 +216,10 @@ def test_shared_blocks_are_copied_when_decodes_and_a_prompt_chunk_share_a_step()
         assert [(chunk.seq, chunk.start, chunk.end) for chunk in out.prefills] == [(newcomer, 0, 14)]
         assert not set(newcomer.block_table) & set(first.block_table + second.block_table)
         out = _step(scheduler)
-        assert [(chunk.seq, chunk.scale, chunk.rescale_from) for chunk in out.decodes] == \
-            [(first, 3, None), (second, 3, 2)]
+        assert [(chunk.seq, chunk.scale, chunk.rescale_from) for chunk in out.decodes] == [
+            (first, 3, None),
+            (second, 3, 2),
+        ]
         assert out.block_copies == [] and second.block_table[:2] == shared
         assert [(chunk.seq, chunk.start, chunk.end) for chunk in out.prefills] == [(newcomer, 14, 20)]
 
@@ -269,21 +274,32 @@ def _tiny_pool(name):
     return {"kv_cache_memory_gib": 41 * per_block / 2**30}
 
 
-@pytest.mark.parametrize("name,options,device", [
-    ("llama_logscale", {}, "cpu"),
-    ("mixtral", {"enable_prefix_caching": True}, "cpu"),
-    ("llama_logscale", "tiny pool", "cpu"),
-    # Plain decode steps replay CUDA graphs, mixed ones run eagerly: a stream alternates between the two.
-    pytest.param("llama_logscale", {"kv_cache_memory_gib": 0.05}, "cuda", marks=requires_cuda),
-], ids=["log-scale", "prefix-caching", "preemption", "cuda-graphs"])
+@pytest.mark.parametrize(
+    "name,options,device",
+    [
+        ("llama_logscale", {}, "cpu"),
+        ("mixtral", {"enable_prefix_caching": True}, "cpu"),
+        ("llama_logscale", "tiny pool", "cpu"),
+        # Plain decode steps replay CUDA graphs, mixed ones run eagerly: a stream alternates between the two.
+        pytest.param("llama_logscale", {"kv_cache_memory_gib": 0.05}, "cuda", marks=requires_cuda),
+    ],
+    ids=["log-scale", "prefix-caching", "preemption", "cuda-graphs"],
+)
 def test_requests_arriving_while_others_decode_give_golden_outputs(name, options, device, tmp_path):
     """Prompts computed in chunks beside running decodes, with 8 batched tokens per step: every output is the
     official greedy generation, with its logprobs. The plans are recorded, so that the test fails if the
     steps it is about were never mixed."""
     preempting = options == "tiny pool"
     options = _tiny_pool(name) if preempting else options
-    llm = LLM(str(model_with_tokenizer(name, tmp_path)), dtype="float32", device=device, show_progress=False,
-              block_size=4, max_num_batched_tokens=BUDGET, **options)
+    llm = LLM(
+        str(model_with_tokenizer(name, tmp_path)),
+        dtype="float32",
+        device=device,
+        show_progress=False,
+        block_size=4,
+        max_num_batched_tokens=BUDGET,
+        **options,
+    )
     engine = llm.engine
     scheduler = engine.scheduler
     plans = []
@@ -303,8 +319,9 @@ def test_requests_arriving_while_others_decode_give_golden_outputs(name, options
     while pending or engine.has_unfinished_requests():
         while pending and pending[0][0] <= step:
             _, request_id, prompt_len = pending.pop(0)
-            engine.add_request({"prompt_token_ids": cases["sequence"][:prompt_len].tolist()}, GREEDY_TO_LIMIT,
-                               request_id)
+            engine.add_request(
+                {"prompt_token_ids": cases["sequence"][:prompt_len].tolist()}, GREEDY_TO_LIMIT, request_id
+            )
         finished.update({output.request_id: output for output in engine.step() if output.finished})
         step += 1
         assert step < 1000

@@ -8,8 +8,8 @@ from clex_serve import LLM, SamplingParams
 from clex_serve.engine.errors import QueueFullError
 from clex_serve.sampling_params import RequestOutputKind
 from clex_serve.text.detokenizer import IncrementalDetokenizer
-from helpers.reference import reference_cases
 from helpers.models import byte_level_tokenizer, model_with_tokenizer
+from helpers.reference import reference_cases
 
 NAME = "llama"
 
@@ -29,8 +29,9 @@ def _prompt(length):
 
 def test_delta_outputs_carry_only_what_is_new(folder):
     engine = _llm(folder).engine
-    params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True, logprobs=1,
-                            output_kind=RequestOutputKind.DELTA)
+    params = SamplingParams(
+        temperature=0, max_tokens=None, ignore_eos=True, logprobs=1, output_kind=RequestOutputKind.DELTA
+    )
     engine.add_request(_prompt(7), params, "delta")
     outputs = []
     while engine.has_unfinished_requests():

@@ -9,8 +9,8 @@ import pytest
 from clex_serve import LLM, SamplingParams
 from clex_serve.config import ModelConfig, read_lenient_json
 from clex_serve.engine.engine_config import EngineConfig
-from helpers.reference import FIXTURES
 from helpers.models import model_with_tokenizer
+from helpers.reference import FIXTURES
 
 
 def _config_with(tmp_path, **changes):
@@ -38,37 +38,43 @@ def test_config_holding_a_json_list(tmp_path):
     assert "must hold a JSON object, got a JSON list" in _one_line(error)
 
 
-@pytest.mark.parametrize("changes,named", [
-    (dict(rope_scaling_max_factor="sixteen"), "rope_scaling.max_factor must be an integer, got 'sixteen'"),
-    (dict(hidden_size="wide"), "hidden_size must be an integer, got 'wide'"),
-    (dict(num_hidden_layers=2.5), "num_hidden_layers must be an integer, got 2.5"),
-    (dict(rms_norm_eps="tiny"), "rms_norm_eps must be a number, got 'tiny'"),
-    (dict(rope_theta=[1]), "rope_theta must be a number, got [1]"),
-])
+@pytest.mark.parametrize(
+    "changes,named",
+    [
+        (dict(rope_scaling_max_factor="sixteen"), "rope_scaling.max_factor must be an integer, got 'sixteen'"),
+        (dict(hidden_size="wide"), "hidden_size must be an integer, got 'wide'"),
+        (dict(num_hidden_layers=2.5), "num_hidden_layers must be an integer, got 2.5"),
+        (dict(rms_norm_eps="tiny"), "rms_norm_eps must be a number, got 'tiny'"),
+        (dict(rope_theta=[1]), "rope_theta must be a number, got [1]"),
+    ],
+)
 def test_config_values_of_the_wrong_type_name_their_key(tmp_path, changes, named):
     with pytest.raises(ValueError) as error:
         ModelConfig.from_file(_config_with(tmp_path, **changes))
     assert named in _one_line(error)
 
 
-@pytest.mark.parametrize("bad,named", [
-    (dict(max_tokens=2.5), "max_tokens must be an integer or None, got 2.5"),
-    (dict(temperature="hot"), "temperature must be a finite number, got 'hot'"),
-    (dict(temperature=math.inf), "temperature must be a finite number, got inf"),
-    (dict(top_p=math.nan), "top_p must be a finite number, got nan"),
-    (dict(n=True), "n must be an integer, got True"),
-    (dict(seed="1"), "seed must be an integer or None, got '1'"),
-    (dict(stop=[1]), "stop must be a string or a list of strings, got [1]"),
-    (dict(stop_token_ids=["2"]), "stop_token_ids must be a list of integers, got ['2']"),
-    (dict(stop_token_ids=[-1]), "stop_token_ids must be non-negative, got [-1]"),
-    (dict(ignore_eos="yes"), "ignore_eos must be true or false, got 'yes'"),
-    (dict(min_tokens=5, max_tokens=2), "min_tokens (5) must not exceed max_tokens (2)"),
-    (dict(temperature=-1), "temperature must be non-negative, got -1"),
-    (dict(logit_bias={5: 101}), "logit_bias: the bias of token 5 must be a number in [-100, 100], got 101"),
-    (dict(logit_bias={-1: 1}), "logit_bias: token id -1 is not a non-negative integer"),
-    (dict(logit_bias={"5": 1}), "logit_bias: token id '5' is not a non-negative integer"),
-    (dict(logit_bias=[1, 2]), "logit_bias must map token ids to numbers"),
-])
+@pytest.mark.parametrize(
+    "bad,named",
+    [
+        (dict(max_tokens=2.5), "max_tokens must be an integer or None, got 2.5"),
+        (dict(temperature="hot"), "temperature must be a finite number, got 'hot'"),
+        (dict(temperature=math.inf), "temperature must be a finite number, got inf"),
+        (dict(top_p=math.nan), "top_p must be a finite number, got nan"),
+        (dict(n=True), "n must be an integer, got True"),
+        (dict(seed="1"), "seed must be an integer or None, got '1'"),
+        (dict(stop=[1]), "stop must be a string or a list of strings, got [1]"),
+        (dict(stop_token_ids=["2"]), "stop_token_ids must be a list of integers, got ['2']"),
+        (dict(stop_token_ids=[-1]), "stop_token_ids must be non-negative, got [-1]"),
+        (dict(ignore_eos="yes"), "ignore_eos must be true or false, got 'yes'"),
+        (dict(min_tokens=5, max_tokens=2), "min_tokens (5) must not exceed max_tokens (2)"),
+        (dict(temperature=-1), "temperature must be non-negative, got -1"),
+        (dict(logit_bias={5: 101}), "logit_bias: the bias of token 5 must be a number in [-100, 100], got 101"),
+        (dict(logit_bias={-1: 1}), "logit_bias: token id -1 is not a non-negative integer"),
+        (dict(logit_bias={"5": 1}), "logit_bias: token id '5' is not a non-negative integer"),
+        (dict(logit_bias=[1, 2]), "logit_bias must map token ids to numbers"),
+    ],
+)
 def test_bad_sampling_params_name_the_parameter(bad, named):
     with pytest.raises(ValueError) as error:
         SamplingParams(**bad)
@@ -80,15 +86,18 @@ def test_logit_bias_is_frozen_as_sorted_pairs():
     assert SamplingParams(logit_bias=None).logit_bias == ()
 
 
-@pytest.mark.parametrize("bad,named", [
-    (dict(max_model_len=0), "max_model_len must be positive, got 0"),
-    (dict(max_num_seqs=0), "max_num_seqs must be at least 1, got 0"),
-    (dict(max_num_seqs=2.5), "max_num_seqs must be an integer, got 2.5"),
-    (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization must be in (0, 1], got 1.5"),
-    (dict(kv_cache_memory_gib=-1), "kv_cache_memory_gib must be positive, got -1"),
-    (dict(max_queued_requests=-1), "max_queued_requests must be non-negative, got -1"),
-    (dict(threads=0), "threads must be at least 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "bad,named",
+    [
+        (dict(max_model_len=0), "max_model_len must be positive, got 0"),
+        (dict(max_num_seqs=0), "max_num_seqs must be at least 1, got 0"),
+        (dict(max_num_seqs=2.5), "max_num_seqs must be an integer, got 2.5"),
+        (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization must be in (0, 1], got 1.5"),
+        (dict(kv_cache_memory_gib=-1), "kv_cache_memory_gib must be positive, got -1"),
+        (dict(max_queued_requests=-1), "max_queued_requests must be non-negative, got -1"),
+        (dict(threads=0), "threads must be at least 1, got 0"),
+    ],
+)
 def test_bad_engine_settings_name_the_python_parameter(bad, named):
     with pytest.raises(ValueError) as error:
         EngineConfig(**bad)
@@ -98,8 +107,12 @@ def test_bad_engine_settings_name_the_python_parameter(bad, named):
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    return LLM(str(model_with_tokenizer("llama", tmp_path_factory.mktemp("model"))), dtype="float32",
-               device="cpu", show_progress=False)
+    return LLM(
+        str(model_with_tokenizer("llama", tmp_path_factory.mktemp("model"))),
+        dtype="float32",
+        device="cpu",
+        show_progress=False,
+    )
 
 
 def test_max_model_len_beyond_the_model_limit_needs_a_flag(llm):
@@ -112,13 +125,16 @@ def test_max_model_len_beyond_the_model_limit_needs_a_flag(llm):
     assert longer.engine.max_model_len == 256
 
 
-@pytest.mark.parametrize("prompt,named", [
-    ({"prompt_token_ids": [1, 2, 320, 4]}, "prompt token id 320 at position 2 is not in the vocabulary [0, 320)"),
-    ({"prompt_token_ids": [1, -3]}, "prompt token id -3 at position 1 is not in the vocabulary"),
-    ({"prompt_token_ids": [1, "2"]}, "prompt token id '2' at position 1 is not in the vocabulary"),
-    ({"prompt_token_ids": []}, "the prompt is empty"),
-    (42, "a prompt is a string, a list of token ids, or {'prompt_token_ids': [...]}; got int"),
-])
+@pytest.mark.parametrize(
+    "prompt,named",
+    [
+        ({"prompt_token_ids": [1, 2, 320, 4]}, "prompt token id 320 at position 2 is not in the vocabulary [0, 320)"),
+        ({"prompt_token_ids": [1, -3]}, "prompt token id -3 at position 1 is not in the vocabulary"),
+        ({"prompt_token_ids": [1, "2"]}, "prompt token id '2' at position 1 is not in the vocabulary"),
+        ({"prompt_token_ids": []}, "the prompt is empty"),
+        (42, "a prompt is a string, a list of token ids, or {'prompt_token_ids': [...]}; got int"),
+    ],
+)
 def test_bad_prompts_are_refused_with_the_bad_value(llm, prompt, named):
     with pytest.raises(ValueError) as error:
         llm.generate(prompt, SamplingParams(max_tokens=2))

@@ -18,14 +18,25 @@ QUESTION = "What does json.dumps do?"
 
 
 def spawn(*args, timeout=90):
-    child = pexpect.spawn(CHAT[0], CHAT[1:] + list(args), encoding="utf-8", timeout=timeout,
-                          dimensions=(40, 160), env={"TERM": "dumb", "PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+    child = pexpect.spawn(
+        CHAT[0],
+        CHAT[1:] + list(args),
+        encoding="utf-8",
+        timeout=timeout,
+        dimensions=(40, 160),
+        env={"TERM": "dumb", "PATH": "/usr/bin:/bin", "HOME": "/tmp"},
+    )
     return child
 
 
 def test_piped_stdin_gets_an_answer():
-    result = subprocess.run(CHAT + ["--temperature", "0", "--max-new-tokens", "20"], input=QUESTION + "\n",
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        CHAT + ["--temperature", "0", "--max-new-tokens", "20"],
+        input=QUESTION + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ASSISTANT:") and len(result.stdout.split()) > 2
 
@@ -75,8 +86,21 @@ def test_ctrl_c_mid_answer_returns_to_the_prompt_with_the_engine_idle(tmp_path):
     """A model that writes hundreds of tokens: Ctrl-C after the first ones stops it, the engine is idle, and
     the chat goes on."""
     folder = model_with_tokenizer("llama", tmp_path)
-    child = spawn("--model", str(folder), "--style", "simple", "--chat-template", "vicuna", "--temperature", "0",
-                  "--max-model-len", "1024", "--allow-long-max-model-len", "--max-new-tokens", "900")
+    child = spawn(
+        "--model",
+        str(folder),
+        "--style",
+        "simple",
+        "--chat-template",
+        "vicuna",
+        "--temperature",
+        "0",
+        "--max-model-len",
+        "1024",
+        "--allow-long-max-model-len",
+        "--max-new-tokens",
+        "900",
+    )
     child.expect_exact("USER: ")
     child.sendline("Tell me a long story")
     child.expect_exact("ASSISTANT: ")
@@ -112,10 +136,28 @@ def test_ctrl_c_in_the_rich_chat_leaves_each_line_of_the_answer_on_screen_once(t
     pyte = pytest.importorskip("pyte")
     folder = slow_random_llama(tmp_path)  # words, at a pace that keeps the answer streaming
     rows, columns = 40, 120
-    child = pexpect.spawn(CHAT[0], CHAT[1:] + [
-        "--model", str(folder), "--chat-template", "vicuna", "--temperature", "0", "--max-model-len", "4096",
-        "--max-new-tokens", "3000", "--history-file", str(tmp_path / "history")], encoding="utf-8", timeout=90,
-        dimensions=(rows, columns), env={"TERM": "xterm-256color", "PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+    child = pexpect.spawn(
+        CHAT[0],
+        CHAT[1:]
+        + [
+            "--model",
+            str(folder),
+            "--chat-template",
+            "vicuna",
+            "--temperature",
+            "0",
+            "--max-model-len",
+            "4096",
+            "--max-new-tokens",
+            "3000",
+            "--history-file",
+            str(tmp_path / "history"),
+        ],
+        encoding="utf-8",
+        timeout=90,
+        dimensions=(rows, columns),
+        env={"TERM": "xterm-256color", "PATH": "/usr/bin:/bin", "HOME": "/tmp"},
+    )
     screen = pyte.Screen(columns, rows)
     stream = pyte.Stream(screen)
     _screen_until(child, screen, stream, lambda text: "USER" in text, "the prompt")
@@ -124,16 +166,21 @@ def test_ctrl_c_in_the_rich_chat_leaves_each_line_of_the_answer_on_screen_once(t
     def answer_lines(text: str) -> list[str]:
         lines = [line.rstrip() for line in text.split("\n")]
         start = next(i for i, line in enumerate(lines) if line.startswith("ASSISTANT"))
-        return [line for line in lines[start + 1:] if line][:-1]  # the last may still be growing
+        return [line for line in lines[start + 1 :] if line][:-1]  # the last may still be growing
 
-    _screen_until(child, screen, stream, lambda text: "ASSISTANT" in text and len(answer_lines(text)) >= 2,
-                  "two lines of the answer")
+    _screen_until(
+        child,
+        screen,
+        stream,
+        lambda text: "ASSISTANT" in text and len(answer_lines(text)) >= 2,
+        "two lines of the answer",
+    )
     child.sendintr()
     _screen_until(child, screen, stream, lambda text: "(stopped" in text, "the stop notice")
     lines = [line.rstrip() for line in screen.display]
     start = next(i for i, line in enumerate(lines) if line.startswith("ASSISTANT"))
     stop = next(i for i, line in enumerate(lines) if line.startswith("(stopped"))
-    on_screen = " ".join(" ".join(lines[start + 1:stop]).split())
+    on_screen = " ".join(" ".join(lines[start + 1 : stop]).split())
 
     child.sendline(f"!!save {tmp_path / 'kept.json'}")
     child.expect_exact("(saved 2 messages")
@@ -151,9 +198,14 @@ def test_code_in_an_answer_reads_as_code_in_the_rich_chat(tmp_path):
     pyte = pytest.importorskip("pyte")
     rows, columns = 40, 120
     with scripted_server(CODE_ANSWER) as url:
-        child = pexpect.spawn(CHAT[0], CHAT[1:] + ["--url", url, "--history-file", str(tmp_path / "history")],
-                              encoding="utf-8", timeout=60, dimensions=(rows, columns),
-                              env={"TERM": "xterm-256color", "PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+        child = pexpect.spawn(
+            CHAT[0],
+            CHAT[1:] + ["--url", url, "--history-file", str(tmp_path / "history")],
+            encoding="utf-8",
+            timeout=60,
+            dimensions=(rows, columns),
+            env={"TERM": "xterm-256color", "PATH": "/usr/bin:/bin", "HOME": "/tmp"},
+        )
         screen = pyte.Screen(columns, rows)
         stream = pyte.Stream(screen)
         _screen_until(child, screen, stream, lambda text: "USER" in text, "the prompt")
@@ -187,8 +239,18 @@ def test_rich_style_in_a_terminal(tmp_path):
 @pytest.mark.slow
 def test_client_mode_and_a_wrong_api_key():
     with running_server("--api-key", "secret") as (url, _):
-        child = spawn("--url", f"{url}/v1", "--api-key", "secret", "--style", "simple", "--temperature", "0",
-                      "--max-new-tokens", "16")
+        child = spawn(
+            "--url",
+            f"{url}/v1",
+            "--api-key",
+            "secret",
+            "--style",
+            "simple",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "16",
+        )
         child.expect_exact("USER: ")
         child.sendline(QUESTION)
         child.expect(r"ASSISTANT: (.+)\r\n")
@@ -198,19 +260,23 @@ def test_client_mode_and_a_wrong_api_key():
         child.close()
         assert child.exitstatus == 0
 
-        wrong = subprocess.run(CHAT + ["--url", f"{url}/v1", "--api-key", "wrong"], capture_output=True, text=True,
-                               timeout=60, input="")
+        wrong = subprocess.run(
+            CHAT + ["--url", f"{url}/v1", "--api-key", "wrong"], capture_output=True, text=True, timeout=60, input=""
+        )
         assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
         [line] = wrong.stderr.strip().splitlines()
         assert "refused the API key" in line and "--api-key" in line
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--temperature", "warm"], "argument --temperature: invalid float value: 'warm'"),
-    (["--style", "fancy"], "argument --style: invalid choice: 'fancy'"),
-    (["--url", "http://127.0.0.1:9/v1"], "cannot reach a server at http://127.0.0.1:9/v1"),
-    (["--temperature", "-1"], "temperature must be non-negative, got -1.0"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--temperature", "warm"], "argument --temperature: invalid float value: 'warm'"),
+        (["--style", "fancy"], "argument --style: invalid choice: 'fancy'"),
+        (["--url", "http://127.0.0.1:9/v1"], "cannot reach a server at http://127.0.0.1:9/v1"),
+        (["--temperature", "-1"], "temperature must be non-negative, got -1.0"),
+    ],
+)
 def test_bad_flags_are_one_line(args, message):
     result = subprocess.run(CHAT + args, capture_output=True, text=True, timeout=60, input="")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -222,24 +288,42 @@ def test_a_conversation_too_long_for_the_context_drops_its_oldest_turns(tmp_path
     chat says so and (a pipe answers yes) drops the oldest turns, and every message still gets an answer."""
     folder = model_with_tokenizer("llama", tmp_path)
     result = subprocess.run(
-        CHAT + ["--model", str(folder), "--chat-template", "vicuna", "--temperature", "0", "--max-model-len", "400",
-                "--allow-long-max-model-len", "--max-new-tokens", "60"],
+        CHAT
+        + [
+            "--model",
+            str(folder),
+            "--chat-template",
+            "vicuna",
+            "--temperature",
+            "0",
+            "--max-model-len",
+            "400",
+            "--allow-long-max-model-len",
+            "--max-new-tokens",
+            "60",
+        ],
         input="Tell me a story\nAnd another one\nOne more please\nAnd the last one\n",
-        capture_output=True, text=True, timeout=180)
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ASSISTANT:") == 4
     # The question counts the answer's room in: 60 tokens (--max-new-tokens, at most a quarter of 400).
-    assert re.search(r"The conversation \(\d+ tokens\) and the 60 tokens kept for the answer do not fit the "
-                     r"context of 400\. Drop the oldest turn\? \[Y/n\] y", result.stdout)
+    assert re.search(
+        r"The conversation \(\d+ tokens\) and the 60 tokens kept for the answer do not fit the "
+        r"context of 400\. Drop the oldest turn\? \[Y/n\] y",
+        result.stdout,
+    )
 
 
 def _main_dependency_closure() -> set[str]:
     """The distributions a plain `pip install .` brings: pyproject's main dependencies and, recursively, what
     they require outside extras."""
     import importlib.metadata as metadata
-    import tomllib
     from pathlib import Path
 
+    import tomllib
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
@@ -268,24 +352,32 @@ def test_client_mode_needs_only_the_main_dependencies():
     from packaging.utils import canonicalize_name
 
     closure = _main_dependency_closure()
-    hidden = sorted(module for module, distributions in metadata.packages_distributions().items()
-                    if module.isidentifier() and module not in sys.stdlib_module_names and module != "clex_serve"
-                    and not {canonicalize_name(name) for name in distributions} & closure)
+    hidden = sorted(
+        module
+        for module, distributions in metadata.packages_distributions().items()
+        if module.isidentifier()
+        and module not in sys.stdlib_module_names
+        and module != "clex_serve"
+        and not {canonicalize_name(name) for name in distributions} & closure
+    )
     assert "pexpect" in hidden  # a test extra: the probe does hide what a plain install lacks
     # Hidden from imports and from importlib.util.find_spec, which optional imports ask first.
-    probe = ("import importlib.util, sys\n"
-             "names = set(sys.argv[1].split(','))\n"
-             "class Hidden:\n"
-             "    def find_spec(self, name, path=None, target=None):\n"
-             "        if name.split('.')[0] in names:\n"
-             "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-             "sys.meta_path.insert(0, Hidden())\n"
-             "find_spec = importlib.util.find_spec\n"
-             "importlib.util.find_spec = lambda name, package=None: (\n"
-             "    None if name.split('.')[0] in names else find_spec(name, package))\n"
-             "from clex_serve.cli.chat import main\n"
-             "main(['--url', 'http://127.0.0.1:9/v1'])\n")
-    result = subprocess.run([sys.executable, "-c", probe, ",".join(hidden)], capture_output=True, text=True,
-                            timeout=60, input="")
+    probe = (
+        "import importlib.util, sys\n"
+        "names = set(sys.argv[1].split(','))\n"
+        "class Hidden:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in names:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Hidden())\n"
+        "find_spec = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, package=None: (\n"
+        "    None if name.split('.')[0] in names else find_spec(name, package))\n"
+        "from clex_serve.cli.chat import main\n"
+        "main(['--url', 'http://127.0.0.1:9/v1'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, ",".join(hidden)], capture_output=True, text=True, timeout=60, input=""
+    )
     assert "No module named" not in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 2 and "cannot reach a server at http://127.0.0.1:9/v1" in result.stderr

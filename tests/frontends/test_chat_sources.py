@@ -76,6 +76,7 @@ def test_ctrl_c_while_the_sync_stream_waits_cancels_the_async_stream():
     source = SyncChatSource(endless)
     shown = []
     try:
+
         def press_ctrl_c():
             if endless.streaming.wait(10):
                 time.sleep(0.2)  # the main thread is waiting for the next delta by now
@@ -105,8 +106,14 @@ def test_an_error_of_the_async_stream_reaches_the_reader_after_what_came_before(
 
 
 def test_stopping_an_answer_in_process_leaves_the_engine_idle(tmp_path):
-    llm = LLM(str(model_with_tokenizer("llama", tmp_path)), dtype="float32", device="cpu", show_progress=False,
-              max_model_len=1024, allow_long_max_model_len=True)
+    llm = LLM(
+        str(model_with_tokenizer("llama", tmp_path)),
+        dtype="float32",
+        device="cpu",
+        show_progress=False,
+        max_model_len=1024,
+        allow_long_max_model_len=True,
+    )
     engine = AsyncLLMEngine(llm.engine, idle_wait=0.05)
     source = SyncChatSource(EngineSource(engine, VICUNA_TEMPLATE, "tiny", owns_engine=True))
     try:
@@ -127,11 +134,16 @@ def test_stopping_an_answer_in_process_leaves_the_engine_idle(tmp_path):
     assert not engine.running  # the chat's own engine stops with its source
 
 
-@pytest.mark.parametrize("server,message", [
-    ({"refuse": "temperature must be non-negative, got -1.0"},
-     "the server refused the request: temperature must be non-negative, got -1.0"),
-    ({"break_off": "the engine stopped after an error"}, "the answer broke off: the engine stopped after an error"),
-])
+@pytest.mark.parametrize(
+    "server,message",
+    [
+        (
+            {"refuse": "temperature must be non-negative, got -1.0"},
+            "the server refused the request: temperature must be non-negative, got -1.0",
+        ),
+        ({"break_off": "the engine stopped after an error"}, "the answer broke off: the engine stopped after an error"),
+    ],
+)
 def test_a_server_that_refuses_or_breaks_off_is_one_line(server, message):
     with scripted_server(CODE_ANSWER, **server) as url:
         source = SyncChatSource(OpenAISource(url, None, None))

@@ -11,14 +11,21 @@ from helpers.models import model_with_tokenizer
 
 
 def run_cli(*args, stdin=None, env=None):
-    return subprocess.run([sys.executable, "-m", "clex_serve.cli.main", *args], input=stdin, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "clex_serve.cli.main", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_generate_streams_a_completion(tmp_path):
     folder = model_with_tokenizer("llama", tmp_path)
-    result = run_cli("generate", "--model", str(folder), "--device", "cpu", "--max-tokens", "8",
-                     stdin="CLEX scales\ndef generate\n")
+    result = run_cli(
+        "generate", "--model", str(folder), "--device", "cpu", "--max-tokens", "8", stdin="CLEX scales\ndef generate\n"
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 2 and all(lines)
@@ -33,8 +40,14 @@ def test_bad_flag_is_named_without_a_traceback():
 
 
 def test_offline_hub_id_gives_one_line(tmp_path):
-    result = run_cli("generate", "--model", "DAMO-NLP-SG/CLEX-7B-Chat-16K", "--prompt", "hi",
-                     env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    result = run_cli(
+        "generate",
+        "--model",
+        "DAMO-NLP-SG/CLEX-7B-Chat-16K",
+        "--prompt",
+        "hi",
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)},
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
     assert "DAMO-NLP-SG/CLEX-7B-Chat-16K" in line and "--model DIR" in line
@@ -47,8 +60,11 @@ def test_gpu_flags_reach_the_engine_config():
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
-    config = engine_config_from_args(parser.parse_args(
-        ["--enforce-eager", "--gpu-memory-utilization", "0.5", "--load-format", "dummy", "--threads", "1"]))
+    config = engine_config_from_args(
+        parser.parse_args(
+            ["--enforce-eager", "--gpu-memory-utilization", "0.5", "--load-format", "dummy", "--threads", "1"]
+        )
+    )
     assert config.enforce_eager and config.gpu_memory_utilization == 0.5 and config.load_format == "dummy"
     assert config.threads == 1
     defaults = engine_config_from_args(parser.parse_args([]))
@@ -149,11 +165,33 @@ def test_a_tokenizer_with_ids_past_the_vocabulary_is_refused_at_load(tmp_path):
     big, small = tmp_path / "big_tokenizer", tmp_path / "small_tokenizer"
     word_level_tokenizer(400).save_pretrained(big)
     word_level_tokenizer(300).save_pretrained(small)
-    refused = run_cli("generate", "--model", str(folder), "--tokenizer", str(big), "--device", "cpu",
-                      "--prompt", "CLEX", "--max-tokens", "2")
+    refused = run_cli(
+        "generate",
+        "--model",
+        str(folder),
+        "--tokenizer",
+        str(big),
+        "--device",
+        "cpu",
+        "--prompt",
+        "CLEX",
+        "--max-tokens",
+        "2",
+    )
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     [line] = refused.stderr.strip().splitlines()
     assert "has 400 tokens (ids up to 399)" in line and "vocabulary has 320" in line and "--tokenizer" in line
-    accepted = run_cli("generate", "--model", str(folder), "--tokenizer", str(small), "--device", "cpu",
-                       "--prompt", "CLEX", "--max-tokens", "2")
+    accepted = run_cli(
+        "generate",
+        "--model",
+        str(folder),
+        "--tokenizer",
+        str(small),
+        "--device",
+        "cpu",
+        "--prompt",
+        "CLEX",
+        "--max-tokens",
+        "2",
+    )
     assert accepted.returncode == 0, accepted.stderr

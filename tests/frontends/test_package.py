@@ -8,8 +8,7 @@ import clex_serve
 
 
 def test_python_dash_m_runs_the_command():
-    result = subprocess.run([sys.executable, "-m", "clex_serve", "--help"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "-m", "clex_serve", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--model" in result.stdout and "--max-request-body-bytes" in result.stdout
 
 

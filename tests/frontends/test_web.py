@@ -20,8 +20,11 @@ from helpers.servers import free_port, running_server
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [pytest.mark.browser, pytest.mark.slow,
-              pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package"),
+]
 
 QUESTION = "What does json.dumps do?"
 
@@ -100,8 +103,10 @@ def test_answer_streams_and_stop_frees_the_engine(browser, tmp_path):
     """A model that writes thousands of tokens: the answer grows across reads, Stop ends it while the request
     is still running, and /metrics shows no request running and no KV block in use."""
     folder = slow_random_llama(tmp_path)
-    with running_server("--model", str(folder), "--chat-template", "vicuna", "--max-model-len", "8192",
-                        "--ui") as (url, _):
+    with running_server("--model", str(folder), "--chat-template", "vicuna", "--max-model-len", "8192", "--ui") as (
+        url,
+        _,
+    ):
         page = open_ui(browser, f"{url}/ui/")
         # Greedy, so that this random model never picks its end token (sampled, when it stops depends on the
         # draws), the longest answer the page allows, and a model of 25M parameters: the answer takes tens of
@@ -116,8 +121,10 @@ def test_answer_streams_and_stop_frees_the_engine(browser, tmp_path):
         assert second.startswith(first[:5])
         assert metric(url, "clex_serve_requests_running") == 1  # Stop below interrupts a running answer
         page.locator("#stop").click()
-        wait_for(lambda: metric(url, "clex_serve_requests_running") == 0
-                 and metric(url, "clex_serve_kv_blocks_used") == 0, timeout=30)
+        wait_for(
+            lambda: metric(url, "clex_serve_requests_running") == 0 and metric(url, "clex_serve_kv_blocks_used") == 0,
+            timeout=30,
+        )
         stopped = bot_text(page)
         time.sleep(1.0)
         assert bot_text(page) == stopped  # nothing more arrives after Stop
@@ -160,8 +167,12 @@ def test_standalone_demo_against_a_live_server(browser):
 def standalone_demo(url: str):
     """``clex-serve web --url URL`` on a free port; yields the page's address once it says where it is."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "clex_serve.cli.main", "web", "--url", url, "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "clex_serve.cli.main", "web", "--url", url, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = ""
         deadline = time.monotonic() + 120
@@ -199,9 +210,13 @@ def test_ui_flag_without_gradio_says_what_to_install(tmp_path):
     """Without Gradio importable, --ui fails in one line that names the extra."""
     blocker = tmp_path / "gradio.py"
     blocker.write_text("raise ImportError('no gradio here')\n")
-    result = subprocess.run([sys.executable, "-m", "clex_serve.cli.main", "--ui", "--port", str(free_port())],
-                            capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    result = subprocess.run(
+        [sys.executable, "-m", "clex_serve.cli.main", "--ui", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "pip install 'clex-serve[web]'" in result.stderr.strip().splitlines()[-1]
 
@@ -209,5 +224,9 @@ def test_ui_flag_without_gradio_says_what_to_install(tmp_path):
 def test_ui_behind_an_api_key_asks_for_it():
     with running_server("--ui", "--api-key", "secret") as (url, _):
         assert '"auth_required":true' in httpx.get(f"{url}/ui/", timeout=30).text
-        assert httpx.post(f"{url}/ui/login", data={"username": "me", "password": "wrong"}, timeout=30).status_code == 400
-        assert httpx.post(f"{url}/ui/login", data={"username": "me", "password": "secret"}, timeout=30).status_code == 200
+        assert (
+            httpx.post(f"{url}/ui/login", data={"username": "me", "password": "wrong"}, timeout=30).status_code == 400
+        )
+        assert (
+            httpx.post(f"{url}/ui/login", data={"username": "me", "password": "secret"}, timeout=30).status_code == 200
+        )

@@ -79,8 +79,8 @@ def test_batch_of_sequences_at_different_scales(device, reference_runner):
     """Four prompts at scales 1, 2, 3 and 4 share one prefill step and 25 decode steps; each sequence gets
     the logits it gets alone, and the two with golden references match them. The first crosses from scale 1
     to 2 during the decode steps (on CUDA, between replays of the same captured graph)."""
-    from clex_serve.loading.loader import load_model
     from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
+    from clex_serve.loading.loader import load_model
 
     name = "llama_logscale"
     cases = reference_cases(name)
@@ -98,8 +98,9 @@ def test_batch_of_sequences_at_different_scales(device, reference_runner):
     assert cache_scales == [1, 2, 3, 4]
     for _ in range(decode_steps):
         scales = [runner.rope.scale_for_length(n + 1) for n in lengths]
-        steps = [SequenceStep([tokens[n]], n, tables[i], cache_scales[i], scale=scales[i])
-                 for i, n in enumerate(lengths)]
+        steps = [
+            SequenceStep([tokens[n]], n, tables[i], cache_scales[i], scale=scales[i]) for i, n in enumerate(lengths)
+        ]
         result = runner.execute(steps)
         batched.append(result.last_logits.cpu())
         cache_scales = scales
@@ -113,4 +114,4 @@ def test_batch_of_sequences_at_different_scales(device, reference_runner):
         torch.testing.assert_close(batched[index], torch.stack(expected), atol=1e-5, rtol=0)
         golden = cases.get(f"decode_from_{prompt_len}")
         if golden is not None:
-            torch.testing.assert_close(batched[index], golden[:decode_steps + 1], atol=TOLERANCE, rtol=0)
+            torch.testing.assert_close(batched[index], golden[: decode_steps + 1], atol=TOLERANCE, rtol=0)

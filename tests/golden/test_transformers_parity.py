@@ -10,16 +10,22 @@ import pytest
 import torch
 import transformers
 
-from clex_serve.loading.loader import load_model
 from clex_serve.engine.worker.model_runner import ModelRunner
+from clex_serve.loading.loader import load_model
 from helpers.reference import DEVICES, FIXTURES, REFERENCE_MODELS, SingleSequence, reference_cases
 
 TOLERANCE = 1e-4
 SEQ_LEN = 48
 PREFILL_LEN = 20
 
-COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, max_position_embeddings=64)
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+)
 
 CASES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4)),
@@ -27,10 +33,16 @@ CASES = {
     "mistral-sliding-window": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=7)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
     "phi": ("PhiConfig", "PhiForCausalLM", dict(partial_rotary_factor=0.4, hidden_act="gelu_new")),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_key_value_heads=2, num_local_experts=4,
-                                                            num_experts_per_tok=2)),
-    "mixtral-sliding-window": ("MixtralConfig", "MixtralForCausalLM", dict(
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=9)),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    "mixtral-sliding-window": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=9),
+    ),
 }
 
 
@@ -76,19 +88,30 @@ def test_prefill_and_cached_decode_match_transformers(case, device, tmp_path):
     torch.testing.assert_close(ours, expected[:-1], atol=TOLERANCE, rtol=0)
 
 
-@pytest.mark.parametrize("rope_scaling", [
-    {"rope_type": "linear", "factor": 4.0},
-    {"rope_type": "dynamic", "factor": 4.0},
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
-    {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 16},
-])
+@pytest.mark.parametrize(
+    "rope_scaling",
+    [
+        {"rope_type": "linear", "factor": 4.0},
+        {"rope_type": "dynamic", "factor": 4.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        {
+            "rope_type": "llama3",
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ],
+)
 @pytest.mark.parametrize("device", DEVICES)
 def test_scaled_rope_prefill_matches_transformers(rope_scaling, device, tmp_path):
     """One pass longer than the base window, where each scaling scheme actually changes the frequencies."""
-    reference = _build_reference("llama", tmp_path, max_position_embeddings=16,
-                                 rope_parameters={"rope_theta": 10000.0, **rope_scaling})
-    assert json.loads((tmp_path / "config.json").read_text())["rope_parameters"]["rope_type"] == rope_scaling["rope_type"]
+    reference = _build_reference(
+        "llama", tmp_path, max_position_embeddings=16, rope_parameters={"rope_theta": 10000.0, **rope_scaling}
+    )
+    assert (
+        json.loads((tmp_path / "config.json").read_text())["rope_parameters"]["rope_type"] == rope_scaling["rope_type"]
+    )
     tokens = torch.randint(0, COMMON["vocab_size"], (SEQ_LEN,), generator=torch.Generator().manual_seed(3)).tolist()
     expected = _reference_logits(reference, tokens)
     sequence = SingleSequence(_ours(tmp_path, device), SEQ_LEN)
@@ -106,14 +129,18 @@ def test_clex_checkpoint_within_base_window_is_the_plain_model(name, device, tmp
     plain = {k: v for k, v in raw.items() if k not in ("rope_scaling", "log_scale", "use_flashattn")}
     (tmp_path / "config.json").write_text(json.dumps(plain))
     weights = load_file(str(FIXTURES / name / "model.safetensors"))
-    save_file({k: v for k, v in weights.items() if "clex_layer" not in k}, str(tmp_path / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if "clex_layer" not in k},
+        str(tmp_path / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
 
     tokens = reference_cases(name)["sequence"][:32].tolist()  # L0 = 32: the whole window at t = 1
     expected = _reference_logits(reference, tokens)
-    loaded = load_model(FIXTURES / name, dtype="float32", device=device, show_progress=False,
-                        config_overrides={"log_scale": False})
+    loaded = load_model(
+        FIXTURES / name, dtype="float32", device=device, show_progress=False, config_overrides={"log_scale": False}
+    )
     ours = _prefill_and_decode(ModelRunner(loaded, num_blocks=32, block_size=4, max_num_seqs=4), tokens + [0], 12)
     torch.testing.assert_close(ours, expected, atol=TOLERANCE, rtol=0)
 
@@ -121,8 +148,12 @@ def test_clex_checkpoint_within_base_window_is_the_plain_model(name, device, tmp
 def test_dynamic_ntk_cached_decode_matches_transformers_cache(tmp_path):
     """Past its base window dynamic NTK rotates each new token with the frequencies of the length it makes,
     and cached keys keep theirs: teacher-forced decoding equals transformers' forward with its KV cache."""
-    reference = _build_reference("llama", tmp_path, max_position_embeddings=16,
-                                 rope_parameters={"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 4.0})
+    reference = _build_reference(
+        "llama",
+        tmp_path,
+        max_position_embeddings=16,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 4.0},
+    )
     tokens = torch.randint(0, COMMON["vocab_size"], (SEQ_LEN,), generator=torch.Generator().manual_seed(5)).tolist()
     with torch.no_grad():
         out = reference(torch.tensor([tokens[:PREFILL_LEN]]), use_cache=True)

@@ -14,8 +14,8 @@ def reference_attention(q, k_cache, v_cache, tables, lengths, window):
         slots = tables[index].long()[positions // block_size] * block_size + positions % block_size
         keys = k_cache.reshape(-1, num_kv_heads, head_dim)[slots].double().repeat_interleave(group, 1)
         values = v_cache.reshape(-1, num_kv_heads, head_dim)[slots].double().repeat_interleave(group, 1)
-        scores = torch.einsum("hd,lhd->hl", q[index].double(), keys) / head_dim ** 0.5
+        scores = torch.einsum("hd,lhd->hl", q[index].double(), keys) / head_dim**0.5
         if window is not None:
-            scores[:, :max(0, length - window)] = float("-inf")
+            scores[:, : max(0, length - window)] = float("-inf")
         outputs.append(torch.einsum("hl,lhd->hd", scores.softmax(-1), values))
     return torch.stack(outputs)

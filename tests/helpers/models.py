@@ -19,8 +19,12 @@ def byte_level_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(TRAINING_TEXT, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
@@ -38,12 +42,18 @@ def sentencepiece_style_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerF
     """Llama-style: metaspace (▁) pre-tokenization and byte fallback, as Llama-2's tokenizer.json has."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tokenizer.decoder = decoders.Sequence([
-        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
-    ])
+    tokenizer.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
     byte_tokens = [f"<0x{value:02X}>" for value in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"] + byte_tokens,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"] + byte_tokens, show_progress=False
+    )
     tokenizer.train_from_iterator(TRAINING_TEXT, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
@@ -63,9 +73,17 @@ def slow_random_llama(folder: Path, hidden: int = 512, layers: int = 8) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=320, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-                         max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=320,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=8192,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     folder = Path(folder) / "slow_llama"
     LlamaForCausalLM(config).save_pretrained(folder)
     word_level_tokenizer().save_pretrained(folder)
@@ -86,8 +104,9 @@ def batched_decode_logits(runner, tokens: list[int], prompt_lens: list[int], ste
     lengths, logits = list(prompt_lens), []
     for _ in range(steps):
         new_scales = [runner.rope.scale_for_length(n + 1) for n in lengths]
-        result = runner.execute([SequenceStep([tokens[n]], n, tables[i], scales[i], scale=new_scales[i])
-                                 for i, n in enumerate(lengths)])
+        result = runner.execute(
+            [SequenceStep([tokens[n]], n, tables[i], scales[i], scale=new_scales[i]) for i, n in enumerate(lengths)]
+        )
         logits.append(result.last_logits.cpu())
         scales, lengths = new_scales, [n + 1 for n in lengths]
     return torch.stack(logits), scales

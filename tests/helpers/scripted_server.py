@@ -45,8 +45,14 @@ def _handler(answer: str, chunk_chars: int, pause: float, refuse: str | None, br
 
         def do_GET(self):
             if self.path.rstrip("/").endswith("/models"):
-                self._json({"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0,
-                                                        "owned_by": "tests", "max_model_len": 4096}]})
+                self._json(
+                    {
+                        "object": "list",
+                        "data": [
+                            {"id": MODEL, "object": "model", "created": 0, "owned_by": "tests", "max_model_len": 4096}
+                        ],
+                    }
+                )
             else:
                 self.send_error(404)
 
@@ -55,8 +61,10 @@ def _handler(answer: str, chunk_chars: int, pause: float, refuse: str | None, br
             if self.path.endswith("/tokenize"):
                 self._json({"count": 12, "tokens": [], "max_model_len": 4096})
             elif self.path.endswith("/chat/completions") and refuse is not None:
-                self._json({"error": {"message": refuse, "type": "invalid_request_error", "param": None,
-                                      "code": None}}, status=400)
+                self._json(
+                    {"error": {"message": refuse, "type": "invalid_request_error", "param": None, "code": None}},
+                    status=400,
+                )
             elif self.path.endswith("/chat/completions"):
                 self._stream()
             else:
@@ -67,15 +75,23 @@ def _handler(answer: str, chunk_chars: int, pause: float, refuse: str | None, br
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            pieces = [answer[i:i + chunk_chars] for i in range(0, len(answer), chunk_chars)]
+            pieces = [answer[i : i + chunk_chars] for i in range(0, len(answer), chunk_chars)]
             for index, piece in enumerate(pieces + [None]):
                 if break_off is not None and index == len(pieces) // 2:  # as clex-serve ends a failed stream
-                    self._event(json.dumps({"error": {"message": break_off, "type": "server_error", "param": None,
-                                                      "code": None}}))
+                    self._event(
+                        json.dumps(
+                            {"error": {"message": break_off, "type": "server_error", "param": None, "code": None}}
+                        )
+                    )
                     break
                 delta = {"content": piece} if piece is not None else {}
-                chunk = {"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": None if piece else "stop"}]}
+                chunk = {
+                    "id": "chatcmpl-scripted",
+                    "object": "chat.completion.chunk",
+                    "created": 0,
+                    "model": MODEL,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": None if piece else "stop"}],
+                }
                 self._event(json.dumps(chunk))
                 time.sleep(pause)
             self._event("[DONE]")
@@ -95,8 +111,9 @@ class _QuietServer(ThreadingHTTPServer):
 
 
 @contextmanager
-def scripted_server(answer: str, chunk_chars: int = 3, pause: float = 0.01, refuse: str | None = None,
-                    break_off: str | None = None):
+def scripted_server(
+    answer: str, chunk_chars: int = 3, pause: float = 0.01, refuse: str | None = None, break_off: str | None = None
+):
     """Yields the server's base URL (ending in /v1). ``refuse``: every chat request gets a 400 with this
     message; ``break_off``: half way through, the answer ends with an error event with this message."""
     server = _QuietServer(("127.0.0.1", 0), _handler(answer, chunk_chars, pause, refuse, break_off))

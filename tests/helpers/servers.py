@@ -21,8 +21,9 @@ def running_server(*args: str, env: dict | None = None, startup_timeout: float =
     """Yields (base URL, process). The process is stopped (SIGTERM, then SIGKILL) on the way out."""
     port = free_port()
     command = [sys.executable, "-m", "clex_serve.cli.main", "--port", str(port), "--device", "cpu", *args]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **(env or {})})
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+    )
     deadline = time.monotonic() + startup_timeout
     line = ""
     while time.monotonic() < deadline:
@@ -55,8 +56,9 @@ def healthy_process(command: list[str], url: str, timeout: float = 300.0, env: d
     servers that announce nothing on their output (the benchmarks' baselines)."""
     import httpx
 
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, **(env or {})})
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})}
+    )
     try:
         deadline = time.monotonic() + timeout
         while True:

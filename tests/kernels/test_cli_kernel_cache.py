@@ -61,8 +61,9 @@ def test_a_build_says_so_and_a_built_library_loads_without_the_compiler(monkeypa
 
         caplog.clear()
         cpu_extension._build()  # the next start: the library is loaded as it is, silently
-        assert len(builds) == 1 and loads == [str(Path(cpp_extension._get_build_directory(builds[0], False))
-                                                  / f"{builds[0]}.so")]
+        assert len(builds) == 1 and loads == [
+            str(Path(cpp_extension._get_build_directory(builds[0], False)) / f"{builds[0]}.so")
+        ]
         assert not caplog.text
 
         _edited_sources(monkeypatch, tmp_path, "rms_norm.cpp")  # an upgrade: a build, and a notice again

@@ -27,7 +27,7 @@ def test_decode_attention_equals_attention_per_sequence(dtype, tolerance, head_m
     q = torch.randn(len(SEQUENCES), heads, head_dim, generator=generator).to(dtype)
     runs = torch.tensor([run for sequence in SEQUENCES for run in sequence], dtype=torch.long)
     offsets = torch.tensor([0, 1, 2, 5, 6], dtype=torch.long)
-    out = cpu_ops.decode_attention(q, flat_k, flat_v, runs, offsets, head_dim ** -0.5)
+    out = cpu_ops.decode_attention(q, flat_k, flat_v, runs, offsets, head_dim**-0.5)
     assert out.shape == q.shape and out.dtype == dtype
     for index, sequence in enumerate(SEQUENCES):
         exact = segments.decode_one(q[index].double(), flat_k.double(), flat_v.double(), sequence)

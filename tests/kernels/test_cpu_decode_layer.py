@@ -18,8 +18,12 @@ pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels
 @pytest.mark.parametrize("name", ["llama", "llama_logscale"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_decode_layer_equals_the_layer_by_layer_path(name, dtype, monkeypatch):
-    runner = ModelRunner(load_model(FIXTURES / name, dtype=dtype, device="cpu", show_progress=False),
-                         num_blocks=96, block_size=4, max_num_seqs=8)
+    runner = ModelRunner(
+        load_model(FIXTURES / name, dtype=dtype, device="cpu", show_progress=False),
+        num_blocks=96,
+        block_size=4,
+        max_num_seqs=8,
+    )
     assert all(isinstance(layer, CpuLlamaDecoderLayer) for layer in runner.model.model.layers)  # swapped in once
     tokens = torch.randint(3, 200, (60,), generator=torch.Generator().manual_seed(0)).tolist()
     prompt_lens = [5, 14, 31]  # three sequences, whose lengths cross CLEX scales while decoding

@@ -5,8 +5,8 @@ exponentials are ordered and computed differently from PyTorch's vectorised ones
 import pytest
 import torch
 
-from clex_serve.attention.sdpa import rotate_queries_and_keys, write_kv
 from clex_serve.attention.metadata import AttentionMetadata, flat_slots
+from clex_serve.attention.sdpa import rotate_queries_and_keys, write_kv
 from clex_serve.kernels import cpu_ops
 from clex_serve.kernels.cpu_extension import cpu_kernels_available
 from clex_serve.kernels.cpu_layers import CpuRMSNorm
@@ -14,7 +14,7 @@ from clex_serve.layers.norm import RMSNorm
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels do not build here")
 DTYPES = [torch.float32, torch.bfloat16]
-ONE_STEP = {torch.float32: dict(atol=1e-6, rtol=2e-6), torch.bfloat16: dict(atol=1e-2, rtol=2 ** -7)}
+ONE_STEP = {torch.float32: dict(atol=1e-6, rtol=2e-6), torch.bfloat16: dict(atol=1e-2, rtol=2**-7)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -41,34 +41,46 @@ def test_rms_norm(dtype, with_residual):
 def test_silu_and_mul(dtype):
     gate_up = torch.randn(17, 2 * 1500, generator=torch.Generator().manual_seed(1)).to(dtype)
     gate, up = gate_up.split(1500, dim=-1)
-    torch.testing.assert_close(cpu_ops.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up,
-                               **ONE_STEP[dtype])
+    torch.testing.assert_close(cpu_ops.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up, **ONE_STEP[dtype])
 
 
 def _metadata(cos, sin, query_scale, slots) -> AttentionMetadata:
     tokens = cos.shape[0]
-    return AttentionMetadata(positions=torch.arange(tokens), slot_mapping=slots, cos=cos, sin=sin,
-                             query_scale=query_scale, query_lens=[tokens], context_lens_host=[tokens],
-                             context_lens=torch.tensor([tokens], dtype=torch.int32),
-                             block_tables=torch.zeros(1, 1, dtype=torch.int32),
-                             cu_seqlens_q=torch.tensor([0, tokens], dtype=torch.int32), block_size=16,
-                             is_decode=False)
+    return AttentionMetadata(
+        positions=torch.arange(tokens),
+        slot_mapping=slots,
+        cos=cos,
+        sin=sin,
+        query_scale=query_scale,
+        query_lens=[tokens],
+        context_lens_host=[tokens],
+        context_lens=torch.tensor([tokens], dtype=torch.int32),
+        block_tables=torch.zeros(1, 1, dtype=torch.int32),
+        cu_seqlens_q=torch.tensor([0, tokens], dtype=torch.int32),
+        block_size=16,
+        is_decode=False,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_major", [False, True])
-@pytest.mark.parametrize("heads,kv_heads,head_dim,rotary_dim,log_scale", [
-    (4, 2, 16, 16, True),  # GQA with the CLEX log scale
-    (4, 4, 80, 32, False),  # Phi-2's partial rotary
-])
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,rotary_dim,log_scale",
+    [
+        (4, 2, 16, 16, True),  # GQA with the CLEX log scale
+        (4, 4, 80, 32, False),  # Phi-2's partial rotary
+    ],
+)
 def test_rotate_and_cache_equals_the_eager_path(dtype, head_major, heads, kv_heads, head_dim, rotary_dim, log_scale):
     """Queries and keys rotated (queries scaled) as the eager path does, bit for bit; keys and values written
     to their slots of either pool layout, no other slot touched."""
     generator = torch.Generator().manual_seed(2)
     tokens, slots_in_pool = 5, 24
     packed = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
-    q, k, v = (t.reshape(tokens, -1, head_dim) for t in
-               packed.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1))
+    q, k, v = (
+        t.reshape(tokens, -1, head_dim)
+        for t in packed.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    )
     angles = torch.rand(tokens, rotary_dim // 2, generator=generator) * 6
     cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
     query_scale = (torch.rand(tokens, 1, 1, generator=generator) + 1).to(dtype) if log_scale else None
@@ -85,8 +97,9 @@ def test_rotate_and_cache_equals_the_eager_path(dtype, head_major, heads, kv_hea
     meta = _metadata(cos, sin, query_scale, slots)
     q_expected, k_expected = rotate_queries_and_keys(q, k, meta)
     write_kv(k_ref_pool, v_ref_pool, k_expected, v, slots)
-    q_out, k_out = cpu_ops.rotate_and_cache(q, k, v, cos, sin, query_scale.flatten() if log_scale else None, slots,
-                                          k_flat, v_flat)
+    q_out, k_out = cpu_ops.rotate_and_cache(
+        q, k, v, cos, sin, query_scale.flatten() if log_scale else None, slots, k_flat, v_flat
+    )
     for got, expected in ((q_out, q_expected), (k_out, k_expected), (k_pool, k_ref_pool), (v_pool, v_ref_pool)):
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
@@ -104,21 +117,27 @@ def test_argmax_rows_is_torch_argmax():
 def test_penalties_kernel_equals_the_pytorch_formulation(monkeypatch):
     """Repetition, presence and frequency penalties in one C++ pass give the PyTorch path's logits bit for bit,
     for a batch mixing rows without penalties, each penalty alone and all together, over two steps."""
-    from clex_serve.engine.worker import penalties as penalties_module
     from clex_serve.engine.core.sequence import Sequence
+    from clex_serve.engine.worker import penalties as penalties_module
     from clex_serve.sampling_params import SamplingParams
 
     vocab, generator = 500, torch.Generator().manual_seed(3)
-    params = [SamplingParams(), SamplingParams(repetition_penalty=1.3), SamplingParams(frequency_penalty=0.4),
-              SamplingParams(presence_penalty=-0.5), SamplingParams(repetition_penalty=0.8, frequency_penalty=-0.2,
-                                                                    presence_penalty=0.7)]
+    params = [
+        SamplingParams(),
+        SamplingParams(repetition_penalty=1.3),
+        SamplingParams(frequency_penalty=0.4),
+        SamplingParams(presence_penalty=-0.5),
+        SamplingParams(repetition_penalty=0.8, frequency_penalty=-0.2, presence_penalty=0.7),
+    ]
     seqs = []
     for index, sampling in enumerate(params):
         seq = Sequence(index, f"r{index}", 0, torch.randint(0, vocab, (30,), generator=generator).tolist(), sampling)
         seq.token_ids += torch.randint(0, vocab, (40,), generator=generator).tolist()  # repeats among them
         seqs.append(seq)
-    states = {kernel: penalties_module.PenaltyState(vocab, torch.device("cpu"), cpu_kernels=kernel)
-              for kernel in (True, False)}
+    states = {
+        kernel: penalties_module.PenaltyState(vocab, torch.device("cpu"), cpu_kernels=kernel)
+        for kernel in (True, False)
+    }
     for _ in range(2):
         logits = torch.randn(len(seqs), vocab, generator=generator) * 3
         results = {}

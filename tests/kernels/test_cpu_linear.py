@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from clex_serve.kernels.cpu_extension import cpu_kernels_available
 from clex_serve.kernels import cpu_ops
+from clex_serve.kernels.cpu_extension import cpu_kernels_available
 from clex_serve.kernels.cpu_linear import BLOCKED_MAX_ROWS, onednn_available, replace_cpu_linear_layers, to_blocked
 
 LAYOUTS = [
@@ -20,6 +20,7 @@ def test_the_cpu_kernels_build_where_the_ci_runs():
     # The machines this project runs its tests on are x86-64 with AVX-512 and a compiler: the fast path
     # must not silently fall back there. Elsewhere the fallback is tested below.
     import platform
+
     if platform.machine() != "x86_64" or "avx512f" not in open("/proc/cpuinfo").read():
         pytest.skip("not an AVX-512 machine")
     assert cpu_kernels_available()
@@ -31,8 +32,9 @@ def test_prepared_layers_equal_plain_ones_for_any_row_count(blocked, dtype):
     torch.manual_seed(0)
     # 96 and 130 outputs: a whole block plus a part, a part of a block past two whole ones; 40 outputs: one
     # partial block, which the kernel also splits by rows so that both threads work.
-    model = nn.Sequential(nn.Linear(64, 96, bias=True), nn.Linear(96, 130, bias=False),
-                          nn.Linear(130, 40, bias=True)).to(dtype)
+    model = nn.Sequential(
+        nn.Linear(64, 96, bias=True), nn.Linear(96, 130, bias=False), nn.Linear(130, 40, bias=True)
+    ).to(dtype)
     row_counts = sorted({1, 3, BLOCKED_MAX_ROWS[dtype], BLOCKED_MAX_ROWS[dtype] + 1, 16, 70})
     inputs = {rows: torch.randn(rows, 64, dtype=dtype) for rows in row_counts}
     expected = {rows: model(x).float() for rows, x in inputs.items()}

@@ -5,8 +5,8 @@ tests, parametrized by device. Everything here skips without a CUDA device."""
 import pytest
 import torch
 
-from clex_serve.loading.loader import load_model
 from clex_serve.engine.worker.model_runner import ModelRunner
+from clex_serve.loading.loader import load_model
 from helpers.attention import reference_attention
 from helpers.models import batched_decode_logits
 from helpers.reference import FIXTURES, REFERENCE_MODELS, SingleSequence, reference_cases, requires_cuda
@@ -36,10 +36,14 @@ def test_bfloat16_greedy_tokens_equal_float32_where_the_margin_exceeds_the_noise
     top2 = golden.topk(2, dim=-1).values
     decided = (top2[:, 0] - top2[:, 1]) > 2 * noise
     agree = ours.argmax(-1) == golden.argmax(-1)
-    print(f"{name}: bfloat16 noise {noise:.4f} (largest error {error.max():.4f}), {int(decided.sum())} of "
-          f"{len(golden)} positions decided, greedy agreement {int(agree.sum())} of {len(golden)} overall")
+    print(
+        f"{name}: bfloat16 noise {noise:.4f} (largest error {error.max():.4f}), {int(decided.sum())} of "
+        f"{len(golden)} positions decided, greedy agreement {int(agree.sum())} of {len(golden)} overall"
+    )
     assert decided.sum() >= len(golden) // 4, "too few positions are decided to test anything"
-    assert agree[decided].all(), f"bfloat16 changes a decided token at positions {(~agree & decided).nonzero().flatten().tolist()}"
+    assert agree[decided].all(), (
+        f"bfloat16 changes a decided token at positions {(~agree & decided).nonzero().flatten().tolist()}"
+    )
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])
@@ -92,11 +96,23 @@ def test_kv_pool_sized_by_profiling_leaves_room_for_the_longest_prefill(tmp_path
     from clex_serve import LLM, SamplingParams
     from helpers.models import byte_level_tokenizer
 
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=1024, intermediate_size=2816,
-                  num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, vocab_size=320,
-                  max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                  rope_theta=10000.0, log_scale=True,
-                  rope_scaling={"type": "clex", "max_factor": 8, "param_factor": 1, "act": "silu"})
+    config = dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=320,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_theta=10000.0,
+        log_scale=True,
+        rope_scaling={"type": "clex", "max_factor": 8, "param_factor": 1, "act": "silu"},
+    )
     (tmp_path / "config.json").write_text(json.dumps(config))
     byte_level_tokenizer().save_pretrained(tmp_path)
 
@@ -105,8 +121,16 @@ def test_kv_pool_sized_by_profiling_leaves_room_for_the_longest_prefill(tmp_path
     # What is in use now, plus about 4 GiB for weights, activations and the pool: the pool must be cut short.
     utilization = (total - free + 4 * 2**30) / total
     torch.cuda.reset_peak_memory_stats()
-    llm = LLM(str(tmp_path), load_format="dummy", dtype="bfloat16", device="cuda", max_num_seqs=64,
-              max_num_batched_tokens=16384, gpu_memory_utilization=utilization, show_progress=False)
+    llm = LLM(
+        str(tmp_path),
+        load_format="dummy",
+        dtype="bfloat16",
+        device="cuda",
+        max_num_seqs=64,
+        max_num_batched_tokens=16384,
+        gpu_memory_utilization=utilization,
+        show_progress=False,
+    )
     engine = llm.engine
     cap = 64 * (engine.max_model_len // engine.worker.runner.block_size)
     assert 0 < engine.block_manager.num_blocks < cap
@@ -130,8 +154,14 @@ def test_engine_greedy_generation_on_cuda_matches_golden(enforce_eager, tmp_path
     cases = reference_cases(name)
     prompt_len = min(int(key.rsplit("_", 1)[1]) for key in cases if key.startswith("greedy_from_"))
     expected = cases[f"greedy_from_{prompt_len}"].tolist()
-    llm = LLM(str(model_with_tokenizer(name, tmp_path)), dtype="float32", device="cuda", show_progress=False,
-              enforce_eager=enforce_eager, kv_cache_memory_gib=0.05)
+    llm = LLM(
+        str(model_with_tokenizer(name, tmp_path)),
+        dtype="float32",
+        device="cuda",
+        show_progress=False,
+        enforce_eager=enforce_eager,
+        kv_cache_memory_gib=0.05,
+    )
     assert (llm.engine.worker.runner.decode_graphs is None) == enforce_eager
     prompt = {"prompt_token_ids": cases["sequence"][:prompt_len].tolist()}
     output = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]

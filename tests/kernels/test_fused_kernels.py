@@ -10,7 +10,7 @@ from clex_serve.layers.rotary import apply_rotary
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2 ** -5)}
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2**-5)}
 EXACT_BFLOAT16 = DEVICE == "cuda"
 
 
@@ -44,10 +44,13 @@ def test_silu_and_mul(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,head_dim,rotary_dim,log_scale", [
-    (4, 2, 16, 16, True),  # GQA with the CLEX log scale
-    (4, 4, 80, 32, False),  # Phi-2's partial rotary
-])
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,rotary_dim,log_scale",
+    [
+        (4, 2, 16, 16, True),  # GQA with the CLEX log scale
+        (4, 4, 80, 32, False),  # Phi-2's partial rotary
+    ],
+)
 def test_rotate_and_cache(dtype, heads, kv_heads, head_dim, rotary_dim, log_scale):
     """Queries rotated and scaled as the unfused path does; keys rotated and values copied into their slots,
     no other slot touched."""
@@ -60,7 +63,9 @@ def test_rotate_and_cache(dtype, heads, kv_heads, head_dim, rotary_dim, log_scal
     q, k, v = (t.reshape(tokens, -1, head_dim) for t in (q, k, v))
     angles = torch.rand(tokens, rotary_dim // 2, device=DEVICE, generator=generator) * 6
     cos, sin = torch.cat((angles, angles), -1).cos().to(dtype), torch.cat((angles, angles), -1).sin().to(dtype)
-    query_scale = (torch.rand(tokens, device=DEVICE, generator=generator) + 1).to(dtype)[:, None, None] if log_scale else None
+    query_scale = (
+        (torch.rand(tokens, device=DEVICE, generator=generator) + 1).to(dtype)[:, None, None] if log_scale else None
+    )
     slots = torch.tensor([5, 17, 2], device=DEVICE)
     k_cache = torch.zeros(num_blocks, block_size, kv_heads, head_dim, device=DEVICE, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)

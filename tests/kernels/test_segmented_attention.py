@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from clex_serve.attention import segments
 from clex_serve.attention.sdpa import context_slots
 
-pytestmark = pytest.mark.skipif(not segments.segmented_attention_available(),
-                                reason="this PyTorch has no fused CPU attention with log-sum-exp")
+pytestmark = pytest.mark.skipif(
+    not segments.segmented_attention_available(), reason="this PyTorch has no fused CPU attention with log-sum-exp"
+)
 
 BLOCK = 4
 
@@ -48,8 +49,12 @@ def test_decode_equals_sdpa_over_the_gathered_context(table, heads, kv_heads, dt
     q = torch.randn(heads, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
     runs = segments.contiguous_runs(table, length, BLOCK)
     out = segments.decode_one(q, flat_k, flat_v, runs)
-    expected = F.scaled_dot_product_attention(q[None, :, None].float(), keys.transpose(0, 1)[None].float(),
-                                              values.transpose(0, 1)[None].float(), enable_gqa=True)[0, :, 0]
+    expected = F.scaled_dot_product_attention(
+        q[None, :, None].float(),
+        keys.transpose(0, 1)[None].float(),
+        values.transpose(0, 1)[None].float(),
+        enable_gqa=True,
+    )[0, :, 0]
     assert out.dtype == dtype and out.shape == (heads, 16)
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
@@ -65,8 +70,13 @@ def test_prefill_chunk_sees_the_cache_and_its_own_keys_causally(table, heads, kv
     out = segments.prefill_one(q, keys[cached:], values[cached:], flat_k, flat_v, runs)
     positions = torch.arange(22)
     mask = positions[None, :] <= positions[cached:, None]  # query i (at cached + i) sees keys up to it
-    expected = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys.transpose(0, 1)[None],
-                                              values.transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
+    expected = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        keys.transpose(0, 1)[None],
+        values.transpose(0, 1)[None],
+        attn_mask=mask,
+        enable_gqa=True,
+    )
     torch.testing.assert_close(out, expected[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
 
 

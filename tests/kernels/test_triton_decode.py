@@ -4,9 +4,9 @@
 import pytest
 import torch
 
-from clex_serve.loading.loader import load_model
 from clex_serve.engine.worker.model_runner import ModelRunner
 from clex_serve.kernels.device_layers import use_triton_layers
+from clex_serve.loading.loader import load_model
 from helpers.attention import reference_attention
 from helpers.models import batched_decode_logits
 from helpers.reference import FIXTURES, reference_cases
@@ -15,12 +15,15 @@ triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,lengths,window,num_splits", [
-    (4, 2, 16, 4, [1, 37, 100], None, 4),  # GQA, a split past the end of the short contexts
-    (8, 8, 80, 16, [130, 5], None, 8),  # a head dim that is not a power of two (Phi-2's)
-    (4, 1, 32, 8, [50, 9], 7, 2),  # sliding window
-    (4, 4, 16, 4, [200], None, 1),
-])
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,block_size,lengths,window,num_splits",
+    [
+        (4, 2, 16, 4, [1, 37, 100], None, 4),  # GQA, a split past the end of the short contexts
+        (8, 8, 80, 16, [130, 5], None, 8),  # a head dim that is not a power of two (Phi-2's)
+        (4, 1, 32, 8, [50, 9], 7, 2),  # sliding window
+        (4, 4, 16, 4, [200], None, 1),
+    ],
+)
 def test_paged_decode_matches_float64_attention(heads, kv_heads, head_dim, block_size, lengths, window, num_splits):
     from clex_serve.attention.triton_decode import paged_decode_attention
 
@@ -31,7 +34,7 @@ def test_paged_decode_matches_float64_attention(heads, kv_heads, head_dim, block
     q = torch.randn(len(lengths), heads, head_dim, device=DEVICE, generator=generator)
     per_sequence = -(-max(lengths) // block_size)
     order = torch.randperm(num_blocks, device=DEVICE, generator=generator)
-    tables = torch.stack([order[i * per_sequence:(i + 1) * per_sequence] for i in range(len(lengths))]).int()
+    tables = torch.stack([order[i * per_sequence : (i + 1) * per_sequence] for i in range(len(lengths))]).int()
     context_lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     out = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, num_splits, window)
     expected = reference_attention(q, k_cache, v_cache, tables, lengths, window)

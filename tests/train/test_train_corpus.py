@@ -42,14 +42,13 @@ def test_pairs_from_source(tmp_path):
     source = tmp_path / "demo.py"
     source.write_text(
         '"""Tools for demos."""\n'
-        "def public(x):\n    \"\"\"Return x doubled, always.\"\"\"\n\n"
-        "def _private():\n    \"\"\"Hidden helper function.\"\"\"\n\n"
-        "class Box:\n    \"\"\"A box that holds things.\"\"\"\n"
-        "    def open(self):\n        \"\"\"Open the box lid.\"\"\"\n"
+        'def public(x):\n    """Return x doubled, always."""\n\n'
+        'def _private():\n    """Hidden helper function."""\n\n'
+        'class Box:\n    """A box that holds things."""\n'
+        '    def open(self):\n        """Open the box lid."""\n'
     )
     pairs = pairs_from_source(SourceFile("demo.py", source))
     answers = {pair.answer for pair in pairs}
-    assert answers == {"Tools for demos.", "Return x doubled, always.", "A box that holds things.",
-                       "Open the box lid."}
+    assert answers == {"Tools for demos.", "Return x doubled, always.", "A box that holds things.", "Open the box lid."}
     questions = " ".join(pair.question for pair in pairs)
     assert "demo.public" in questions and "demo.Box.open" in questions and "_private" not in questions

@@ -6,8 +6,8 @@ import torch
 from transformers import AutoTokenizer
 
 from clex_serve.assets import DEFAULT_MODEL_PATH
-from clex_serve.loading.loader import load_model
 from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
+from clex_serve.loading.loader import load_model
 
 
 def test_default_model_is_a_clex_llama_with_a_2048_token_limit():
@@ -26,12 +26,14 @@ def test_default_model_is_a_clex_llama_with_a_2048_token_limit():
 def test_default_model_answers_a_chat_prompt_with_text_then_eos():
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(str(DEFAULT_MODEL_PATH))
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What does json.dumps do?"}],
-                                           add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What does json.dumps do?"}], add_generation_prompt=True, tokenize=False
+    )
     assert prompt.endswith("USER: What does json.dumps do? ASSISTANT:")
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    runner = ModelRunner(load_model(DEFAULT_MODEL_PATH, dtype="float32", device="cpu", show_progress=False),
-                         num_blocks=16, block_size=16)
+    runner = ModelRunner(
+        load_model(DEFAULT_MODEL_PATH, dtype="float32", device="cpu", show_progress=False), num_blocks=16, block_size=16
+    )
     scale = runner.rope.scale_for_length(len(ids))
     result = runner.execute([SequenceStep(ids, 0, list(range(16)), scale=scale)])
     generated, length = [], len(ids)

@@ -30,8 +30,20 @@ def test_evaluate_end_to_end(tmp_path, capsys):
     _, clex = _export(tmp_path, True)
     _, rope = _export(tmp_path, False)
     out = tmp_path / "out.json"
-    evaluate.main(["--clex", f"CLEX={clex}", "--rope", f"RoPE={rope}", "--factors", "1,2,4",
-                   "--num-tokens", "128", "--json", str(out)])
+    evaluate.main(
+        [
+            "--clex",
+            f"CLEX={clex}",
+            "--rope",
+            f"RoPE={rope}",
+            "--factors",
+            "1,2,4",
+            "--num-tokens",
+            "128",
+            "--json",
+            str(out),
+        ]
+    )
     table = capsys.readouterr().out
     for name in ("CLEX", "RoPE, no scaling", "RoPE, linear PI", "RoPE, dynamic NTK", "RoPE, YaRN"):
         assert f"| {name} |" in table

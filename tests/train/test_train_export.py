@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from clex_serve.loading.loader import load_model
 from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
+from clex_serve.loading.loader import load_model
 from clex_serve.train.export import export_model
 from clex_serve.train.model import ModelShape, build_model, rotary_of
 
@@ -40,7 +40,8 @@ def test_engine_matches_transformers_within_the_training_length(tmp_path, use_cl
     # The reference is a stock LlamaForCausalLM (its own RoPE) holding the same weights: t = 1 is plain Llama.
     reference = LlamaForCausalLM(SHAPE.llama_config()).eval()
     missing, unexpected = reference.load_state_dict(
-        {k: v for k, v in model.state_dict().items() if "rotary_emb" not in k}, strict=False)
+        {k: v for k, v in model.state_dict().items() if "rotary_emb" not in k}, strict=False
+    )
     assert not unexpected and all("rotary_emb" in k for k in missing)
     with torch.no_grad():
         expected = reference(torch.tensor([ids])).logits[0]
@@ -58,13 +59,20 @@ def test_clex_scale_above_one_matches_the_training_rotary(tmp_path):
 
 
 def test_layout_and_config(tmp_path):
-    folder = export_model(_trained_looking_model(True), SHAPE, tmp_path / "m", tmp_path, True, max_factor=4,
-                          dtype="bfloat16")
+    folder = export_model(
+        _trained_looking_model(True), SHAPE, tmp_path / "m", tmp_path, True, max_factor=4, dtype="bfloat16"
+    )
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
     assert config["max_position_embeddings"] == 16
-    assert config["rope_scaling"] == {"type": "clex", "max_factor": 4, "param_factor": 1, "time_dt": 0.01,
-                                      "act": "silu", "factor": 4}
+    assert config["rope_scaling"] == {
+        "type": "clex",
+        "max_factor": 4,
+        "param_factor": 1,
+        "time_dt": 0.01,
+        "act": "silu",
+        "factor": 4,
+    }
     tensors = load_file(str(folder / "model.safetensors"))
     assert tensors["model.clex_layer.proj_func.ode_up_proj"].shape == (16, 32)
     assert tensors["model.clex_layer.proj_func.ode_down_proj"].dtype == torch.float32  # the ODE stays exact

@@ -1,7 +1,7 @@
 """CLEX's training-time sampling of the scale t and of fractional positions (CLEX.md, "Training")."""
 
-import torch
 import pytest
+import torch
 
 from clex_serve.train.positions import draw_scale, fractional_positions
 

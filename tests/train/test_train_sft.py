@@ -34,7 +34,8 @@ def test_finetune_learns_the_answers(tmp_path):
 
     before = answer_loss()
     config = TrainConfig(steps=20, learning_rate=1e-2, warmup_steps=2, max_factor=4, checkpoint_every=20)
-    finetune(model, SHAPE, tokenizer, stream, config, batch_size=8, lm_batch_size=1,
-             checkpoint_path=tmp_path / "sft.pt")
+    finetune(
+        model, SHAPE, tokenizer, stream, config, batch_size=8, lm_batch_size=1, checkpoint_path=tmp_path / "sft.pt"
+    )
     assert (tmp_path / "sft.pt").exists()
     assert answer_loss() < before - 0.5  # nats per answer token; it starts near ln(512) = 6.2

@@ -31,8 +31,11 @@ def test_vocab_and_special_tokens(tokenizers):
 def test_chat_template_is_vicuna_v1_1(tokenizers):
     _, hf, folder = tokenizers
     assert "chat_template" in (folder / "tokenizer_config.json").read_text()
-    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
-                {"role": "user", "content": "Bye?"}]
+    messages = [
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye?"},
+    ]
     rendered = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert rendered == f"<s>{VICUNA_SYSTEM} USER: Hi? ASSISTANT: Hello.</s>USER: Bye? ASSISTANT:"
     custom = hf.apply_chat_template([{"role": "system", "content": "Be brief."}, messages[0]], tokenize=False)
@@ -43,10 +46,12 @@ def test_chat_examples_match_the_template_and_mask_the_prompt(tokenizers):
     tokenizer, hf, _ = tokenizers
     pair = InstructionPair("What does json.dumps do?", "Serialize obj to a JSON formatted str.")
     assert chat_prompt(pair.question) == hf.apply_chat_template(
-        [{"role": "user", "content": pair.question}], add_generation_prompt=True, tokenize=False)
+        [{"role": "user", "content": pair.question}], add_generation_prompt=True, tokenize=False
+    )
     ids, labels = encode_example(tokenizer, pair, 512)
-    full = hf.apply_chat_template([{"role": "user", "content": pair.question},
-                                   {"role": "assistant", "content": pair.answer}], tokenize=False)
+    full = hf.apply_chat_template(
+        [{"role": "user", "content": pair.question}, {"role": "assistant", "content": pair.answer}], tokenize=False
+    )
     assert ids == tokenizer.encode(full, add_special_tokens=False).ids
     answer_ids = [label for label in labels if label != IGNORE_INDEX]
     assert tokenizer.decode(answer_ids, skip_special_tokens=False) == " " + pair.answer + "</s>"

@@ -1,7 +1,7 @@
 """A few CLEX training steps on a tiny model: the loss falls, the ODE learns, and resuming is exact."""
 
-import torch
 import pytest
+import torch
 
 from clex_serve.train.data import WindowSampler
 from clex_serve.train.model import ModelShape, build_model, rotary_of
@@ -23,10 +23,18 @@ def _trainer(path, steps=40, use_clex=True):
         ids = sampler.batch(step)
         return [Batch(ids, ids, clex_sampling=True)]
 
-    config = TrainConfig(steps=steps, learning_rate=1e-2, warmup_steps=2, max_factor=4, checkpoint_every=3,
-                         ode_lr_ratio=0.1)
-    return Trainer(build_model(SHAPE, use_clex, seed=0), config, batches, path / "ck.pt", use_clex,
-                   SHAPE.base_len, log=lambda line: None)
+    config = TrainConfig(
+        steps=steps, learning_rate=1e-2, warmup_steps=2, max_factor=4, checkpoint_every=3, ode_lr_ratio=0.1
+    )
+    return Trainer(
+        build_model(SHAPE, use_clex, seed=0),
+        config,
+        batches,
+        path / "ck.pt",
+        use_clex,
+        SHAPE.base_len,
+        log=lambda line: None,
+    )
 
 
 @pytest.mark.parametrize("use_clex", [True, False])

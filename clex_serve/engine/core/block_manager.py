@@ -45,8 +45,9 @@ class PrefixKey(NamedTuple):
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
-                 layout: CacheLayout = PAGED) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False, layout: CacheLayout = PAGED
+    ) -> None:
         """``layout``: what the attention backend declared it needs of the cache; with
         ``contiguous_sequences``, sequences are placed so that their blocks follow each other in the pool
         where possible (for attention that reads runs of consecutive blocks in place)."""
@@ -85,7 +86,7 @@ class BlockManager:
         usable = (seq.num_prompt_tokens - 1) // self.block_size
         hashes, previous = [], None
         for index in range(usable):
-            tokens = tuple(seq.prompt_token_ids[index * self.block_size:(index + 1) * self.block_size])
+            tokens = tuple(seq.prompt_token_ids[index * self.block_size : (index + 1) * self.block_size])
             previous = hash((previous, tokens, cache_key))
             hashes.append(previous)
         return hashes
@@ -118,8 +119,9 @@ class BlockManager:
         seq.block_table = list(hits)
         wanted = self.blocks_for(len(seq)) - len(hits)
         for taken in range(wanted):
-            seq.block_table.append(self._take_free(seq.block_table[-1] + 1 if seq.block_table else None,
-                                                   wanted - taken))
+            seq.block_table.append(
+                self._take_free(seq.block_table[-1] + 1 if seq.block_table else None, wanted - taken)
+            )
         seq.block_runs = block_runs(seq.block_table)
         seq.num_cached_tokens = len(hits) * self.block_size
         if hits:
@@ -210,5 +212,6 @@ class BlockManager:
         return copies
 
     def free_blocks_needed_for_rescale(self, seq: Sequence) -> int:
-        return sum(1 for index in range(self.blocks_for(seq.num_cached_tokens))
-                   if self.ref_counts[seq.block_table[index]] > 1)
+        return sum(
+            1 for index in range(self.blocks_for(seq.num_cached_tokens)) if self.ref_counts[seq.block_table[index]] > 1
+        )

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from clex_serve.engine.outputs import RequestMetrics
 from clex_serve.engine.core.sequence import Logprob, Sequence
+from clex_serve.engine.outputs import RequestMetrics
 from clex_serve.sampling_params import SamplingParams
 from clex_serve.text.detokenizer import IncrementalDetokenizer
 

@@ -74,8 +74,9 @@ class SchedulerConfig:
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
         if self.max_prefill_tokens_with_decodes is not None and self.max_prefill_tokens_with_decodes < 1:
-            raise ValueError(f"max_prefill_tokens_with_decodes must be at least 1, "
-                             f"got {self.max_prefill_tokens_with_decodes}")
+            raise ValueError(
+                f"max_prefill_tokens_with_decodes must be at least 1, got {self.max_prefill_tokens_with_decodes}"
+            )
 
 
 @dataclass
@@ -124,11 +125,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
-                 scale_for_length: Callable[[int], int],
-                 prefix_key: Callable[[Sequence], Hashable | None] = lambda seq: None,
-                 cache_follows_scale: bool = True, eos_token_ids: list[int] = (),
-                 max_model_len: int | None = None) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        scale_for_length: Callable[[int], int],
+        prefix_key: Callable[[Sequence], Hashable | None] = lambda seq: None,
+        cache_follows_scale: bool = True,
+        eos_token_ids: list[int] = (),
+        max_model_len: int | None = None,
+    ) -> None:
         """``cache_follows_scale``: cached keys are re-rotated when their sequence's scale changes (CLEX);
         False where keys keep the rotation they were written with (dynamic NTK, as in transformers).
         ``eos_token_ids`` and ``max_model_len`` end sequences as their tokens arrive."""
@@ -178,8 +184,14 @@ class Scheduler:
             for token in tokens:
                 seq.token_ids.append(token.token_id)
                 accepted.append(token)
-                stop = token_stop(seq.params, token.token_id, seq.num_output_tokens, len(seq), self.eos_token_ids,
-                                  self.max_model_len or len(seq) + 1)
+                stop = token_stop(
+                    seq.params,
+                    token.token_id,
+                    seq.num_output_tokens,
+                    len(seq),
+                    self.eos_token_ids,
+                    self.max_model_len or len(seq) + 1,
+                )
                 if stop is not None:
                     seq.finish_reason, seq.stop_reason = stop
                     break
@@ -261,8 +273,9 @@ class Scheduler:
                 chunks.append(self._plan(ScheduledChunk(seq, len(seq) - 1, len(seq), None, False, False), copies))
         return chunks, preempted
 
-    def _schedule_prefills(self, budget: int, admit: bool, copies: list[tuple[int, int]],
-                           short_budget: int = 0) -> list[ScheduledChunk]:
+    def _schedule_prefills(
+        self, budget: int, admit: bool, copies: list[tuple[int, int]], short_budget: int = 0
+    ) -> list[ScheduledChunk]:
         """Prompt and recompute chunks within ``budget`` tokens; new sequences only where ``admit``. A
         sequence short enough to fit in ``short_budget`` whole takes what is left of it from there instead; the
         two together never exceed the larger of them (which the caller bounds by the step's budget)."""

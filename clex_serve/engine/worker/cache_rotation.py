@@ -66,8 +66,9 @@ def rerotate_all(pool: KVCachePool, rope: RotaryEmbedding, jobs: list[Rerotation
             cache.index_copy_(slot_dim, part_slots, _rotate(keys, cos_delta, sin_delta).to(cache.dtype))
 
 
-def _delta_rotation(positions: torch.Tensor, old_freq: torch.Tensor,
-                    new_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _delta_rotation(
+    positions: torch.Tensor, old_freq: torch.Tensor, new_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotation from old to new angles; the frequencies are one row for all positions or one per position."""
     old_angles = positions.float()[:, None] * old_freq
     new_angles = positions.float()[:, None] * new_freq

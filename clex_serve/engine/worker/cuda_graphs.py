@@ -30,9 +30,17 @@ def capture_batch_sizes(max_batch_size: int) -> list[int]:
 
 
 class DecodeCudaGraphs:
-    def __init__(self, model: CausalLM, backend, kv_cache: KVCachePool, scale_table: torch.Tensor,
-                 max_batch_size: int, max_blocks_per_sequence: int, dtype: torch.dtype,
-                 log_scale_divisor: float | None) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        backend,
+        kv_cache: KVCachePool,
+        scale_table: torch.Tensor,
+        max_batch_size: int,
+        max_blocks_per_sequence: int,
+        dtype: torch.dtype,
+        log_scale_divisor: float | None,
+    ) -> None:
         """``scale_table`` [num_scales, rotary_dim / 2]: row ``scale - 1`` holds that scale's inverse
         frequencies. ``log_scale_divisor``: log(L0) when the model applies the CLEX log scale, else None."""
         self.model = model
@@ -54,8 +62,7 @@ class DecodeCudaGraphs:
         self.slot_mapping = torch.zeros(rows, dtype=torch.long, device=device)
         self.context_lens = torch.ones(rows, dtype=torch.int32, device=device)
         self.scale_rows = torch.zeros(rows, dtype=torch.long, device=device)
-        self.block_tables = torch.full((rows, max_blocks_per_sequence), padding_block, dtype=torch.int32,
-                                       device=device)
+        self.block_tables = torch.full((rows, max_blocks_per_sequence), padding_block, dtype=torch.int32, device=device)
         self.cu_seqlens_q = torch.arange(rows + 1, dtype=torch.int32, device=device)
         # Empty until ``capture``: then ``run`` executes the same buffered computation eagerly (on the CPU,
         # where tests check it against the plain eager path).
@@ -102,7 +109,7 @@ class DecodeCudaGraphs:
             context_lens_host=None,
             context_lens=context_lens,
             block_tables=self.block_tables[:batch_size],
-            cu_seqlens_q=self.cu_seqlens_q[:batch_size + 1],
+            cu_seqlens_q=self.cu_seqlens_q[: batch_size + 1],
             block_size=self.block_size,
             is_decode=True,
             kv_caches=self.kv_caches,
@@ -112,18 +119,27 @@ class DecodeCudaGraphs:
         hidden = self.model(self.input_ids[:batch_size], meta)
         return self.model.compute_logits(hidden).float()
 
-    def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], scales: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor:
+    def run(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slot_mapping: list[int],
+        scales: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
         """One decode step of ``len(input_ids)`` sequences; returns their logits [B, vocab] float32 (a view
         of the graph's output buffer, valid until the next replay)."""
         batch = len(input_ids)
         bucket = next(size for size in self.batch_sizes if size >= batch)
         width = max(len(table) for table in block_tables)
         # One host tensor and one copy for the per-sequence scalars; the block tables, ragged, in a second.
-        scalars = torch.tensor([input_ids, positions, slot_mapping, [p + 1 for p in positions],
-                                [scale - 1 for scale in scales]], dtype=torch.long)
-        tables = torch.tensor([table + [self.padding_block] * (width - len(table)) for table in block_tables],
-                              dtype=torch.int32)
+        scalars = torch.tensor(
+            [input_ids, positions, slot_mapping, [p + 1 for p in positions], [scale - 1 for scale in scales]],
+            dtype=torch.long,
+        )
+        tables = torch.tensor(
+            [table + [self.padding_block] * (width - len(table)) for table in block_tables], dtype=torch.int32
+        )
         device = self.input_ids.device
         scalars = scalars.pin_memory().to(device, non_blocking=True) if self.pin_host_inputs else scalars
         self.input_ids[:batch].copy_(scalars[0])

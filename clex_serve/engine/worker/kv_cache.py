@@ -26,8 +26,15 @@ def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) ->
 
 
 class KVCachePool:
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device, head_major: bool = False) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        head_major: bool = False,
+    ) -> None:
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block; give it more memory")
         self.num_blocks = num_blocks  # usable blocks, 0 .. num_blocks - 1
@@ -35,8 +42,11 @@ class KVCachePool:
         self.block_size = block_size
         self.head_major = head_major
         layers, heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-        shape = ((layers, 2, heads, (num_blocks + 1) * block_size, head_dim) if head_major
-                 else (layers, 2, num_blocks + 1, block_size, heads, head_dim))
+        shape = (
+            (layers, 2, heads, (num_blocks + 1) * block_size, head_dim)
+            if head_major
+            else (layers, 2, num_blocks + 1, block_size, heads, head_dim)
+        )
         self.tensor = torch.zeros(shape, dtype=dtype, device=device)
         # Every layer's (K, V) views, made once: a step's metadata hands them to the layers.
         self.layer_views = [(self.tensor[layer, 0], self.tensor[layer, 1]) for layer in range(layers)]
@@ -59,8 +69,9 @@ class KVCachePool:
         """Copy whole blocks (every layer, K and V)."""
         device = self.tensor.device
         if not self.head_major:
-            self.tensor[:, :, torch.tensor(destinations, device=device)] = \
-                self.tensor[:, :, torch.tensor(sources, device=device)]
+            self.tensor[:, :, torch.tensor(destinations, device=device)] = self.tensor[
+                :, :, torch.tensor(sources, device=device)
+            ]
             return
         offsets = torch.arange(self.block_size, device=device)
 

@@ -56,8 +56,12 @@ class SequenceStep:
     @property
     def is_plain_decode(self) -> bool:
         """One new token rotated at its own length: the step a captured decode graph computes."""
-        return (len(self.token_ids) == 1 and not self.all_logits and not self.per_token_scale
-                and self.rotary_len == self.total_len)
+        return (
+            len(self.token_ids) == 1
+            and not self.all_logits
+            and not self.per_token_scale
+            and self.rotary_len == self.total_len
+        )
 
 
 @dataclass
@@ -79,9 +83,16 @@ class ModelRunner:
     device's (``device_layers``), profiles a step's memory (CUDA), then holds the KV pool it is given
     (``allocate_kv_cache``) and runs steps against it."""
 
-    def __init__(self, loaded: LoadedModel, num_blocks: int | None = None, block_size: int | None = None,
-                 attention_backend: str = "auto", max_num_seqs: int = 64, max_model_len: int | None = None,
-                 enforce_eager: bool = False) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        num_blocks: int | None = None,
+        block_size: int | None = None,
+        attention_backend: str = "auto",
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
+        enforce_eager: bool = False,
+    ) -> None:
         """``num_blocks`` allocates the KV pool at once (direct use; the engine profiles first and allocates
         then). ``max_num_seqs`` and ``max_model_len`` size the CUDA graphs' buffers; ``enforce_eager`` turns
         the graphs off (vLLM's flag)."""
@@ -89,8 +100,9 @@ class ModelRunner:
         self.config = loaded.config
         self.device = loaded.device
         self.dtype = loaded.dtype
-        self.backend: AttentionBackend = get_attention_backend(attention_backend, self.device,
-                                                               self.config.sliding_window, self.dtype)
+        self.backend: AttentionBackend = get_attention_backend(
+            attention_backend, self.device, self.config.sliding_window, self.dtype
+        )
         use_device_layers(self.model, self.device, self.dtype, self.backend)
         self.block_size = block_size or default_block_size(self.backend)
         self.rope = self.model.rotary_emb
@@ -113,10 +125,10 @@ class ModelRunner:
         """The pool steps run against, and (on CUDA, unless eager) the decode graphs captured over it."""
         self.decode_graphs = None
         self.kv_cache = None  # the old pool's memory is free before the new one is taken
-        self.kv_cache = KVCachePool(self.config, num_blocks, self.block_size, self.dtype, self.device,
-                                    head_major=self.cache_layout.head_major)
-        if (capture_graphs and not self.enforce_eager and self.device.type == "cuda"
-                and self.cuda_graphs_supported()):
+        self.kv_cache = KVCachePool(
+            self.config, num_blocks, self.block_size, self.dtype, self.device, head_major=self.cache_layout.head_major
+        )
+        if capture_graphs and not self.enforce_eager and self.device.type == "cuda" and self.cuda_graphs_supported():
             self.enable_decode_graphs()
 
     def profile_peak_memory(self, max_prefill_tokens: int) -> int:
@@ -127,12 +139,16 @@ class ModelRunner:
         decode_len = 2
         prefill_blocks = list(range(-(-max_prefill_tokens // self.block_size)))
         decode_tables = [[len(prefill_blocks) + index] for index in range(self.max_num_seqs)]
-        self.allocate_kv_cache(len(prefill_blocks) + self.max_num_seqs * -(-decode_len // self.block_size),
-                               capture_graphs=False)
+        self.allocate_kv_cache(
+            len(prefill_blocks) + self.max_num_seqs * -(-decode_len // self.block_size), capture_graphs=False
+        )
         peaks = []
         for steps in (
-            [SequenceStep([0] * max_prefill_tokens, 0, prefill_blocks,
-                          scale=self.rope.scale_for_length(max_prefill_tokens))],
+            [
+                SequenceStep(
+                    [0] * max_prefill_tokens, 0, prefill_blocks, scale=self.rope.scale_for_length(max_prefill_tokens)
+                )
+            ],
             [SequenceStep([0], 1, table, scale=self.rope.scale_for_length(decode_len)) for table in decode_tables],
         ):
             torch.cuda.synchronize(self.device)
@@ -149,18 +165,27 @@ class ModelRunner:
         return sum(peaks)
 
     def cuda_graphs_supported(self) -> bool:
-        return (self.backend.supports_cuda_graphs and self.model.supports_cuda_graphs
-                and self.rope.scale_table() is not None)
+        return (
+            self.backend.supports_cuda_graphs
+            and self.model.supports_cuda_graphs
+            and self.rope.scale_table() is not None
+        )
 
     def enable_decode_graphs(self, capture: bool = True) -> None:
         """Route decode steps through ``DecodeCudaGraphs``; without ``capture`` its buffered computation runs
         eagerly (how CPU tests check it)."""
         if not self.cuda_graphs_supported():
-            raise ValueError(f"decode graphs need a capturable attention backend (not {self.backend.name}), a "
-                             f"model without host-side routing, and a rope with a finite scale table")
+            raise ValueError(
+                f"decode graphs need a capturable attention backend (not {self.backend.name}), a "
+                f"model without host-side routing, and a rope with a finite scale table"
+            )
         self.decode_graphs = DecodeCudaGraphs(
-            self.model, self.backend, self.kv_cache, self.rope.scale_table(),
-            max_batch_size=self.max_num_seqs, max_blocks_per_sequence=-(-self.max_model_len // self.block_size),
+            self.model,
+            self.backend,
+            self.kv_cache,
+            self.rope.scale_table(),
+            max_batch_size=self.max_num_seqs,
+            max_blocks_per_sequence=-(-self.max_model_len // self.block_size),
             dtype=self.dtype,
             log_scale_divisor=float(self._log_base) if self.config.applies_log_scale else None,
         )
@@ -172,12 +197,20 @@ class ModelRunner:
         if not steps:
             raise ValueError("execute needs at least one sequence")
         if any(step.scale is None for step in steps):
-            raise ValueError("every SequenceStep needs its scale (the scheduler's plan, or "
-                             "rope.scale_for_length(step.rotary_len) for direct use)")
+            raise ValueError(
+                "every SequenceStep needs its scale (the scheduler's plan, or "
+                "rope.scale_for_length(step.rotary_len) for direct use)"
+            )
         scales = [step.scale for step in steps]
         if self.rope.cache_follows_scale:
-            rerotate_all(self.kv_cache, self.rope, [Rerotation(step.block_table, step.num_cached, step.cache_scale,
-                                                               scale) for step, scale in zip(steps, scales)])
+            rerotate_all(
+                self.kv_cache,
+                self.rope,
+                [
+                    Rerotation(step.block_table, step.num_cached, step.cache_scale, scale)
+                    for step, scale in zip(steps, scales)
+                ],
+            )
         graphs = self.decode_graphs
         if graphs is not None and len(steps) <= graphs.max_batch_size and all(s.is_plain_decode for s in steps):
             return StepResult(self._run_decode_graph(steps, scales), {}, self.model.compute_logits)
@@ -191,7 +224,7 @@ class ModelRunner:
         starts = meta.cu_seqlens_q.tolist() if any(step.all_logits for step in steps) else []
         for index, step in enumerate(steps):
             if step.all_logits:
-                all_hidden[index] = hidden[starts[index]:starts[index + 1]]
+                all_hidden[index] = hidden[starts[index] : starts[index + 1]]
         return StepResult(last_logits, all_hidden, self.model.compute_logits)
 
     def _run_decode_graph(self, steps: list[SequenceStep], scales: list[int]) -> torch.Tensor:
@@ -200,8 +233,9 @@ class ModelRunner:
                 raise ValueError("block table too short for the sequence: allocate blocks before running")
         positions = [step.num_cached for step in steps]
         slots = [self.kv_cache.slot(step.block_table, step.num_cached) for step in steps]
-        logits = self.decode_graphs.run([step.token_ids[0] for step in steps], positions, slots, scales,
-                                        [step.block_table for step in steps])
+        logits = self.decode_graphs.run(
+            [step.token_ids[0] for step in steps], positions, slots, scales, [step.block_table for step in steps]
+        )
         return logits.clone()  # the graph's output buffer is overwritten by the next replay
 
     def _prepare(self, steps: list[SequenceStep], scales: list[int]) -> tuple[torch.Tensor, AttentionMetadata]:
@@ -254,8 +288,9 @@ class ModelRunner:
         )
         return on_device(input_ids, torch.long), meta
 
-    def _rotary_tables(self, positions: torch.Tensor, scales: list[int],
-                       query_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotary_tables(
+        self, positions: torch.Tensor, scales: list[int], query_lens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         distinct = sorted(set(scales))
         if len(distinct) == 1:
             inv_freq = self.rope.inv_freq_for_scale(distinct[0])[None, :]
@@ -266,8 +301,9 @@ class ModelRunner:
         cos, sin = self.rope.cos_sin(positions, inv_freq)
         return cos.to(self.dtype), sin.to(self.dtype)
 
-    def _query_scale(self, steps: list[SequenceStep], positions: torch.Tensor,
-                     query_lens: torch.Tensor) -> torch.Tensor | None:
+    def _query_scale(
+        self, steps: list[SequenceStep], positions: torch.Tensor, query_lens: torch.Tensor
+    ) -> torch.Tensor | None:
         """CLEX log_scale: queries of a pass that leaves L tokens are multiplied by log(L) / log(L0)."""
         if not self.config.applies_log_scale:
             return None

@@ -51,11 +51,13 @@ class PenaltyState:
         prompt = torch.tensor(seq.prompt_token_ids, dtype=torch.long, device=self.device)
         self.in_prompt[row].zero_().index_fill_(0, prompt, True)
         self.output_counts[row].zero_()
-        output = seq.token_ids[seq.num_prompt_tokens:]
+        output = seq.token_ids[seq.num_prompt_tokens :]
         if output:
             self.output_counts[row].index_add_(
-                0, torch.tensor(output, dtype=torch.long, device=self.device),
-                torch.ones(len(output), dtype=torch.int32, device=self.device))
+                0,
+                torch.tensor(output, dtype=torch.long, device=self.device),
+                torch.ones(len(output), dtype=torch.int32, device=self.device),
+            )
         return row
 
     def apply(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -69,10 +71,20 @@ class PenaltyState:
         if self.cpu_kernels and logits.dtype == torch.float32 and logits.is_contiguous():
             # One pass over each row instead of some ten vocabulary-sized ones; the same float32 operations.
             cpu_ops.apply_penalties(
-                logits, self.output_counts, self.in_prompt, torch.tensor(picked), rows,
-                *(torch.tensor(values, dtype=torch.float32) for values in (
-                    [p.repetition_penalty for p in params], [p.frequency_penalty for p in params],
-                    [p.presence_penalty for p in params])))
+                logits,
+                self.output_counts,
+                self.in_prompt,
+                torch.tensor(picked),
+                rows,
+                *(
+                    torch.tensor(values, dtype=torch.float32)
+                    for values in (
+                        [p.repetition_penalty for p in params],
+                        [p.frequency_penalty for p in params],
+                        [p.presence_penalty for p in params],
+                    )
+                ),
+            )
             return logits
         target = logits if every_row else logits[picked]
         counts = self.output_counts[rows]
@@ -86,8 +98,11 @@ class PenaltyState:
             factor = torch.where(target > 0, 1.0 / penalty, penalty)
             target = torch.where(self.in_prompt[rows] | occurred, target * factor, target)
         if any(p.frequency_penalty or p.presence_penalty for p in params):
-            target = target - column([p.frequency_penalty for p in params]) * counts \
+            target = (
+                target
+                - column([p.frequency_penalty for p in params]) * counts
                 - column([p.presence_penalty for p in params]) * occurred
+            )
         if every_row:
             return target
         logits[picked] = target

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from clex_serve.engine.worker.penalties import PenaltyState
 from clex_serve.engine.core.sequence import Logprob, Sequence
+from clex_serve.engine.worker.penalties import PenaltyState
 from clex_serve.kernels import cpu_ops
 from clex_serve.kernels.cpu_extension import cpu_kernels_for
 
@@ -113,7 +113,6 @@ class Sampler:
                 logprobs = token_logprobs(raw_logprobs[row], token_id, seq.params.logprobs)
             results.append(SampledToken(token_id, logprobs))
         return results
-
 
     def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits.argmax(dim=-1)``; on the CPU the C++ kernel's (PyTorch's compares one value at a time: 3 ms

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
-from clex_serve.engine.worker.sampler import SampledToken, Sampler, token_logprobs
 from clex_serve.engine.core.scheduler import ScheduledChunk, SchedulerOutput
 from clex_serve.engine.core.sequence import Logprob, Sequence
+from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
+from clex_serve.engine.worker.sampler import SampledToken, Sampler, token_logprobs
 
 # Rows of prompt logits materialised at once when computing prompt logprobs: [tokens, vocab] logits of a
 # long prompt do not fit in memory at once.
@@ -69,14 +69,18 @@ class Worker:
     def wants_prompt_logprobs(chunk: ScheduledChunk) -> bool:
         """Prompt logprobs are computed once per request (by its first sample), on its first prompt pass."""
         seq = chunk.seq
-        return (chunk.is_prompt_pass and seq.params.prompt_logprobs is not None and seq.index == 0
-                and seq.num_output_tokens == 0)
+        return (
+            chunk.is_prompt_pass
+            and seq.params.prompt_logprobs is not None
+            and seq.index == 0
+            and seq.num_output_tokens == 0
+        )
 
     def _sequence_step(self, chunk: ScheduledChunk) -> SequenceStep:
         """The runner's view of a planned chunk."""
         seq = chunk.seq
         return SequenceStep(
-            token_ids=seq.token_ids[chunk.start:chunk.end],
+            token_ids=seq.token_ids[chunk.start : chunk.end],
             num_cached=chunk.start,
             block_table=seq.block_table,
             block_runs=seq.block_runs,

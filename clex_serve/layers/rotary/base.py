@@ -55,7 +55,7 @@ class RotaryEmbedding(nn.Module):
         # Always computed on the CPU in float32 (then moved): also under the loader's meta-device context,
         # where the power would go through slow Python decompositions.
         exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64, device="cpu").float() / self.rotary_dim
-        return 1.0 / (base ** exponents)
+        return 1.0 / (base**exponents)
 
     def _compute_inv_freq(self) -> torch.Tensor:
         return self._base_inv_freq()

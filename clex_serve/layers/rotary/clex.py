@@ -11,10 +11,10 @@ from clex_serve.layers.rotary.base import RotaryEmbedding
 from clex_serve.layers.rotary.clex_ode import ClexODE
 
 
-
 def clex_scale_for_length(seq_len: int, base_window: int, max_factor: int) -> int:
     """CLEX's scale schedule: t(L) = min(ceil(L / L0), max_factor), at least 1."""
     return max(1, min(math.ceil(seq_len / base_window), max_factor))
+
 
 class ClexRotaryEmbedding(RotaryEmbedding):
     """Scale ``t(L) = min(ceil(L / L0), max_factor)``; ``t == 1`` is exactly the base ``inv_freq``.
@@ -30,9 +30,7 @@ class ClexRotaryEmbedding(RotaryEmbedding):
         # Persistent, unlike the base class: released checkpoints store inv_freq (possibly bf16-rounded) and
         # the official code rotates with the stored values.
         self.register_buffer("inv_freq", self._compute_inv_freq(), persistent=True)
-        self.register_buffer(
-            "scaled_inv_freq", torch.zeros(self.max_factor, rotary_dim // 2), persistent=False
-        )
+        self.register_buffer("scaled_inv_freq", torch.zeros(self.max_factor, rotary_dim // 2), persistent=False)
 
     def scale_for_length(self, seq_len: int) -> int:
         return clex_scale_for_length(seq_len, self.max_position_embeddings, self.max_factor)

@@ -33,7 +33,7 @@ class ClexODE(nn.Module):
 
     def reset_parameters(self) -> None:
         """The official initialisation: the ODE starts as pure NTK scaling (down projection zero)."""
-        nn.init.kaiming_uniform_(self.ode_up_proj, a=5 ** 0.5)
+        nn.init.kaiming_uniform_(self.ode_up_proj, a=5**0.5)
         nn.init.zeros_(self.ode_down_proj)
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -52,8 +52,8 @@ class ClexODE(nn.Module):
         exponents, d_numerator, base_powers, d_exponents = self._constants(device)
         alpha = 1 if t < 1 else 2 * t - 1
         ntk_base = NTK_BASE * alpha ** (dim / (dim - 2))
-        ntk_inv_freq = 1.0 / (ntk_base ** exponents)
-        d_ntk_inv_freq = d_numerator / (base_powers * (alpha ** d_exponents))
+        ntk_inv_freq = 1.0 / (ntk_base**exponents)
+        d_ntk_inv_freq = d_numerator / (base_powers * (alpha**d_exponents))
         return d_ntk_inv_freq, ntk_inv_freq
 
     def forward(self, t: torch.Tensor, log_inv_freq: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,10 @@ class ClexODE(nn.Module):
     def solve(self, inv_freq: torch.Tensor, time_grid: torch.Tensor) -> torch.Tensor:
         """``exp`` of the solution at each point of ``time_grid`` (which starts at 1), shape [len, d/2]."""
         solution = odeint(
-            self, torch.log(inv_freq.float()), time_grid.float(),
-            method="rk4", options={"step_size": self.time_dt},
+            self,
+            torch.log(inv_freq.float()),
+            time_grid.float(),
+            method="rk4",
+            options={"step_size": self.time_dt},
         )
         return torch.exp(solution)

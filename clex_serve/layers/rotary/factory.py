@@ -7,8 +7,8 @@ from clex_serve.layers.rotary.base import RotaryEmbedding
 from clex_serve.layers.rotary.clex import ClexRotaryEmbedding
 from clex_serve.layers.rotary.scaled import (
     DynamicNTKRotaryEmbedding,
-    Llama3RotaryEmbedding,
     LinearScalingRotaryEmbedding,
+    Llama3RotaryEmbedding,
     YarnRotaryEmbedding,
 )
 

@@ -52,7 +52,9 @@ class DynamicNTKRotaryEmbedding(RotaryEmbedding):
         cached = self._inv_freq_by_length.get(scale)
         if cached is None:
             d = self.rotary_dim
-            grown = self.base * ((self.factor * scale / self.max_position_embeddings) - (self.factor - 1)) ** (d / (d - 2))
+            grown = self.base * ((self.factor * scale / self.max_position_embeddings) - (self.factor - 1)) ** (
+                d / (d - 2)
+            )
             cached = self._base_inv_freq(grown).to(self.inv_freq.device)
             if len(self._inv_freq_by_length) > 4096:
                 self._inv_freq_by_length.clear()

@@ -15,17 +15,14 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from clex_serve.api import limits
+from clex_serve.engine.input_processor import check_unicode
 from clex_serve.sampling_params import RequestOutputKind, SamplingParams
 
 
 def _valid_unicode(text: str) -> str:
-    """JSON can carry lone surrogates (``"\\ud800"``), which no tokenizer can encode."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise ValueError(
-            f"the text has a lone surrogate {text[error.start]!r} at character {error.start}: send valid Unicode"
-        ) from None
+    """JSON can carry lone surrogates (``"\\ud800"``), which no tokenizer can encode: refused where the body
+    is parsed, so that the 400 names the field."""
+    check_unicode(text, "the text")
     return text
 
 

@@ -103,6 +103,17 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw_re
     def choice_index(prompt_index: int, completion: CompletionOutput) -> int:
         return prompt_index * n + completion.index
 
+    def chunk(choices, **extra):
+        """A completion body and a streamed chunk are the same object ("text_completion")."""
+        return {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            **extra,
+        }
+
     def whole(outputs):
         choices = []
         for prompt_index, output in enumerate(outputs):
@@ -125,27 +136,10 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw_re
                     choice["prompt_logprobs"] = prompt_logprobs_json(ctx, output)
                 choices.append(choice)
         choices.sort(key=lambda choice: choice["index"])
-        return {
-            "id": request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": choices,
-            "usage": usage(generation.prompt_tokens, generation.generated),
-        }
+        return chunk(choices, usage=usage(generation.prompt_tokens, generation.generated))
 
     if not body.stream:
         return await generation.whole(raw_request, whole)
-
-    def chunk(choices, **extra):
-        return {
-            "id": request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": choices,
-            **extra,
-        }
 
     async def chunks(firsts, outputs):
         offsets: dict[int, int] = {}

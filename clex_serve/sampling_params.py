@@ -6,6 +6,8 @@ import enum
 import math
 from dataclasses import dataclass
 
+from clex_serve.structured_outputs import StructuredOutputsParams
+
 # The type each field must have (bool is refused where a number is expected: True is not a temperature).
 _INTEGERS = ("n", "top_k", "min_tokens")
 _OPTIONAL_INTEGERS = ("seed", "max_tokens", "logprobs", "prompt_logprobs")
@@ -49,6 +51,8 @@ class SamplingParams:
     # accepted and frozen as sorted (token id, bias) pairs.
     logit_bias: tuple[tuple[int, float], ...] = ()
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # What the output must match (a JSON schema, a regex, a grammar, ...); None: free text.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -79,6 +83,8 @@ class SamplingParams:
         for name in _FLAGS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
         stop = self.stop

@@ -2,8 +2,9 @@
 or a structural tag (free text with constrained sections, as tool calls use). vLLM's ``StructuredOutputsParams``
 names, so that users' scripts carry over; frozen and hashable, so that compiled grammars are cached on it.
 
-Exactly one kind is set. A JSON schema is kept as its canonical JSON text (sorted keys): equal schemas share
-one compiled grammar whichever way their keys were ordered.
+Exactly one kind is set. A JSON schema is kept as compact JSON text, its keys in the order given (the
+order of ``properties`` is the order the output writes them in, as OpenAI's strict outputs do): the same
+schema sent again shares one compiled grammar.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ class StructuredOutputsParams:
     choice: tuple[str, ...] | None = None  # the output is exactly one of these strings
     grammar: str | None = None  # EBNF (GBNF, as llama.cpp's) text
     structural_tag: str | dict | None = None  # xgrammar's structural tag format (a dict or its JSON text)
-    # No whitespace between JSON tokens beyond what the schema's own strings contain (vLLM's flag): a small
-    # model otherwise can spend its whole budget on indentation.
-    disable_any_whitespace: bool = False
+    # JSON written as ``json.dumps`` writes it (", " and ": " between items, no newlines) rather than with
+    # any whitespace. vLLM's flag, with the other default: allowed any whitespace, a model that has seen
+    # much indented code spends its budget on indentation (the embedded model did, in every test schema).
+    disable_any_whitespace: bool = True
 
     def __post_init__(self) -> None:
         if self.json is not None:
@@ -61,4 +63,4 @@ def _canonical_json(value, name: str) -> str:
             raise ValueError(f"structured outputs: {name} is not valid JSON: {error}") from None
     if not isinstance(value, (dict, bool)):
         raise ValueError(f"structured outputs: {name} must be a JSON object, got {type(value).__name__}")
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

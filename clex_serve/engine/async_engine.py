@@ -132,7 +132,10 @@ class AsyncLLMEngine:
     def with_params(self, processed: ProcessedPrompt, params: SamplingParams) -> ProcessedPrompt:
         """A checked prompt with other sampling parameters, themselves checked against the model."""
         self.engine.inputs.check_params(params)
-        return dataclasses.replace(processed, params=params)
+        grammar = processed.grammar
+        if params.structured_outputs != processed.params.structured_outputs:
+            grammar = self.engine.inputs.compile_grammar(params)  # cached by its text: a lookup when seen
+        return dataclasses.replace(processed, params=params, grammar=grammar)
 
     # ------------------------------------------------------------------ requests
 

@@ -9,7 +9,9 @@ loop, in a worker thread, while the engine thread keeps stepping.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from clex_serve.engine.structured.compiler import GrammarCompiler
 from clex_serve.sampling_params import SamplingParams
 
 
@@ -18,6 +20,7 @@ class ProcessedPrompt:
     text: str | None
     token_ids: list[int]
     params: SamplingParams
+    grammar: Any = None  # the compiled grammar of params.structured_outputs
 
 
 def _is_token_id(value) -> bool:
@@ -55,10 +58,11 @@ def check_unicode(text: str, what: str = "the prompt") -> None:
 
 
 class InputProcessor:
-    def __init__(self, tokenizer, vocab_size: int, max_model_len: int) -> None:
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, grammars: GrammarCompiler | None = None) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.grammars = grammars
         # Text longer than this cannot fit the context whatever it says: refused before it is tokenized.
         self.max_prompt_chars = max_model_len * longest_token_chars(tokenizer)
 
@@ -99,7 +103,17 @@ class InputProcessor:
                 self.max_model_len,
             )
         self.check_params(params)
-        return ProcessedPrompt(text, token_ids, params)
+        return ProcessedPrompt(text, token_ids, params, self.compile_grammar(params))
+
+    def compile_grammar(self, params: SamplingParams):
+        """The compiled grammar of the request's structured outputs (None without any): compiled here, in the
+        thread that checks the request, never on the engine's; ``GrammarError`` (a ValueError) when it
+        cannot be."""
+        if params.structured_outputs is None:
+            return None
+        if self.grammars is None:
+            raise ValueError("structured outputs need a grammar compiler, which this engine was built without")
+        return self.grammars.compile(params.structured_outputs)
 
     def check_params(self, params: SamplingParams) -> None:
         """What of the sampling parameters depends on the model: token ids in the vocabulary."""

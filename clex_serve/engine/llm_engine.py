@@ -22,6 +22,8 @@ from clex_serve.engine.input_processor import InputProcessor, ProcessedPrompt
 from clex_serve.engine.output_processor import OutputProcessor
 from clex_serve.engine.outputs import RequestMetrics, RequestOutput
 from clex_serve.engine.stats import EngineStats
+from clex_serve.engine.structured.compiler import GrammarCompiler
+from clex_serve.engine.structured.grammar import SequenceGrammar
 from clex_serve.engine.worker.model_runner import ModelRunner
 from clex_serve.engine.worker.sampler import Sampler
 from clex_serve.engine.worker.worker import Worker
@@ -100,7 +102,8 @@ class LLMEngine:
             self.eos_token_ids,
             self.max_model_len,
         )
-        self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len, self.grammars)
         self.outputs = OutputProcessor()
         self.worker = Worker(
             runner, Sampler(self.model_config.vocab_size, self.device, config.seed), self.eos_token_ids
@@ -151,6 +154,8 @@ class LLMEngine:
             seq = Sequence(next(self._seq_ids), request_id, index, list(token_ids), params)
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+            if processed.grammar is not None:
+                seq.grammar = SequenceGrammar(processed.grammar)
             seqs.append(seq)
             detokenizers.append(IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens))
         metrics = RequestMetrics(

@@ -192,6 +192,8 @@ class Scheduler:
                     self.eos_token_ids,
                     self.max_model_len or len(seq) + 1,
                 )
+                if seq.grammar is not None and seq.grammar.accept(token.token_id) and stop is None:
+                    stop = ("stop", None)  # the structured output is complete
                 if stop is not None:
                     seq.finish_reason, seq.stop_reason = stop
                     break

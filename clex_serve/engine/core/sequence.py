@@ -11,6 +11,8 @@ from clex_serve.sampling_params import SamplingParams
 if TYPE_CHECKING:  # the core holds a seeded request's generator for the worker, without importing torch
     import torch
 
+    from clex_serve.engine.structured.grammar import SequenceGrammar
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -48,6 +50,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     generator: torch.Generator | None = None
+    grammar: SequenceGrammar | None = None  # structured outputs: what the next token may be
     num_preemptions: int = 0
 
     def __post_init__(self) -> None:

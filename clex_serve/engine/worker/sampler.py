@@ -14,6 +14,7 @@ import torch
 
 from clex_serve.engine.core.sequence import Logprob, Sequence
 from clex_serve.engine.worker.penalties import PenaltyState
+from clex_serve.engine.worker.token_mask import TokenMasks
 from clex_serve.kernels import cpu_ops
 from clex_serve.kernels.cpu_extension import cpu_kernels_for
 
@@ -62,6 +63,7 @@ class Sampler:
         build for this device; decided here once)."""
         self.cpu_kernels = cpu_kernels_for(device, torch.float32) if cpu_kernels is None else cpu_kernels
         self.penalties = PenaltyState(vocab_size, device, self.cpu_kernels)
+        self.token_masks = TokenMasks(vocab_size)
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def release(self, seq: Sequence) -> None:
@@ -72,9 +74,14 @@ class Sampler:
         """``logits`` [B, vocab] float32, raw model output for each sequence's next token."""
         want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        held_back = [seq.params.min_tokens and seq.num_output_tokens < seq.params.min_tokens for seq in seqs]
+        # A grammar decides where its output ends: min_tokens does not hold back the stop it allows.
+        held_back = [
+            seq.params.min_tokens and seq.num_output_tokens < seq.params.min_tokens and seq.grammar is None
+            for seq in seqs
+        ]
         biased = [row for row, seq in enumerate(seqs) if seq.params.logit_bias]
-        if any(held_back) or biased or any(seq.params.has_penalties for seq in seqs):
+        constrained = any(seq.grammar is not None for seq in seqs)
+        if any(held_back) or biased or constrained or any(seq.params.has_penalties for seq in seqs):
             # These edit the logits in place: on a copy, so that the caller's stay raw (and logprobs report
             # the model's own distribution, as vLLM's do); a batch with none of them, the common case, skips
             # copying [B, vocab].
@@ -82,6 +89,8 @@ class Sampler:
         for row in biased:
             token_ids, biases = zip(*seqs[row].params.logit_bias)
             logits[row, list(token_ids)] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+        if constrained:  # last: no bias or penalty brings back a token the grammar forbids
+            self.token_masks.apply(logits, seqs)
         for row, seq in enumerate(seqs):
             if held_back[row]:
                 stops = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else eos_token_ids)

@@ -1,0 +1,43 @@
+"""The token mask of structured outputs: each constrained row's logits keep only the tokens its grammar
+allows next (the others become -inf), before temperature, top-k/p and sampling.
+
+One int32 bitmask for the batch (a bit per vocabulary entry, xgrammar's layout), filled on the host by
+each row's matcher and applied by xgrammar's kernel for the logits' device (C++ on the CPU, CUDA or Triton
+on a GPU). Rows without a grammar are not touched. Applied to the logits the decode graph returned, as
+vLLM does: the graph's replay stays the same for constrained and free batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from clex_serve.engine.core.sequence import Sequence
+
+
+class TokenMasks:
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self._bitmask: torch.Tensor | None = None  # reused across steps; grows to the largest batch seen
+
+    def apply(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Mask ``logits`` [B, vocab] in place for the rows whose sequence has a grammar."""
+        rows = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
+        if not rows:
+            return
+        import xgrammar
+
+        bitmask = self._bitmask_for(len(seqs), xgrammar)
+        for row in rows:
+            seqs[row].grammar.fill_mask(bitmask, row)
+        bitmask = bitmask[: len(seqs)]
+        if logits.device.type != "cpu":
+            bitmask = bitmask.to(logits.device, non_blocking=True)
+        xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=rows)
+
+    def _bitmask_for(self, batch: int, xgrammar) -> torch.Tensor:
+        if self._bitmask is None or self._bitmask.shape[0] < batch:
+            # pinned where a GPU takes it, so that the copy does not wait for the host
+            self._bitmask = xgrammar.allocate_token_bitmask(batch, self.vocab_size)
+            if torch.cuda.is_available():
+                self._bitmask = self._bitmask.pin_memory()
+        return self._bitmask

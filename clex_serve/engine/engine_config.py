@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from clex_serve.config import ModelConfig
+from clex_serve.engine.spec_decode.config import SpeculativeConfig
 from clex_serve.engine.worker.kv_cache import bytes_per_block
 
 GIB = 1 << 30
@@ -54,6 +55,9 @@ class EngineConfig:
     seed: int = 0  # random weights of load_format "dummy", and the sampling of requests without a seed
     threads: int | None = None  # torch's intra-op threads, set once (default: torch's, the physical cores)
     show_progress: bool = True
+    # Speculative decoding: vLLM's keys (``spec_decode/config.py``), as a dict, its JSON text or the config
+    # itself; None (the default): off.
+    speculative_config: SpeculativeConfig | dict | str | None = None
 
     def __post_init__(self) -> None:
         """Messages name the Python parameter; the command line checks its flags itself, in its own words."""
@@ -109,6 +113,7 @@ class EngineConfig:
             self.max_queued_requests is None or self.max_queued_requests >= 0,
             f"max_queued_requests must be non-negative, got {self.max_queued_requests}",
         )
+        self.speculative_config = SpeculativeConfig.from_user(self.speculative_config)
 
     def resolved_model(self) -> str:
         if self.model is not None:

@@ -21,6 +21,7 @@ from clex_serve.engine.errors import QueueFullError
 from clex_serve.engine.input_processor import InputProcessor, ProcessedPrompt
 from clex_serve.engine.output_processor import OutputProcessor
 from clex_serve.engine.outputs import RequestMetrics, RequestOutput
+from clex_serve.engine.spec_decode.drafter import Drafter, observe_verify_step, spec_decode_counters
 from clex_serve.engine.stats import EngineStats
 from clex_serve.engine.structured.compiler import GrammarCompiler
 from clex_serve.engine.structured.grammar import SequenceGrammar
@@ -89,6 +90,8 @@ class LLMEngine:
             num_blocks, block_size, config.enable_prefix_caching, layout=runner.cache_layout
         )
         rope = runner.rope
+        spec = config.speculative_config
+        self.drafter = Drafter(spec) if spec is not None else None
         self.scheduler = Scheduler(
             SchedulerConfig(
                 config.max_num_seqs,
@@ -101,6 +104,7 @@ class LLMEngine:
             rope.cache_follows_scale,
             self.eos_token_ids,
             self.max_model_len,
+            drafter=self.drafter,
         )
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len, self.grammars)
@@ -195,6 +199,7 @@ class LLMEngine:
             prefix_cache_hit_blocks=manager.prefix_hit_blocks,
             prefix_cache_hit_tokens=manager.prefix_hits,
             prefix_cache_queried_tokens=manager.prefix_queried_tokens,
+            **(spec_decode_counters(self.drafter) if self.drafter is not None else {}),
         )
 
     def _finish(self, seq: Sequence) -> None:
@@ -216,7 +221,10 @@ class LLMEngine:
         if not plan.chunks:
             return []
         self._start_step(plan)
+        started = time.perf_counter()
         result = self.worker.execute(plan)
+        if self.drafter is not None:
+            observe_verify_step(self.drafter, plan, result.sampled, time.perf_counter() - started)
         advanced = self.scheduler.update_from_output(plan, result.sampled)
         for chunk in plan.chunks:
             if chunk.seq.seq_id in result.prompt_logprobs:

@@ -16,6 +16,20 @@ class EngineStats:
     prefix_cache_hit_blocks: int
     prefix_cache_hit_tokens: int
     prefix_cache_queried_tokens: int = 0
+    # Speculative decoding: tokens drafted and verified, those accepted, and the verifications (one
+    # sequence's drafts in one step), since the engine started.
+    spec_drafted_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verifications: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_accepted_tokens / self.spec_drafted_tokens if self.spec_drafted_tokens else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens a verification yields on average: its accepted drafts and the one token after them."""
+        return 1 + self.spec_accepted_tokens / self.spec_verifications if self.spec_verifications else 0.0
 
     @property
     def prefix_cache_hit_rate(self) -> float:

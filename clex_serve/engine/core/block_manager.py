@@ -135,12 +135,25 @@ class BlockManager:
             seq.block_table.append(block)
             extend_block_runs(seq.block_runs, block)
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks past the first ``num_tokens`` tokens' (those that only held rejected drafts)."""
+        keep = self.blocks_for(num_tokens)
+        if len(seq.block_table) <= keep:
+            return
+        for block in reversed(seq.block_table[keep:]):
+            self._release(block)
+        del seq.block_table[keep:]
+        seq.block_runs = block_runs(seq.block_table)
+
+    def _release(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self._free[block] = None
+            self._free_map[block] = 1
+
     def free(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self._free[block] = None
-                self._free_map[block] = 1
+            self._release(block)
         seq.block_table = []
         seq.block_runs = []
         seq.num_cached_tokens = 0

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 from clex_serve.engine.core.block_manager import BlockManager
 from clex_serve.engine.core.sequence import Sequence, SequenceStatus
+from clex_serve.engine.core.verify_planning import add_drafts, take_verify_result
 from clex_serve.text.stop_checker import token_stop
 
 
@@ -90,6 +91,9 @@ class ScheduledChunk:
     samples: bool = False  # the chunk reaches the end of the sequence: its last logits pick the next token
     scale: int = 1  # the rotary scale this chunk rotates with (set when the chunk is planned)
     rescale_from: int | None = None  # the scale the cached keys carry, when they must be re-rotated first
+    # Speculative decoding: tokens drafted after the sequence's last one, computed in this chunk
+    # (``end`` counts them) and verified by its logits (``verify_planning``).
+    draft_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.samples = self.end == len(self.seq)
@@ -97,6 +101,11 @@ class ScheduledChunk:
     @property
     def num_tokens(self) -> int:
         return self.end - self.start
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens this chunk computes: the sequence's, then its drafts."""
+        return self.seq.token_ids[self.start : self.end] + self.draft_token_ids
 
 
 @dataclass
@@ -117,7 +126,7 @@ class SchedulerOutput:
 
     @property
     def num_decode_tokens(self) -> int:
-        return len(self.decodes)
+        return sum(chunk.num_tokens for chunk in self.decodes)
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -134,10 +143,12 @@ class Scheduler:
         cache_follows_scale: bool = True,
         eos_token_ids: list[int] = (),
         max_model_len: int | None = None,
+        drafter=None,
     ) -> None:
         """``cache_follows_scale``: cached keys are re-rotated when their sequence's scale changes (CLEX);
         False where keys keep the rotation they were written with (dynamic NTK, as in transformers).
-        ``eos_token_ids`` and ``max_model_len`` end sequences as their tokens arrive."""
+        ``eos_token_ids`` and ``max_model_len`` end sequences as their tokens arrive. ``drafter``
+        (``spec_decode.drafter.Drafter``): decodes carry drafted tokens to verify; None: no speculation."""
         self.config = config
         self.eos_token_ids = list(eos_token_ids)
         self.max_model_len = max_model_len
@@ -145,6 +156,7 @@ class Scheduler:
         self.scale_for_length = scale_for_length
         self.cache_follows_scale = cache_follows_scale
         self.prefix_key = prefix_key
+        self.drafter = drafter
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -162,6 +174,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        if self.drafter is not None:
+            self.drafter.release(seq)
         seq.status = SequenceStatus.FINISHED
 
     def update_from_output(self, plan: SchedulerOutput, sampled: dict[int, list]) -> list[tuple[Sequence, list]]:
@@ -180,6 +194,8 @@ class Scheduler:
             tokens = sampled.get(seq.seq_id)
             if not tokens:
                 continue
+            if chunk.draft_token_ids:
+                take_verify_result(chunk, len(tokens), self.drafter, self.block_manager)
             accepted = []
             for token in tokens:
                 seq.token_ids.append(token.token_id)
@@ -205,7 +221,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         copies: list[tuple[int, int]] = []
         decodes, preempted = self._schedule_decodes(copies)
-        budget = self.config.max_num_batched_tokens - len(decodes)  # none left: no chunk this step
+        if self.drafter is not None and not preempted:  # a step short of blocks drafts nothing
+            room = self.config.max_num_batched_tokens - len(decodes)
+            add_drafts(decodes, self.drafter, self.block_manager, self.scale_for_length, room, self.max_model_len)
+        budget = self.config.max_num_batched_tokens - sum(chunk.num_tokens for chunk in decodes)
         short_budget = 0
         if decodes and self.config.max_prefill_tokens_with_decodes is not None:
             short_budget = min(budget, self.config.short_prompt_tokens_with_decodes)

@@ -20,6 +20,7 @@ import torch
 
 from clex_serve.engine.core.scheduler import ScheduledChunk, SchedulerOutput
 from clex_serve.engine.core.sequence import Logprob, Sequence
+from clex_serve.engine.spec_decode.verifier import DraftVerifier
 from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
 from clex_serve.engine.worker.sampler import SampledToken, Sampler, token_logprobs
 
@@ -42,6 +43,7 @@ class Worker:
         self.runner = runner
         self.sampler = sampler
         self.eos_token_ids = eos_token_ids
+        self.verifier = DraftVerifier(sampler, eos_token_ids)
 
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         chunks = plan.chunks
@@ -50,8 +52,12 @@ class Worker:
         output = RunnerOutput()
         for row, hidden in result.all_hidden.items():
             chunk = chunks[row]
-            output.prompt_logprobs[chunk.seq.seq_id] = self._prompt_logprobs(chunk, hidden)
-        rows = [row for row, chunk in enumerate(chunks) if chunk.samples]
+            if chunk.draft_token_ids:  # a verify chunk: its drafts' rows pick its tokens
+                logits = self.runner.model.compute_logits(hidden).float()
+                output.sampled[chunk.seq.seq_id] = self.verifier.verify(logits, chunk.seq, chunk.draft_token_ids)
+            else:
+                output.prompt_logprobs[chunk.seq.seq_id] = self._prompt_logprobs(chunk, hidden)
+        rows = [row for row, chunk in enumerate(chunks) if chunk.samples and not chunk.draft_token_ids]
         if rows:
             logits = result.last_logits
             if len(rows) < logits.shape[0]:  # a prompt chunk short of its end samples nothing
@@ -80,13 +86,13 @@ class Worker:
         """The runner's view of a planned chunk."""
         seq = chunk.seq
         return SequenceStep(
-            token_ids=seq.token_ids[chunk.start : chunk.end],
+            token_ids=chunk.token_ids,
             num_cached=chunk.start,
             block_table=seq.block_table,
             block_runs=seq.block_runs,
             cache_scale=chunk.rescale_from or chunk.scale,
             scale=chunk.scale,
-            all_logits=self.wants_prompt_logprobs(chunk),
+            all_logits=self.wants_prompt_logprobs(chunk) or bool(chunk.draft_token_ids),
             scale_len=chunk.scale_len,
             per_token_scale=chunk.per_token_scale,
         )

@@ -23,7 +23,7 @@ class OutputProcessor:
     def append_tokens(self, request: Request, seq: Sequence, tokens: list[SampledToken], now: float) -> None:
         """Take the tokens the scheduler just appended to ``seq``: their logprobs, the request's timing, the
         detokenized text, and the stop strings it may now contain (which end the sequence there)."""
-        for token in tokens:
+        for position, token in enumerate(tokens):
             if token.logprobs is not None:
                 seq.output_logprobs.append(token.logprobs)
                 seq.cumulative_logprob += token.logprobs[token.token_id].logprob
@@ -38,11 +38,16 @@ class OutputProcessor:
             new_text = detokenizer.add(token.token_id)
             seq.output_text += new_text
             if new_text:  # a stop string also overrides a token's stop (max_tokens reached on it)
-                found = find_stop_string(seq.params, seq.output_text, len(new_text), seq.num_output_tokens)
+                # Several tokens arrive at once from a verify step of speculative decoding: this one's count.
+                later = len(tokens) - 1 - position
+                found = find_stop_string(seq.params, seq.output_text, len(new_text), seq.num_output_tokens - later)
                 if found is not None:
                     end, stop = found
                     seq.output_text = seq.output_text[:end]
                     seq.finish_reason, seq.stop_reason = "stop", stop
+                    if later:  # the tokens after the stop string are not part of the output
+                        del seq.token_ids[-later:]
+                    break
         if seq.finish_reason is not None and not isinstance(seq.stop_reason, str):
             # Finished by a token, not by a stop string: show what the detokenizer still held back (a
             # character whose bytes never completed decodes to U+FFFD, as a full decode would give).

@@ -58,15 +58,15 @@ class SpeculativeConfig:
                 f"{self.num_speculative_tokens!r}"
             )
         lookup_min, lookup_max = self.prompt_lookup_min, self.prompt_lookup_max
+        for name, value in (("prompt_lookup_min", lookup_min), ("prompt_lookup_max", lookup_max)):
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"speculative_config {name} must be a positive integer, got {value!r}")
         if lookup_min is None and lookup_max is None:
             lookup_min = lookup_max = 5
         elif lookup_min is None:
             lookup_min = lookup_max
         elif lookup_max is None:
             lookup_max = lookup_min
-        for name, value in (("prompt_lookup_min", lookup_min), ("prompt_lookup_max", lookup_max)):
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"speculative_config {name} must be a positive integer, got {value!r}")
         if lookup_min > lookup_max:
             raise ValueError(
                 f"speculative_config prompt_lookup_min ({lookup_min}) must not exceed prompt_lookup_max ({lookup_max})"

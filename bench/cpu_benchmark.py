@@ -3,18 +3,23 @@
     python bench/cpu_benchmark.py [--threads 2] [--skip-ratios]
 
 Decode of a small model reads every weight and every cached K/V once per token, so its yardstick is the
-read bandwidth, measured here first with the same threads (the sum of a 1 GiB tensor). Then:
+read bandwidth; a prompt's is the compute peak of its dtype. Both are measured first, with the same threads,
+by kernels of our own (``cpu_yardsticks``: a STREAM-like read, FMA / vdpbf16ps / AMX chains). Then:
 
 1. single-stream decode after prompts of 200, 3,000 and 7,000 tokens, float32 and bfloat16 (bench_model's
    58M CLEX Llama, base window 512, max_factor 16): tokens/s, bytes read per token (weights except the
-   input embedding, plus the K/V of the context) and the effective bandwidth as a fraction of the measured;
-2. streams that never wait for a prefill: 8 streams decoding, then 4 prompts of 6,000 tokens arrive; the
+   input embedding, plus the K/V of the context) and the effective bandwidth as a fraction of the read
+   bandwidth at that size and of the 1 GiB one;
+2. whole prompts of 3,000 and 7,000 tokens alone, per dtype: time to first token, linear layers against the
+   dtype's compute peak, attention, rotary, and the rest; then 4 and 16 streams per dtype: output tokens/s
+   with the bytes and FLOPs they imply (``cpu_prompts_batches``);
+3. streams that never wait for a prefill: 8 streams decoding, then 4 prompts of 6,000 tokens arrive; the
    streams' inter-token latency p50 / p99 while the prompts are computed, against the same window without
    arrivals, at the default token budget;
-3. host time per step with 64 streams on a 2-layer model: the step's wall time minus the model's forward and
+4. host time per step with 64 streams on a 2-layer model: the step's wall time minus the model's forward and
    logits (what is left: scheduling, input preparation, sampling, detokenizing, outputs);
-4. output tokens/s at 1, 16 and 64 streams on the 58M model;
-5. the decode benchmark's ratios (a)-(d) (``decode_benchmark.py``), unless ``--skip-ratios``.
+5. output tokens/s at 1, 16 and 64 streams on the 58M model;
+6. the decode benchmark's ratios (a)-(d) (``decode_benchmark.py``), unless ``--skip-ratios``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import cpu_yardsticks  # noqa: E402
 from bench_model import build  # noqa: E402
+from cpu_prompts_batches import batch_table, prefill_table  # noqa: E402
+from cpu_yardsticks import Yardsticks  # noqa: E402
 from decode_benchmark import (  # noqa: E402
     RATIO_LEGEND,
     concurrency_run,
@@ -46,18 +54,6 @@ from clex_serve.kernels.cpu_linear import CpuLinear  # noqa: E402
 BASE_WINDOW = 512
 CONTEXTS = (200, 3000, 7000)
 DTYPES = ("float32", "bfloat16")
-
-
-def read_bandwidth() -> float:
-    """Bytes/s of summing a 1 GiB float32 tensor (median of 5): what a decode step can read at most."""
-    data = torch.ones(1 << 28)
-    data.sum()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        data.sum()
-        times.append(time.perf_counter() - start)
-    return data.nbytes / statistics.median(times)
 
 
 def weight_bytes(llm: LLM) -> int:
@@ -82,15 +78,15 @@ def kv_bytes_per_token(llm: LLM) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
 
 
-def single_stream_table(clex: Path, bandwidth: float, new_tokens: int) -> None:
+def single_stream_table(clex: Path, yardsticks: Yardsticks, new_tokens: int) -> None:
     """Both dtypes are loaded at once and, at each context, measured in alternating runs (median of
-    ``ROUNDS`` each), so that a shared machine's slow spells hit float32 and bfloat16 alike. The fractions use
-    the highest read bandwidth measured, at the start and again before each context: a neighbour's load lowers
-    one measurement for a moment, and a yardstick taken in such a moment would flatter every fraction (the
-    highest is the conservative choice)."""
+    ``ROUNDS`` each), so that a shared machine's slow spells hit float32 and bfloat16 alike. Each row's
+    yardstick is the read bandwidth of a buffer of its own bytes per token (weights + KV), measured right
+    after it: what a decode re-reads every token, from the last-level cache as far as it fits (a bfloat16
+    model of 84 MB largely does), and never below the 1 GiB figure, which is printed beside it."""
+    yardsticks.remeasure()
     rates: dict[tuple[str, int], float] = {}
-    rows: list[tuple[int, str, float, int, int]] = []
-    bandwidths = [bandwidth]
+    rows: list[tuple[int, str, float, int, int, float]] = []
     engines = {
         dtype: LLM(
             str(clex),
@@ -105,28 +101,27 @@ def single_stream_table(clex: Path, bandwidth: float, new_tokens: int) -> None:
     for llm in engines.values():
         engine_decode_rate(llm, 32, 8)  # warm up
     for context in CONTEXTS:
-        bandwidths.append(read_bandwidth())
         measured = median_rates(
             *(lambda llm=llm, context=context: engine_decode_rate(llm, context, new_tokens) for llm in engines.values())
         )
         for (dtype, llm), rate in zip(engines.items(), measured):
             rates[dtype, context] = rate
             kv = kv_bytes_per_token(llm) * (context + new_tokens // 2)
-            rows.append((context, dtype, rate, weight_bytes(llm), kv))
+            weights = weight_bytes(llm)
+            rows.append((context, dtype, rate, weights, kv, yardsticks.bandwidth_at(weights + kv)))
     del engines
     rows.sort(key=lambda row: DTYPES.index(row[1]))
-    yardstick = max(bandwidths)
     print(
-        f"\nread bandwidth over the table: {min(bandwidths) / 1e9:.1f}-{yardstick / 1e9:.1f} GB/s in "
-        f"{len(bandwidths)} measurements; fractions of the highest"
+        "\n| context | dtype | tok/s | MB read per token (weights + KV) | effective GB/s | read bandwidth at that "
+        "size GB/s | fraction of it | fraction of 1 GiB's |"
     )
-    print("| context | dtype | tok/s | MB read per token (weights + KV) | effective GB/s | fraction of measured |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for context, dtype, rate, weights, kv in rows:
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for context, dtype, rate, weights, kv, bandwidth in rows:
         effective = (weights + kv) * rate
         print(
             f"| {context} | {dtype} | {rate:.1f} | {weights / 1e6:.0f} + {kv / 1e6:.0f} | "
-            f"{effective / 1e9:.1f} | {effective / yardstick:.2f} |"
+            f"{effective / 1e9:.1f} | {bandwidth / 1e9:.1f} | {effective / bandwidth:.2f} | "
+            f"{effective / yardsticks.memory:.2f} |"
         )
     print(
         "\nbfloat16 / float32 tokens/s: "
@@ -295,18 +290,23 @@ def main() -> None:
     parser.add_argument("--skip-ratios", action="store_true", help="leave out the ratios (a)-(d)")
     parser.add_argument(
         "--only",
-        choices=("single", "arrivals", "host", "throughput", "ratios"),
+        choices=("single", "prompts", "batches", "arrivals", "host", "throughput", "ratios"),
         help="run one part (after the bandwidth)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    bandwidth = read_bandwidth()
-    print(f"CPU threads {args.threads}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    if not cpu_yardsticks.available():
+        parser.error("the yardsticks are C++ kernels of clex-serve's CPU path, which do not build here")
+    yardsticks = cpu_yardsticks.Yardsticks()
+    print(f"CPU threads {args.threads}")
+    yardsticks.print()
     with tempfile.TemporaryDirectory() as folder:
         plain, clex = build(Path(folder), base_window=BASE_WINDOW)
         parts = {
-            "single": lambda: single_stream_table(clex, bandwidth, args.new_tokens),
+            "single": lambda: single_stream_table(clex, yardsticks, args.new_tokens),
+            "prompts": lambda: prefill_table(clex, yardsticks),
+            "batches": lambda: batch_table(clex, yardsticks, weight_bytes, kv_bytes_per_token),
             "arrivals": lambda: arrivals_table(clex, args.token_budget),
             "host": lambda: host_time_per_step(Path(folder)),
             "throughput": lambda: throughput_table(clex, 128),
@@ -316,6 +316,8 @@ def main() -> None:
             if (args.only is None and not (name == "ratios" and args.skip_ratios)) or args.only == name:
                 part()
                 sys.stdout.flush()
+        print("\nthe yardsticks at the end (the highest of every measurement; the fractions above used these or less)")
+        yardsticks.print()
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ SOURCES = [
         "decoder_layer.cpp",
         "sampling.cpp",
         "penalties.cpp",
+        "yardsticks.cpp",
     )
 ]
 DISABLE_VARIABLE = "CLEX_SERVE_CPU_KERNELS"

@@ -147,3 +147,33 @@ def apply_penalties(
     torch.ops.clex_cpu.apply_penalties(
         logits, output_counts, in_prompt, picked, table_rows, repetition, frequency, presence
     )
+
+
+def bf16_dot_supported() -> bool:
+    """The CPU has AVX512_BF16 (``vdpbf16ps``: bfloat16 pairs multiplied and summed into float32)."""
+    return torch.ops.clex_cpu.bf16_dot_supported()
+
+
+def stream_read(data: torch.Tensor) -> float:
+    """Every torch thread sums its own share of ``data`` (float32, contiguous) with 64-byte loads; the sum."""
+    return torch.ops.clex_cpu.stream_read(data)
+
+
+def fma_peak(iterations: int) -> float:
+    """Every torch thread runs ``iterations`` x 24 float32 FMAs of 16 lanes on registers (2 FLOPs a lane)."""
+    return torch.ops.clex_cpu.fma_peak(iterations)
+
+
+def bf16_dot_peak(iterations: int) -> float:
+    """Every torch thread runs ``iterations`` x 24 ``vdpbf16ps`` of 16 lanes on registers (4 FLOPs a lane)."""
+    return torch.ops.clex_cpu.bf16_dot_peak(iterations)
+
+
+def amx_bf16_supported() -> bool:
+    """The CPU has AMX bfloat16 tiles and the OS grants this process their state."""
+    return torch.ops.clex_cpu.amx_bf16_supported()
+
+
+def amx_bf16_peak(iterations: int) -> float:
+    """Every torch thread runs ``iterations`` x 4 ``tdpbf16ps`` tile multiplies (16,384 FLOPs each)."""
+    return torch.ops.clex_cpu.amx_bf16_peak(iterations)

@@ -48,6 +48,14 @@ at::Tensor llama_decode_layer(const at::Tensor& hidden, const at::Tensor& input_
 at::Tensor argmax_rows(const at::Tensor& x);
 at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& uniforms);
 
+// yardsticks.cpp (the benchmark's measures of the machine)
+bool bf16_dot_supported();
+double stream_read(const at::Tensor& data);
+double fma_peak(int64_t iterations);
+double bf16_dot_peak(int64_t iterations);
+bool amx_bf16_supported();
+double amx_bf16_peak(int64_t iterations);
+
 // penalties.cpp
 void apply_penalties(at::Tensor logits, const at::Tensor& counts, const at::Tensor& in_prompt,
                      const at::Tensor& picked, const at::Tensor& table_rows, const at::Tensor& repetition,

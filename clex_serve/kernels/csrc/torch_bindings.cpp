@@ -19,6 +19,12 @@ TORCH_LIBRARY(clex_cpu, m) {
         "Tensor? down_bias, int heads, int kv_heads, int head_dim, int hidden_size, int intermediate_size, "
         "Tensor cos, Tensor sin, Tensor? query_scale, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor runs, Tensor run_offsets) -> Tensor");
+  m.def("bf16_dot_supported() -> bool", &clex_cpu::bf16_dot_supported);
+  m.def("stream_read(Tensor data) -> float", &clex_cpu::stream_read);
+  m.def("fma_peak(int iterations) -> float", &clex_cpu::fma_peak);
+  m.def("bf16_dot_peak(int iterations) -> float", &clex_cpu::bf16_dot_peak);
+  m.def("amx_bf16_supported() -> bool", &clex_cpu::amx_bf16_supported);
+  m.def("amx_bf16_peak(int iterations) -> float", &clex_cpu::amx_bf16_peak);
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("sample_rows(Tensor logits, Tensor temperatures, Tensor uniforms) -> Tensor");
   m.def("apply_penalties(Tensor(a!) logits, Tensor counts, Tensor in_prompt, Tensor picked, Tensor table_rows, "

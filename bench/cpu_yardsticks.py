@@ -1,0 +1,108 @@
+"""The machine's own yardsticks for the CPU benchmark, from the C++ kernels of ``csrc/yardsticks.cpp``.
+
+- read bandwidth: every thread streams its own share of a buffer with 64-byte loads, as a decode streams its
+  weights; measured at the size a decode re-reads each token (what stays in the last-level cache is read
+  from there, as the decode reads it) and at 1 GiB (memory alone);
+- compute peaks: float32 FMAs and bfloat16 dot products (``vdpbf16ps``) on registers, every thread, and
+  where the CPU has AMX, bfloat16 tile multiplies (``tdpbf16ps``), which oneDNN's bfloat16 GEMMs run on.
+
+Each is the highest of several runs: a neighbour's load on a shared machine lowers a run, never raises one,
+so the highest is the conservative yardstick (it lowers every fraction).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from clex_serve.kernels import cpu_ops
+from clex_serve.kernels.cpu_extension import cpu_kernels_available
+
+MEMORY_BYTES = 1 << 30
+PEAK_ITERATIONS = 1_000_000  # x 24 instructions per thread: a few milliseconds
+FLOPS_PER_INSTRUCTION = {"float32": 16 * 2, "bfloat16": 16 * 4}  # 16 lanes: a multiply-add, two of them
+
+
+def available() -> bool:
+    return cpu_kernels_available()
+
+
+def best_time(function, runs: int) -> float:
+    function()  # warm: pages touched, threads up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def read_bandwidth(nbytes: int = MEMORY_BYTES, runs: int = 7) -> float:
+    """Bytes/s every thread together reads a buffer of ``nbytes`` at (highest of ``runs``)."""
+    data = torch.ones(max(nbytes // 4, 1 << 16))
+    return data.nbytes / best_time(lambda: cpu_ops.stream_read(data), runs)
+
+
+AMX_ITERATIONS = 100_000  # x 4 tile multiplies per thread
+AMX_FLOPS = 16 * 16 * 32 * 2
+
+
+def compute_peak(dtype: str, runs: int = 7) -> float | None:
+    """FLOP/s of every thread's independent FMA (float32) or ``vdpbf16ps`` (bfloat16) chains; None where the
+    CPU has no AVX512_BF16."""
+    if dtype == "bfloat16" and not cpu_ops.bf16_dot_supported():
+        return None
+    kernel = cpu_ops.fma_peak if dtype == "float32" else cpu_ops.bf16_dot_peak
+    seconds = best_time(lambda: kernel(PEAK_ITERATIONS), runs)
+    instructions = torch.get_num_threads() * PEAK_ITERATIONS * 24
+    return instructions * FLOPS_PER_INSTRUCTION[dtype] / seconds
+
+
+def amx_peak(runs: int = 7) -> float | None:
+    """FLOP/s of every thread's four chains of AMX bfloat16 tile multiplies; None without AMX."""
+    if not cpu_ops.amx_bf16_supported():
+        return None
+    seconds = best_time(lambda: cpu_ops.amx_bf16_peak(AMX_ITERATIONS), runs)
+    return torch.get_num_threads() * AMX_ITERATIONS * 4 * AMX_FLOPS / seconds
+
+
+class Yardsticks:
+    """Measured once at the start of the benchmark; ``bandwidth_at`` measures a size when asked."""
+
+    def __init__(self) -> None:
+        self.memory = self.float32 = 0.0
+        self.bf16_dot = self.amx = None
+        self.remeasure()
+
+    def remeasure(self) -> None:
+        """Measure again, keeping the highest of every figure: a neighbour's job on a shared machine can
+        hold a core for minutes, which the runs of one measurement do not outlast. Each table measures at
+        its start, and ``print`` shows what its fractions were taken against."""
+        self.memory = max(self.memory, read_bandwidth())
+        self.float32 = max(self.float32, compute_peak("float32"))
+        bf16_dot, amx = compute_peak("bfloat16"), amx_peak()
+        self.bf16_dot = max(self.bf16_dot or 0.0, bf16_dot) if bf16_dot else None
+        self.amx = max(self.amx or 0.0, amx) if amx else None
+
+    def bandwidth_at(self, nbytes: int) -> float:
+        """The read bandwidth at ``nbytes`` (a decode's bytes per token): what fits the last-level cache is
+        read from there by the stream as by the decode; never below the 1 GiB figure."""
+        return max(read_bandwidth(nbytes), self.memory)
+
+    def peak(self, dtype: str) -> float:
+        """The compute peak a dtype's GEMMs run against: float32 FMAs; bfloat16 AMX tiles where present
+        (oneDNN uses them), else ``vdpbf16ps``, else float32 FMAs (bfloat16 widened)."""
+        if dtype == "float32":
+            return self.float32
+        return self.amx or self.bf16_dot or self.float32
+
+    def print(self) -> None:
+        def flops(value: float | None) -> str:
+            return f"{value / 1e9:.0f} GFLOP/s" if value else "not on this CPU"
+
+        print("| yardstick (highest of 7 runs) | measured | kernel (csrc/yardsticks.cpp) |\n| --- | --- | --- |")
+        print(f"| read bandwidth, 1 GiB | {self.memory / 1e9:.1f} GB/s | every thread sums its share, 64-byte loads |")
+        print(f"| float32 peak | {flops(self.float32)} | 24 vfmadd231ps chains per thread |")
+        print(f"| bfloat16 dot-product peak | {flops(self.bf16_dot)} | 24 vdpbf16ps chains per thread |")
+        print(f"| bfloat16 AMX peak | {flops(self.amx)} | 4 tdpbf16ps tile chains per thread |")

@@ -15,10 +15,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import clex_serve
 from clex_serve.api import openapi
 from clex_serve.api.body_limit import BodyLimitMiddleware
+from clex_serve.api.chat_tools import ChatTools
 from clex_serve.api.errors import APIError, invalid, validation_error
 from clex_serve.api.limits import default_max_body_bytes
 from clex_serve.api.metrics import ServerMetrics
 from clex_serve.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from clex_serve.api.protocol_responses import ResponsesRequest
 from clex_serve.api.request_ids import RequestIdMiddleware
 from clex_serve.api.responses import (
     ChatCompletion,
@@ -26,16 +28,18 @@ from clex_serve.api.responses import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    ResponseObject,
     TokenizeResponse,
     TokenizerInfo,
     Version,
 )
 from clex_serve.api.serving import ServingContext
-from clex_serve.api.serving_chat import create_chat_completion
+from clex_serve.api.serving_chat import create_chat_completion, render_prompt
 from clex_serve.api.serving_completion import create_completion
+from clex_serve.api.serving_responses import create_response
 from clex_serve.api.tokenizer_info import tokenizer_info
+from clex_serve.api.tool_parsers import DEFAULT_TOOL_CALL_PARSER
 from clex_serve.engine.async_engine import AsyncLLMEngine
-from clex_serve.text.chat_template import chat_prompt
 
 _TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
 
@@ -47,11 +51,12 @@ def build_app(
     api_key: str | None = None,
     allowed_origins: list[str] | None = None,
     max_request_body_bytes: int | None = None,
+    tool_call_parser: str = DEFAULT_TOOL_CALL_PARSER,
 ) -> FastAPI:
     app = FastAPI(title="clex-serve", version=clex_serve.__version__)
     openapi.install(app)
     metrics = ServerMetrics(engine)
-    ctx = ServingContext(engine, served_model_name, chat_template, metrics)
+    ctx = ServingContext(engine, served_model_name, chat_template, metrics, tool_call_parser)
     app.state.ctx = ctx
     body_limit = max_request_body_bytes or default_max_body_bytes(ctx.max_model_len)
     app.add_middleware(BodyLimitMiddleware, max_bytes=body_limit)
@@ -156,6 +161,14 @@ def build_app(
         return await create_completion(ctx, body, raw_request, f"cmpl-{raw_request.state.request_id}")
 
     @app.post(
+        "/v1/responses",
+        dependencies=[Depends(check_key)],
+        responses={**openapi.streaming_response(ResponseObject), **openapi.GENERATION_ERRORS},
+    )
+    async def responses(body: ResponsesRequest, raw_request: Request):
+        return await create_response(ctx, body, raw_request, f"resp_{raw_request.state.request_id}")
+
+    @app.post(
         "/tokenize", dependencies=[Depends(check_key)], response_model=TokenizeResponse, responses=openapi.BODY_ERRORS
     )
     @app.post("/v1/tokenize", dependencies=[Depends(check_key)], include_in_schema=False)
@@ -164,27 +177,15 @@ def build_app(
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either prompt or messages, not both", param="prompt")
         if body.messages is not None:
-            if ctx.chat_template is None:
-                raise APIError(400, "this model has no chat template", param="messages", code="no_chat_template")
-            chat = ChatCompletionRequest(messages=body.messages)
+            chat = ChatCompletionRequest(messages=body.messages, tools=body.tools)
             refused = chat.unsupported()
             if refused:
                 raise APIError(400, refused[1], param=refused[0], code="unsupported_parameter")
             try:
-                tokens = (
-                    await asyncio.to_thread(
-                        chat_prompt,
-                        ctx.tokenizer,
-                        chat.conversation(),
-                        ctx.family,
-                        body.add_generation_prompt,
-                        ctx.chat_template,
-                    )
-                )["prompt_token_ids"]
-            except Exception as error:  # a template that fails on these messages (raise_exception in Jinja)
-                raise APIError(
-                    400, f"the chat template cannot render these messages: {error}", param="messages"
-                ) from None
+                tools = ChatTools.of(chat, ctx.tool_parser)
+            except ValueError as error:
+                raise invalid(error) from None
+            tokens = (await render_prompt(ctx, chat, tools, body.add_generation_prompt))["prompt_token_ids"]
         else:
             tokens = await asyncio.to_thread(
                 ctx.tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens

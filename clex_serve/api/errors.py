@@ -52,7 +52,7 @@ class APIError(Exception):
 
 
 # Parameter names the engine's messages start with: "temperature must be ...", "stop_token_ids: ...".
-_PARAM = re.compile(r"^([a-z_]+)(?: must|:| \()")
+_PARAM = re.compile(r"^([a-z_]+(?:\[\d+\]|\.[a-z_]+)*)(?: must|:| \()")
 
 
 def invalid(error: ValueError, param: str | None = None) -> APIError:

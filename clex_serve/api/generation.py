@@ -157,11 +157,12 @@ class Generation:
         return JSONResponse(render(outputs))
 
     async def event_stream(
-        self, render: ChunkRenderer, usage_chunk: Callable[[int], dict] | None
+        self, render: ChunkRenderer, usage_chunk: Callable[[int], dict] | None, typed_events: bool = False
     ) -> EventSourceResponse:
         """The answer as server-sent events, then a usage chunk when asked (``usage_chunk``), then [DONE].
         Each stream's first output is awaited before the response starts, so that a request the engine
-        refuses (a bad parameter, a full queue) is answered with its HTTP error instead of a stream."""
+        refuses (a bad parameter, a full queue) is answered with its HTTP error instead of a stream.
+        ``typed_events``: the Responses API's form, each event named by its ``type`` and no [DONE]."""
         try:
             firsts = [await first_output(self.ctx, stream) for stream in self.streams]
         except Exception:
@@ -184,14 +185,20 @@ class Generation:
             outcome = "aborted"
             try:
                 async for chunk in render(firsts, counted()):
-                    yield sse(chunk)
+                    yield {"event": chunk["type"], "data": sse(chunk)} if typed_events else sse(chunk)
                 if usage_chunk is not None:
                     yield sse(usage_chunk(self.generated))
                 outcome = "finished"
-                yield "[DONE]"
+                if not typed_events:
+                    yield "[DONE]"
             except Exception as error:  # an error mid-stream: an OpenAI error event, then the end
                 outcome = "failed"
-                yield self.ctx.engine_error(error).sse_data()
+                error = self.ctx.engine_error(error)
+                if typed_events:
+                    data = {"type": "error", "code": error.code, "message": error.message, "param": error.param}
+                    yield {"event": "error", "data": sse(data)}
+                else:
+                    yield error.sse_data()
             finally:
                 for stream in self.streams:
                     await stream.aclose()

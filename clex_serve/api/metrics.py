@@ -45,6 +45,27 @@ class _EngineCollector:
             "Prompt tokens served from the prefix cache, of those looked up",
             stats.prefix_cache_hit_rate,
         )
+        yield CounterMetricFamily(
+            "clex_serve_spec_decode_num_draft_tokens", "Tokens drafted and verified", stats.spec_drafted_tokens
+        )
+        yield CounterMetricFamily(
+            "clex_serve_spec_decode_num_accepted_tokens", "Drafted tokens accepted", stats.spec_accepted_tokens
+        )
+        yield CounterMetricFamily(
+            "clex_serve_spec_decode_num_drafts",
+            "Verifications: one sequence's drafts in one step",
+            stats.spec_verifications,
+        )
+        yield GaugeMetricFamily(
+            "clex_serve_spec_decode_acceptance_rate",
+            "Drafted tokens accepted, of those drafted",
+            stats.spec_acceptance_rate,
+        )
+        yield GaugeMetricFamily(
+            "clex_serve_spec_decode_mean_accepted_length",
+            "Tokens a verification yields on average (accepted drafts and one more)",
+            stats.spec_mean_accepted_length,
+        )
 
 
 class ServerMetrics:

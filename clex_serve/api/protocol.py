@@ -15,8 +15,17 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from clex_serve.api import limits
+from clex_serve.api.protocol_structured import (
+    MAX_TOOLS,
+    ResponseFormat,
+    StructuredOutputsRequest,
+    Tool,
+    ToolChoice,
+    check_tools,
+)
 from clex_serve.engine.input_processor import check_unicode
 from clex_serve.sampling_params import RequestOutputKind, SamplingParams
+from clex_serve.structured_outputs import StructuredOutputsParams
 
 
 def _valid_unicode(text: str) -> str:
@@ -81,23 +90,41 @@ class SamplingFields(OpenAIModel):
     min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = Field(None, ge=0, le=limits.MAX_TOP_LOGPROBS)
-    # Not implemented yet (structured outputs): refused when they ask for something.
-    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}; others are refused')
-    guided_json: Any = Field(None, description="refused: not supported yet")
-    guided_regex: Any = Field(None, description="refused: not supported yet")
-    guided_choice: Any = Field(None, description="refused: not supported yet")
-    guided_grammar: Any = Field(None, description="refused: not supported yet")
-    structured_outputs: Any = Field(None, description="refused: not supported yet")
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* names.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's older name of structured_outputs.json")
+    guided_regex: str | None = Field(None, description="vLLM's older name of structured_outputs.regex")
+    guided_choice: list[str] | None = Field(None, description="vLLM's older name of structured_outputs.choice")
+    guided_grammar: str | None = Field(None, description="vLLM's older name of structured_outputs.grammar")
 
     def unsupported(self) -> tuple[str, str] | None:
         """(parameter, message) for the first parameter that asks for what this server cannot do."""
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            kind = self.response_format.get("type")
-            return "response_format", _not_supported(f"response_format of type {kind!r} (structured outputs)")
-        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
-            if getattr(self, name) is not None:
-                return name, _not_supported(f"{name} (structured outputs)")
         return None
+
+    def output_constraint(self) -> tuple[StructuredOutputsParams | None, str | None]:
+        """What the output must match, and the parameter that asked (to name in errors); ValueError when
+        two parameters ask, or one asks for something malformed."""
+        asked = []
+        if self.response_format is not None and self.response_format.type != "text":
+            asked.append(("response_format", self.response_format.to_params))
+        if self.structured_outputs is not None:
+            asked.append(("structured_outputs", self.structured_outputs.to_params))
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                asked.append((name, lambda kind=kind, value=value: StructuredOutputsParams(**{kind: value})))
+        if self.guided_choice is not None:
+            asked.append(("guided_choice", lambda: StructuredOutputsParams(choice=tuple(self.guided_choice))))
+        if not asked:
+            return None, None
+        if len(asked) > 1:
+            raise ValueError(f"{asked[0][0]}: {asked[0][0]} and {asked[1][0]} both constrain the output; give one")
+        param, build = asked[0]
+        try:
+            return build(), param
+        except ValueError as error:
+            raise ValueError(f"{param}: {error}") from None
 
     def parsed_logit_bias(self) -> dict[int, float]:
         biases = {}
@@ -108,7 +135,11 @@ class SamplingFields(OpenAIModel):
         return biases
 
     def _sampling_params(
-        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+        structured_outputs: StructuredOutputsParams | None = None,
     ) -> SamplingParams:
         return SamplingParams(
             n=self.n,
@@ -130,6 +161,7 @@ class SamplingFields(OpenAIModel):
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=self.parsed_logit_bias(),
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+            structured_outputs=structured_outputs,
         )
 
 
@@ -138,11 +170,23 @@ class ContentPart(OpenAIModel):
     text: Text | None = None
 
 
+class ToolCallFunction(OpenAIModel):
+    name: str
+    arguments: str = Field("", description="JSON text")
+
+
+class ChatToolCall(OpenAIModel):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "user", "assistant", "developer", "tool", "function"]
     content: Text | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = Field(None, description="refused: tool calling is not supported yet")
+    tool_calls: list[ChatToolCall] | None = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -157,12 +201,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=limits.MAX_TOP_LOGPROBS)
-    # Not implemented yet (tool calling and other modalities): refused when they ask for something.
-    tools: list[Any] | None = Field(None, description="refused when not empty: tool calling is not supported yet")
-    tool_choice: Any = Field(None, description='only "none"; others are refused')
-    parallel_tool_calls: bool | None = Field(None, description="refused: tool calling is not supported yet")
-    functions: list[Any] | None = Field(None, description="refused: function calling is not supported")
-    function_call: Any = Field(None, description='only "none"; others are refused')
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = Field(None, description='"none", "auto" (the default with tools), "required"')
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = Field(None, description="refused: the deprecated form of tools")
+    function_call: Any = Field(None, description='only "none"; the deprecated form of tool_choice')
     modalities: list[str] | None = Field(None, description='only ["text"]')
     audio: Any = Field(None, description="refused: this server's models read and write text")
     prediction: Any = Field(None, description="refused: predicted outputs are not supported")
@@ -175,16 +218,10 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_tokens, "max_tokens"
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.tools:
-            return "tools", _not_supported("tool calling (tools)")
-        if self.tool_choice not in (None, "none"):
-            return "tool_choice", _not_supported(f"tool_choice {self.tool_choice!r} (tool calling)")
-        if self.parallel_tool_calls is not None:
-            return "parallel_tool_calls", _not_supported("parallel_tool_calls (tool calling)")
         if self.functions:
-            return "functions", _not_supported("function calling (functions)")
+            return "functions", _not_supported("the deprecated functions (send them as tools)")
         if self.function_call not in (None, "none"):
-            return "function_call", _not_supported("function calling (function_call)")
+            return "function_call", _not_supported("the deprecated function_call (use tool_choice)")
         if self.modalities not in (None, ["text"]):
             return "modalities", _not_supported(f'output modalities {self.modalities!r} (only ["text"])')
         for name in ("audio", "prediction", "web_search_options"):
@@ -196,26 +233,39 @@ class ChatCompletionRequest(SamplingFields):
                 return refused
         return super().unsupported()
 
-    def conversation(self) -> list[dict]:
-        """Messages as chat templates take them ("developer" is OpenAI's newer name for "system")."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def tool_choice_name(self) -> str:
+        """ "none", "auto", "required" or the name of the function to call; ValueError (naming the
+        parameter) for a choice the tools cannot meet."""
+        tools = self.tools or []
+        check_tools(tools)
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if tools else "none")
+        if not isinstance(choice, str):
+            names = [tool.function.name for tool in tools]
+            if choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice: names the function {choice.function.name!r}, which is not in tools "
+                    f"({', '.join(names) or 'none given'})"
+                )
+            return choice.function.name
+        if choice == "required" and not tools:
+            raise ValueError('tool_choice: "required" needs tools')
+        return choice
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+    def to_sampling_params(
+        self, max_tokens: int, structured_outputs: StructuredOutputsParams | None = None
+    ) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs to be true")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs)
+        return self._sampling_params(max_tokens, logprobs, structured_outputs=structured_outputs)
 
 
 def _unsupported_in_message(index: int, message: ChatMessage) -> tuple[str, str] | None:
     where = f"messages[{index}]"
-    if message.role in ("tool", "function"):
-        return f"{where}.role", (
-            f"{where}: {message.role!r} messages (tool results) need tool calling, which this "
-            f"server does not support yet"
-        )
-    if message.tool_calls:
-        return f"{where}.tool_calls", f"{where}.tool_calls: tool calling is not supported by this server yet"
+    if message.role == "function":
+        return f"{where}.role", f"{where}: 'function' messages are the deprecated form of 'tool' messages"
+    if message.tool_calls and message.role != "assistant":
+        return f"{where}.tool_calls", f"{where}: only assistant messages carry tool_calls"
     for part_index, part in enumerate(message.content if isinstance(message.content, list) else ()):
         if part.type != "text":
             return (
@@ -261,24 +311,27 @@ class CompletionRequest(SamplingFields):
             return "suffix", _not_supported("suffix (insertion)")
         if self.best_of is not None and self.best_of != self.n:
             return "best_of", _not_supported(f"best_of={self.best_of} other than n={self.n}")
-        return super().unsupported()
+        return None
 
     def scores_only(self) -> bool:
         """``max_tokens: 0`` with ``echo``: the prompt's logprobs, nothing generated."""
         return self.max_tokens == 0
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+    def to_sampling_params(
+        self, max_tokens: int, structured_outputs: StructuredOutputsParams | None = None
+    ) -> SamplingParams:
         # echo with logprobs returns the prompt's tokens and logprobs too, so the engine computes them.
         prompt_logprobs = None
         if self.echo and self.logprobs is not None:
             prompt_logprobs = max(self.logprobs, self.prompt_logprobs or 0)
-        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
+        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs, structured_outputs)
 
 
 class TokenizeRequest(OpenAIModel):
     model: str | None = None
     prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS, description="rendered with the messages")
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

@@ -43,9 +43,16 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class ToolCallOut(BaseModel):
+    id: str
+    type: str
+    function: dict[str, str]
+
+
 class ChatMessageOut(BaseModel):
     role: str
     content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -117,3 +124,37 @@ class TokenizerInfo(BaseModel):
 
 class Version(BaseModel):
     version: str
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+
+
+class ResponseObject(BaseModel):
+    """``/v1/responses``' answer: its output items are messages (``output_text`` parts) and function calls."""
+
+    id: str
+    object: str
+    created_at: int
+    status: str
+    incomplete_details: dict[str, Any] | None
+    error: dict[str, Any] | None
+    model: str
+    instructions: str | None
+    max_output_tokens: int | None
+    output: list[dict[str, Any]]
+    parallel_tool_calls: bool
+    previous_response_id: str | None
+    temperature: float
+    top_p: float
+    tool_choice: str | dict[str, Any]
+    tools: list[dict[str, Any]]
+    text: dict[str, Any]
+    truncation: str
+    store: bool
+    metadata: dict[str, str]
+    usage: ResponseUsage | None

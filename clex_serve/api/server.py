@@ -49,13 +49,22 @@ def serve(
     graceful_timeout: float,
     ui: bool = False,
     max_request_body_bytes: int | None = None,
+    tool_call_parser: str = "hermes",
 ) -> int:
     """``sockets``: bound, not yet listening (``clex_serve.cli.listen_sockets``); uvicorn listens on them."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # sse-starlette ends every stream as soon as uvicorn is asked to stop; streams in flight should finish
     # instead, within uvicorn's grace period (after it, uvicorn cancels them, which aborts their requests).
     AppStatus.disable_automatic_graceful_drain()
-    app = build_app(engine, served_model_name, chat_template, api_key, allowed_origins, max_request_body_bytes)
+    app = build_app(
+        engine,
+        served_model_name,
+        chat_template,
+        api_key,
+        allowed_origins,
+        max_request_body_bytes,
+        tool_call_parser=tool_call_parser,
+    )
     host, port = sockets[0].getsockname()[:2]  # the real port, also for --port 0
     shown_host = f"[{host}]" if ":" in host else host
     announcement = f"clex-serve: serving {served_model_name} at http://{shown_host}:{port}/v1"

@@ -9,19 +9,28 @@ import time
 from clex_serve.api.context_overflow import context_overflow, overflow_of
 from clex_serve.api.errors import APIError, invalid
 from clex_serve.api.metrics import ServerMetrics
+from clex_serve.api.tool_parsers import DEFAULT_TOOL_CALL_PARSER, tool_call_parser
 from clex_serve.engine.async_engine import AsyncLLMEngine
 from clex_serve.engine.errors import EngineDeadError, EngineShutdownError, QueueFullError
-from clex_serve.engine.input_processor import PromptTooLongError
+from clex_serve.engine.input_processor import ProcessedPrompt, PromptTooLongError
 from clex_serve.engine.outputs import RequestOutput
+from clex_serve.engine.structured.compiler import GrammarError
+from clex_serve.sampling_params import SamplingParams
 
 logger = logging.getLogger("clex_serve.api")
 
 
 class ServingContext:
     def __init__(
-        self, engine: AsyncLLMEngine, served_model_name: str, chat_template: str | None, metrics: ServerMetrics
+        self,
+        engine: AsyncLLMEngine,
+        served_model_name: str,
+        chat_template: str | None,
+        metrics: ServerMetrics,
+        tool_parser_name: str = DEFAULT_TOOL_CALL_PARSER,
     ) -> None:
         self.engine = engine
+        self.tool_parser = tool_call_parser(tool_parser_name)
         self.served_model_name = served_model_name
         self.chat_template = chat_template
         self.metrics = metrics
@@ -62,6 +71,24 @@ class ServingContext:
         if asked > room:
             raise context_overflow(self.max_model_len, prompt_len, asked, prompt_param, requested is not None)
         return requested if requested is not None else room
+
+    async def process(self, prompt, params: SamplingParams, constraint_param: str | None) -> ProcessedPrompt:
+        """The prompt checked and its output constraint compiled (off the event loop): a constraint that does
+        not compile is a 400 naming the parameter that gave it."""
+        try:
+            return await self.engine.process_inputs(prompt, params)
+        except GrammarError as error:
+            raise APIError(400, f"{constraint_param}: {error}", param=constraint_param) from None
+        except Exception as error:
+            raise self.engine_error(error) from None
+
+    async def compile(self, params: SamplingParams, constraint_param: str | None) -> None:
+        """Compile the output constraint of ``params`` off the event loop (a 400 naming the parameter when it
+        does not compile), so that checking the requests that carry it finds it compiled."""
+        try:
+            await self.engine.compile_grammar(params)
+        except GrammarError as error:
+            raise APIError(400, f"{constraint_param}: {error}", param=constraint_param) from None
 
     @staticmethod
     def engine_error(error: Exception) -> APIError:

@@ -87,7 +87,13 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw_re
     requested = 1 if scoring else body.max_tokens
     budgets = [ctx.output_budget(requested, length, "prompt") for length in lengths]
     try:
-        params = body.to_sampling_params(min(budgets))
+        constraint, constraint_param = body.output_constraint()
+        params = body.to_sampling_params(min(budgets), constraint)
+    except ValueError as error:
+        raise invalid(error) from None
+    if constraint is not None:
+        await ctx.compile(params, constraint_param)
+    try:
         submitted = [
             ctx.engine.with_params(item, dataclasses.replace(params, max_tokens=budget))
             for item, budget in zip(processed, budgets)

@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 
+from clex_serve.api.tool_parsers import DEFAULT_TOOL_CALL_PARSER, TOOL_CALL_PARSERS
 from clex_serve.cli.engine_args import add_engine_args, positive_int
 from clex_serve.cli.engine_start import start_engine
 from clex_serve.cli.help_format import DefaultsOnceHelpFormatter
@@ -84,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         "at least 1 MiB)",
     )
     server.add_argument(
+        "--tool-call-parser",
+        default=DEFAULT_TOOL_CALL_PARSER,
+        choices=sorted(TOOL_CALL_PARSERS),
+        help="how the model writes tool calls, for templates without a format of their own (hermes: "
+        "<tool_call> JSON lines)",
+    )
+    server.add_argument(
         "--ui", action="store_true", help="also serve the Gradio chat demo at /ui (pip install 'clex-serve[web]')"
     )
     commands.add_parser("chat", help="the terminal chat (the same as clex-chat; `clex-serve chat --help`)")
@@ -147,6 +155,7 @@ def _serve_on(sockets, args) -> int:
         args.graceful_timeout,
         ui=args.ui,
         max_request_body_bytes=args.max_request_body_bytes,
+        tool_call_parser=args.tool_call_parser,
     )
 
 

@@ -134,8 +134,14 @@ class AsyncLLMEngine:
         self.engine.inputs.check_params(params)
         grammar = processed.grammar
         if params.structured_outputs != processed.params.structured_outputs:
-            grammar = self.engine.inputs.compile_grammar(params)  # cached by its text: a lookup when seen
+            # cached by its text: a lookup once compile_grammar has compiled it off the event loop
+            grammar = self.engine.inputs.compile_grammar(params)
         return dataclasses.replace(processed, params=params, grammar=grammar)
+
+    async def compile_grammar(self, params: SamplingParams):
+        """Compile the output constraint of ``params`` in a worker thread (``GrammarError`` when it cannot
+        be); later requests with the same constraint find it compiled."""
+        return await asyncio.to_thread(self.engine.inputs.compile_grammar, params)
 
     # ------------------------------------------------------------------ requests
 

@@ -65,22 +65,36 @@ def resolve_chat_template(tokenizer, model_name: str, override: str | None = Non
 
 
 def render_chat(
-    tokenizer, messages: list[dict], family: str, add_generation_prompt: bool = True, template: str | None = None
+    tokenizer,
+    messages: list[dict],
+    family: str,
+    add_generation_prompt: bool = True,
+    template: str | None = None,
+    tools: list[dict] | None = None,
 ) -> str:
+    """The conversation as text. ``tools`` (OpenAI's function tools) go to a template that handles them, with
+    ``tool`` messages and assistant ``tool_calls`` in the history."""
+    roles = ("system", "user", "assistant", "tool") if tools is not None else ("system", "user", "assistant")
     for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-            raise ValueError("each message needs a role of system, user or assistant, and a content string")
+        if not isinstance(message, dict) or message.get("role") not in roles:
+            raise ValueError(f"each message needs a role of {', '.join(roles)}, and a content string")
         if not isinstance(message.get("content"), str):
             raise ValueError("message content must be a string")
     template = template or getattr(tokenizer, "chat_template", None) or fallback_template(family)
+    extra = {"tools": tools} if tools is not None else {}
     return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
     )
 
 
 def chat_prompt(
-    tokenizer, messages: list[dict], family: str, add_generation_prompt: bool = True, template: str | None = None
+    tokenizer,
+    messages: list[dict],
+    family: str,
+    add_generation_prompt: bool = True,
+    template: str | None = None,
+    tools: list[dict] | None = None,
 ) -> dict:
     """The engine prompt of a conversation: its text and its token ids (no special tokens added on top)."""
-    text = render_chat(tokenizer, messages, family, add_generation_prompt, template)
+    text = render_chat(tokenizer, messages, family, add_generation_prompt, template, tools)
     return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}

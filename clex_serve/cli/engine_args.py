@@ -7,6 +7,7 @@ import argparse
 from clex_serve.attention.selector import BACKENDS
 from clex_serve.engine.core.scheduler import SchedulerConfig
 from clex_serve.engine.engine_config import EngineConfig
+from clex_serve.engine.spec_decode.config import SpeculativeConfig
 from clex_serve.loading.loader import LOAD_FORMATS
 
 
@@ -29,6 +30,13 @@ def fraction(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
+
+
+def speculative_config(text: str) -> SpeculativeConfig | None:
+    try:
+        return SpeculativeConfig.from_user(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("speculative_config ")) from None
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +123,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="random seed of unseeded sampling and dummy weights")
     group.add_argument("--no-progress-bar", action="store_true", help="no progress bar while loading weights")
     group.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: the physical cores)")
+    group.add_argument(
+        "--speculative-config",
+        type=speculative_config,
+        help='speculative decoding by prompt lookup, as JSON with vLLM\'s keys: \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}\' (default: off)',
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -142,4 +156,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         attention_backend=args.attention_backend,
         log_scale=args.log_scale,
+        speculative_config=args.speculative_config,
     )

@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument(
         "--ui", action="store_true", help="also serve the Gradio chat demo at /ui (pip install 'clex-serve[web]')"
     )
+    server.add_argument(
+        "--ray-replicas",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="serve N engine replicas on a local Ray Serve cluster behind its HTTP proxy, routed on the CLEX "
+        "scale of each prompt (pip install 'clex-serve[ray]'; default: one engine, no Ray)",
+    )
     commands.add_parser("chat", help="the terminal chat (the same as clex-chat; `clex-serve chat --help`)")
     commands.add_parser("web", help="the web demo against a server (`clex-serve web --help`)")
     generate = commands.add_parser(
@@ -175,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         try:
+            if args.ray_replicas is not None:
+                from clex_serve.deploy.local import serve_on_local_ray
+
+                return serve_on_local_ray(args, argv[1:])
             return _serve(args)
         except ValueError as error:
             parser.exit(2, f"clex-serve: error: {error}\n")

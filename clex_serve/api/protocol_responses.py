@@ -101,11 +101,11 @@ class ResponsesRequest(OpenAIModel):
     def unsupported(self) -> tuple[str, str] | None:
         if self.previous_response_id is not None:
             return "previous_response_id", (
-                "previous_response_id: this server keeps no responses, so it cannot continue one; send the "
-                "whole conversation in input (earlier output items included)"
+                "previous_response_id is not supported: this server keeps no responses; send the whole "
+                "conversation in input (earlier output items included)"
             )
         if self.background:
-            return "background", "background: responses run in the foreground only; leave background unset"
+            return "background", "background responses are not supported; leave background unset"
         return None
 
     def unknown_fields(self) -> list[str]:

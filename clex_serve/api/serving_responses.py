@@ -19,6 +19,9 @@ from clex_serve.api.serving_chat import prepare_chat
 from clex_serve.engine.outputs import CompletionOutput
 
 
+_RESPONSES_NAMES = {"response_format": "text.format", "messages": "input", "max_tokens": "max_output_tokens"}
+
+
 def _item_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
@@ -52,7 +55,12 @@ async def create_response(ctx: ServingContext, body: ResponsesRequest, raw_reque
         chat = body.to_chat()
     except ValueError as error:
         raise invalid(error, "input") from None
-    tools, processed = await prepare_chat(ctx, chat)
+    try:
+        tools, processed = await prepare_chat(ctx, chat)
+    except APIError as error:  # named as the chat request calls them: the Responses API's names instead
+        error.param = _RESPONSES_NAMES.get(error.param, error.param)
+        error.message = error.message.replace("response_format", "text.format").replace("messages", "input")
+        raise
     prompt_len = len(processed.token_ids)
     generation = Generation(
         ctx, request_id, [ctx.engine.generate(processed, request_id=request_id)], [prompt_len], started=started

@@ -97,23 +97,20 @@ def test_a_prompt_too_long_in_characters_is_refused_before_tokenizing(server):
 @pytest.mark.parametrize(
     "route,extra,param",
     [
-        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
-        ("/v1/chat/completions", {"parallel_tool_calls": True}, "parallel_tool_calls"),
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-        (
-            "/v1/chat/completions",
-            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-            "response_format",
-        ),
+        ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
+        ("/v1/chat/completions", {"function_call": "auto"}, "function_call"),
+        ("/v1/chat/completions", {"audio": {"voice": "alloy"}}, "audio"),
         ("/v1/completions", {"best_of": 3}, "best_of"),
         ("/v1/completions", {"suffix": "end"}, "suffix"),
-        ("/v1/completions", {"guided_json": {"type": "object"}}, "guided_json"),
+        ("/v1/responses", {"previous_response_id": "resp_1"}, "previous_response_id"),
+        ("/v1/responses", {"background": True}, "background"),
     ],
 )
 def test_unimplemented_parameters_are_refused_by_name(server, route, extra, param):
-    body = {"messages": QUESTION} if "chat" in route else {"prompt": "hello"}
-    response = post(server, route, {**body, "max_tokens": 2, **extra})
+    body = {"messages": QUESTION, "max_tokens": 2} if "chat" in route else {"prompt": "hello", "max_tokens": 2}
+    if "responses" in route:
+        body = {"input": "hello", "max_output_tokens": 2}
+    response = post(server, route, {**body, **extra})
     error = error_of(response)
     assert response.status_code == 400 and error["param"] == param and error["code"] == "unsupported_parameter"
     assert "not supported" in error["message"]
@@ -154,9 +151,9 @@ def test_no_op_values_of_those_parameters_are_accepted(client):
         ),
         (
             "/v1/chat/completions",
-            {"messages": [{"role": "tool", "content": "42", "tool_call_id": "a"}]},
+            {"messages": [{"role": "function", "content": "42", "name": "f"}]},
             "messages[0].role",
-            "tool calling",
+            "deprecated",
         ),
         (
             "/v1/chat/completions",

@@ -110,7 +110,10 @@ class OpenAIIngress:
             return _unavailable(error)
         limit = self.max_request_body_bytes or default_max_body_bytes(view.max_model_len)
         body = await self._body(request, limit)
-        path = request.url.path
+        path = request.scope["path"]
+        root = request.scope.get("root_path", "")
+        if root and path.startswith(root):  # an application under a route prefix: the app's own paths
+            path = path[len(root) :] or "/"
         if path == "/metrics" and request.method == "GET":
             return await self._metrics(request)
         # Routing reads the prompt only for requests the replica will accept the key of; others go to the

@@ -95,7 +95,11 @@ def serve_on_local_ray(args: argparse.Namespace, flags: list[str]) -> int:
         )
         stop.wait()
     finally:
-        serve.shutdown()
+        # Bounded: where the signal reached Ray's own processes too (Ctrl-C goes to the whole process group),
+        # Serve cannot answer any more and its shutdown would wait for ever.
+        stopper = threading.Thread(target=serve.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(timeout=args.graceful_timeout + 10)
         ray.shutdown()
     return 0
 

@@ -38,6 +38,7 @@ SOURCES = [
         "torch_bindings.cpp",
         "cpu_features.cpp",
         "blocked_linear.cpp",
+        "bf16_pair_linear.cpp",
         "rms_norm.cpp",
         "activation.cpp",
         "rotary_cache.cpp",

@@ -6,9 +6,11 @@ float32, so a bfloat16 model decoded no faster than a float32 one. Two layouts, 
 number of rows:
 
 - **blocked** (``csrc/blocked_linear.cpp``, where the CPU kernels build): ``[N / 64, K, 64]``, streamed by
-  an AVX-512 kernel that widens bfloat16 in registers, at memory speed for both dtypes. Larger float32
-  batches (long prompts) multiply the same blocks with ``torch.matmul``, within ~15% of oneDNN, so float32
-  keeps one copy of its weights.
+  an AVX-512 kernel at memory speed for both dtypes; bfloat16 where the CPU has AVX512_BF16 in input pairs,
+  ``[N / 64, K / 2, 64, 2]``, multiplied as stored by ``vdpbf16ps`` (``csrc/bf16_pair_linear.cpp``), else
+  widened in registers. Larger float32 batches (long prompts) copy the plain weight out of its blocks per
+  call and run MKL's GEMM on it (a 7,000-token prompt: 160 ms a layer against 217 for ``torch.matmul``
+  over the blocks; the copy is a few MB), so float32 keeps one copy of its weights.
 - **oneDNN packed** (``torch.ops.mkldnn``, weights reordered ahead of time as vLLM's CPU backend and
   inductor's freezing do): bfloat16 batches of more rows than the blocked kernel handles well run on the
   CPU's bf16 matrix units. bfloat16 therefore keeps both layouts, the bytes of one float32 copy. Without
@@ -35,6 +37,8 @@ from clex_serve.layers.replace import replace_modules
 BLOCK = 64  # outputs per block of the blocked layout (the kernel's four AVX-512 vectors)
 # Most rows per call that go through the blocked kernel, per dtype (measured crossovers, above).
 BLOCKED_MAX_ROWS = {torch.float32: 256, torch.bfloat16: 6}
+# bfloat16 weights in input pairs for vdpbf16ps where the CPU has AVX512_BF16 (else the widening layout).
+BF16_PAIRS = True
 # The row count oneDNN tunes its packed layout for; any count runs, this is a common decode batch.
 _ONEDNN_ROWS_HINT = 16
 
@@ -50,12 +54,10 @@ def to_blocked(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, BLOCK, cols).transpose(1, 2).contiguous()
 
 
-def blocked_matmul(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None, out_features: int):
-    """x [M, K] times the blocked weight with torch's batched matmul (one block per batch) -> [M, N]."""
-    out = torch.matmul(x, blocked).transpose(0, 1).reshape(x.shape[0], -1)  # [M, blocks * 64]
-    if bias is not None:
-        out = out + bias
-    return out[:, :out_features]
+def unblocked(blocked: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The plain [N, K] weight of a float32 blocked one, copied out (a few MB: a long prompt's GEMM over it
+    takes a hundred times as long)."""
+    return blocked.transpose(1, 2).reshape(-1, blocked.shape[1])[:out_features]
 
 
 class CpuLinear(nn.Module):
@@ -68,7 +70,10 @@ class CpuLinear(nn.Module):
         weight = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = linear.bias
-        self.blocked_weight: torch.Tensor | None = to_blocked(weight) if blocked else None
+        self.blocked_weight: torch.Tensor | None = None
+        if blocked:
+            pairs = weight.dtype == torch.bfloat16 and BF16_PAIRS and cpu_ops.bf16_dot_supported()
+            self.blocked_weight = to_pairs(weight) if pairs else to_blocked(weight)
         self.blocked_bias: torch.Tensor | None = None
         if blocked and linear.bias is not None:
             self.blocked_bias = to_blocked(linear.bias.detach()[:, None]).flatten()
@@ -89,8 +94,8 @@ class CpuLinear(nn.Module):
                 out = nn.functional.linear(rows, self.weight, self.bias)  # float32 single row: MKL's GEMV
             else:
                 out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
-        else:
-            out = blocked_matmul(rows, self.blocked_weight, self.blocked_bias, self.out_features)
+        else:  # float32 past the blocked kernel's rows: MKL's GEMM on the weight copied out of its blocks
+            out = nn.functional.linear(rows, unblocked(self.blocked_weight, self.out_features), self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
 
@@ -124,3 +129,11 @@ def replace_cpu_linear_layers(model: nn.Module, shared: set[int] = frozenset(), 
         return kind(module, blocked, onednn, keep_plain)
 
     return replace_modules(model, replacement)
+
+
+def to_pairs(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] bfloat16 -> [ceil(N / 64), ceil(K / 2), 64, 2]: the blocked layout with adjacent inputs side by
+    side, as ``vdpbf16ps`` takes them (``csrc/bf16_pair_linear.cpp``); padded with zero rows and a zero column."""
+    rows, cols = weight.shape
+    padded = nn.functional.pad(weight, (0, cols % 2, 0, -rows % BLOCK))
+    return padded.view(-1, BLOCK, (cols + 1) // 2, 2).transpose(1, 2).contiguous()

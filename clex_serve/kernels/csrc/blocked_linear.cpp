@@ -112,7 +112,9 @@ namespace clex_cpu {
 at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                           int64_t N) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "blocked_linear: x [M, K] contiguous");
-  TORCH_CHECK(w.dim() == 3 && w.size(1) == x.size(1) && w.size(2) == kBlock, "blocked_linear: w [N/64, K, 64]");
+  TORCH_CHECK(w.dim() == 3 || (w.dim() == 4 && w.size(2) == kBlock && w.size(3) == 2),
+              "blocked_linear: w [N/64, K, 64] or, bfloat16 in pairs, [N/64, ceil(K/2), 64, 2]");
+  TORCH_CHECK(w.dim() == 4 || w.size(1) == x.size(1), "blocked_linear: w [N/64, K, 64] with x's K");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "blocked_linear: x and w of one dtype");
   TORCH_CHECK(N > (w.size(0) - 1) * kBlock && N <= w.size(0) * kBlock, "blocked_linear: N does not match w");
   const at::Tensor* b = nullptr;
@@ -123,6 +125,7 @@ at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& w, const std::o
     bias_contiguous = bias->contiguous();
     b = &bias_contiguous;
   }
+  if (w.dim() == 4) return bf16_pair_linear(x, w, b, N);  // bf16_pair_linear.cpp
   at::Tensor y = at::empty({x.size(0), N}, x.options());
   if (x.scalar_type() == at::kFloat) {
     blocked_linear_impl<float>(x, w, b, y, N);

@@ -15,6 +15,9 @@ bool cpu_supported();
 // blocked_linear.cpp
 at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t N);
 
+// bf16_pair_linear.cpp (blocked_linear's path for bfloat16 weights in pairs; needs AVX512_BF16)
+at::Tensor bf16_pair_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, int64_t N);
+
 // rms_norm.cpp
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                             const at::Tensor& weight, double eps);

@@ -1,0 +1,79 @@
+"""bfloat16 linear layers on vdpbf16ps (csrc/bf16_pair_linear.cpp): weights in input pairs give PyTorch's
+bfloat16 linear within one rounding of the output, for odd input sizes (a zero column padded), partial
+blocks, every row count the kernel takes, with and without bias, the same bits on any number of threads;
+CpuLinear lays bfloat16 out in pairs exactly where the CPU has AVX512_BF16."""
+
+import pytest
+import torch
+from torch import nn
+
+from clex_serve.kernels import cpu_ops
+from clex_serve.kernels.cpu_extension import cpu_kernels_available
+from clex_serve.kernels.cpu_linear import replace_cpu_linear_layers, to_blocked, to_pairs
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernels_available() or not cpu_ops.bf16_dot_supported(), reason="no AVX512_BF16 kernels here"
+)
+
+
+@pytest.mark.parametrize(("outputs", "inputs"), [(1000, 1408), (130, 65), (40, 7)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_pairs_give_pytorchs_bf16_linear_within_one_rounding(outputs, inputs, with_bias):
+    torch.manual_seed(outputs + inputs)
+    weight = torch.randn(outputs, inputs, dtype=torch.bfloat16)
+    bias = torch.randn(outputs, dtype=torch.bfloat16) if with_bias else None
+    padded_bias = to_blocked(bias[:, None]).flatten() if with_bias else None
+    for rows in range(1, 9):
+        x = torch.randn(rows, inputs, dtype=torch.bfloat16)
+        out = cpu_ops.blocked_linear(x, to_pairs(weight), padded_bias, outputs)
+        exact = nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
+        # float32 sums of exact products, one rounding to bfloat16 (2^-8 relative) at the store.
+        torch.testing.assert_close(out.double(), exact, atol=inputs**0.5 * 2e-3, rtol=2**-8)
+        reference = nn.functional.linear(x, weight, bias)  # PyTorch's bfloat16 linear
+        torch.testing.assert_close(out.float(), reference.float(), atol=2e-2 * inputs**0.5, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("inputs", [1408, 65])
+def test_more_than_two_rows_give_the_blocked_kernels_bits(inputs):
+    # Past two rows the pairs are multiplied with float32 FMAs in the blocked kernel's order.
+    torch.manual_seed(3)
+    weight, bias = torch.randn(200, inputs, dtype=torch.bfloat16), torch.randn(200, dtype=torch.bfloat16)
+    padded_bias = to_blocked(bias[:, None]).flatten()
+    for rows in (3, 6, 7, 20):
+        x = torch.randn(rows, inputs, dtype=torch.bfloat16)
+        pairs = cpu_ops.blocked_linear(x, to_pairs(weight), padded_bias, 200)
+        assert torch.equal(pairs, cpu_ops.blocked_linear(x, to_blocked(weight), padded_bias, 200))
+
+
+def test_pairs_give_the_same_bits_on_any_number_of_threads():
+    torch.manual_seed(0)
+    weight = torch.randn(100, 255, dtype=torch.bfloat16)  # 2 blocks, one partial; odd K
+    pairs = to_pairs(weight)
+    threads = torch.get_num_threads()
+    try:
+        for rows in (1, 7, 13):
+            x = torch.randn(rows, 255, dtype=torch.bfloat16)
+            results = []
+            for count in (1, 3):
+                torch.set_num_threads(count)
+                results.append(cpu_ops.blocked_linear(x, pairs, None, 100))
+            assert torch.equal(results[0], results[1])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_pair_layout_refuses_float32_inputs():
+    pairs = to_pairs(torch.randn(64, 32, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="one dtype"):
+        cpu_ops.blocked_linear(torch.randn(1, 32), pairs, None, 64)
+
+
+def test_cpu_linear_lays_bf16_out_in_pairs_and_float32_in_blocks():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(64, 96), nn.Linear(64, 96).to(torch.bfloat16))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    expected = model[1](x)
+    replace_cpu_linear_layers(model, blocked=True)
+    assert model[0].blocked_weight.shape == (2, 64, 64)
+    assert model[1].blocked_weight.shape == (2, 32, 64, 2)
+    torch.testing.assert_close(model[1](x).float(), expected.float(), atol=2e-2, rtol=1.6e-2)

@@ -18,6 +18,7 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from clex_serve.attention import segments
 from clex_serve.attention.backend import AttentionBackend
@@ -53,6 +54,23 @@ def cpu_rotate_and_write(
     )
 
 
+def whole_prompt_in_one_run(
+    q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor, run: tuple[int, int]
+) -> torch.Tensor:
+    """A whole prompt's queries q [L, Hq, D] over its own keys, the one run ``[start, end)`` of the pool, read in
+    place -> [L, Hq, D]. PyTorch's fused CPU kernel with ``is_causal`` reads K/V once per query tile and skips
+    the tiles above the diagonal: a 7,000-token prompt's attention per layer took 205 ms instead of 473 with an
+    explicit mask in float32, 74 instead of 200 in bfloat16 (8 heads of 64, two threads). Grouped-query heads
+    read their shared K/V head (``enable_gqa``), not a copy repeated per query head."""
+    start, end = run
+    keys = flat_k[start:end].unsqueeze(0).transpose(1, 2)  # a view: [1, Hkv, L, D]
+    values = flat_v[start:end].unsqueeze(0).transpose(1, 2)
+    queries = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
+    grouped = q.shape[1] != flat_k.shape[1]
+    out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, enable_gqa=grouped)
+    return out[0].transpose(0, 1)
+
+
 @dataclass
 class DecodeRuns:
     """Every decode of a step as one C++ decode attention call takes them."""
@@ -70,8 +88,8 @@ class RunPlan:
     # already there), a prompt chunk what was cached before it.
     runs: list[list[tuple[int, int]]]
     # Prompt chunks whose cached context and own slots are one run: that run and the end-aligned causal mask
-    # of their one fused call.
-    one_run: dict[int, tuple[tuple[int, int], torch.Tensor]]
+    # of their one fused call (None for a whole prompt: causal from the start).
+    one_run: dict[int, tuple[tuple[int, int], torch.Tensor | None]]
     decodes: DecodeRuns | None  # with the C++ kernels, where the step has decodes
 
     def every_sequence_decodes(self) -> bool:
@@ -104,12 +122,15 @@ class CpuAttentionBackend(AttentionBackend):
         ]
         # A prompt chunk whose cached context and own slots are one run: one fused call with an end-aligned
         # causal mask (built here once for all layers) instead of two calls and a merge.
+        # A whole prompt (nothing cached before it) needs no mask: its causal mask is the start-aligned one
+        # the fused kernel applies itself, skipping the tiles above the diagonal (None below).
         one_run = {}
         for index, (new, context) in enumerate(zip(meta.query_lens, meta.context_lens_host)):
             if new > 1:
                 whole = slot_runs(index, context)
                 if len(whole) == 1:
-                    one_run[index] = (whole[0], segments.causal_mask_at_end(new, context, meta.cos.dtype))
+                    mask = None if new == context else segments.causal_mask_at_end(new, context, meta.cos.dtype)
+                    one_run[index] = (whole[0], mask)
         decodes = None
         rows = [index for index, new in enumerate(meta.query_lens) if new == 1]
         if self.kernels and rows:  # every decode of the step in one kernel call per layer: their runs as one tensor
@@ -164,6 +185,8 @@ class CpuAttentionBackend(AttentionBackend):
         """Sequence ``index``'s prompt chunk over its cached runs and its own keys."""
         if index in plan.one_run:
             run, mask = plan.one_run[index]
+            if mask is None:
+                return whole_prompt_in_one_run(q, flat_k, flat_v, run)
             group = q.shape[1] // flat_k.shape[1]
             if mask.shape[0] != group * q.shape[0]:  # grouped-query heads: rows per query head, once a step
                 mask = mask.repeat(group, 1)

@@ -78,3 +78,56 @@ def test_the_constraint_is_a_structural_tag_over_the_tools(choice):
     assert all(begin.startswith('<tool_call>\n{"name": ') for begin in begins)
     assert len(begins) == (1 if choice == "add" else 2)
     assert tag["type"] == ("triggered_tags" if choice == "auto" else "tags_with_separator")
+
+
+TOOL_TEMPLATE = (
+    "{% for tool in tools %}[tool {{ tool.function.name }}]{% endfor %}"
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+    "{% for call in m.tool_calls or [] %}[call {{ call.function.name }} {{ call.function.arguments.city }}]{% endfor %}"
+    "{% endfor %}"
+)
+
+
+def _conversation(template):
+    from clex_serve.api.chat_tools import ChatTools
+    from clex_serve.api.protocol import ChatCompletionRequest
+
+    body = ChatCompletionRequest.model_validate(
+        {
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "call_1", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            ],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+        }
+    )
+    return ChatTools.of(body, HermesToolParser()).conversation(body.messages, template)
+
+
+def test_a_template_that_handles_tools_gets_them_and_the_history_in_transformers_shape():
+    from jinja2 import Template
+
+    messages, tools = _conversation(TOOL_TEMPLATE)
+    assert tools == [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}  # an object, as templates expect
+    assert messages[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+    rendered = Template(TOOL_TEMPLATE).render(messages=messages, tools=tools)
+    assert "[tool get_weather]" in rendered and "[call get_weather Paris]" in rendered and "<tool>sunny" in rendered
+
+
+def test_a_template_without_tools_gets_the_conversation_in_the_parsers_format():
+    from clex_serve.text.chat_template import VICUNA_TEMPLATE
+
+    messages, tools = _conversation(VICUNA_TEMPLATE)
+    assert tools is None and [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert "<tools>" in messages[0]["content"] and "get_weather" in messages[0]["content"]
+    assert (
+        messages[2]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    )
+    assert messages[3]["content"] == "<tool_response>\nsunny\n</tool_response>"

@@ -15,8 +15,10 @@ from clex_serve.engine.core.sequence import Sequence
 
 
 class TokenMasks:
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size
+        # pinned for a GPU, so that the copy to it does not wait for the host
+        self.pin = torch.device(device).type == "cuda"
         self._bitmask: torch.Tensor | None = None  # reused across steps; grows to the largest batch seen
 
     def apply(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -36,8 +38,7 @@ class TokenMasks:
 
     def _bitmask_for(self, batch: int, xgrammar) -> torch.Tensor:
         if self._bitmask is None or self._bitmask.shape[0] < batch:
-            # pinned where a GPU takes it, so that the copy does not wait for the host
             self._bitmask = xgrammar.allocate_token_bitmask(batch, self.vocab_size)
-            if torch.cuda.is_available():
+            if self.pin:
                 self._bitmask = self._bitmask.pin_memory()
         return self._bitmask

@@ -71,7 +71,8 @@ class CpuLlamaDecoderLayer(LlamaDecoderLayer):
         self.post_attention_layernorm = layer.post_attention_layernorm
         self.mlp = layer.mlp
         self.weights = weights
-        self.max_rows = self.self_attn.qkv_proj.max_blocked_rows
+        linears = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
+        self.max_rows = min(linear.max_blocked_rows for linear in linears)
 
     @classmethod
     def replacing(cls, layer: nn.Module) -> CpuLlamaDecoderLayer | None:

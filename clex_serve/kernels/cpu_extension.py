@@ -39,6 +39,7 @@ SOURCES = [
         "cpu_features.cpp",
         "blocked_linear.cpp",
         "bf16_pair_linear.cpp",
+        "amx_pair_linear.cpp",
         "rms_norm.cpp",
         "activation.cpp",
         "rotary_cache.cpp",

@@ -37,6 +37,8 @@ from clex_serve.layers.replace import replace_modules
 BLOCK = 64  # outputs per block of the blocked layout (the kernel's four AVX-512 vectors)
 # Most rows per call that go through the blocked kernel, per dtype (measured crossovers, above).
 BLOCKED_MAX_ROWS = {torch.float32: 256, torch.bfloat16: 6}
+# bfloat16 in pairs where the CPU has AMX: the kernel takes up to 16 rows (one tile's), past oneDNN's speed.
+AMX_MAX_ROWS = 16
 # bfloat16 weights in input pairs for vdpbf16ps where the CPU has AVX512_BF16 (else the widening layout).
 BF16_PAIRS = True
 # The row count oneDNN tunes its packed layout for; any count runs, this is a common decode batch.
@@ -83,6 +85,9 @@ class CpuLinear(nn.Module):
         # The plain copy, where nothing reads it, keeps a parameter of its dtype without its bytes.
         self.weight = linear.weight if keep_plain else nn.Parameter(weight.new_empty(0), requires_grad=False)
         self.max_blocked_rows = BLOCKED_MAX_ROWS[weight.dtype]
+        if self.blocked_weight is not None and self.blocked_weight.dim() == 4 and self.in_features % 32 == 0:
+            if cpu_ops.amx_bf16_supported():  # 3-16 rows on AMX tiles from the same layout
+                self.max_blocked_rows = AMX_MAX_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])

@@ -33,9 +33,30 @@ def test_pairs_give_pytorchs_bf16_linear_within_one_rounding(outputs, inputs, wi
         torch.testing.assert_close(out.float(), reference.float(), atol=2e-2 * inputs**0.5, rtol=1.6e-2)
 
 
-@pytest.mark.parametrize("inputs", [1408, 65])
+AMX = cpu_kernels_available() and cpu_ops.bf16_dot_supported() and cpu_ops.amx_bf16_supported()
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX bfloat16 tiles here")
+def test_three_to_sixteen_rows_on_amx_tiles_round_once_and_do_not_depend_on_each_other():
+    torch.manual_seed(4)
+    weight, bias = torch.randn(200, 1408, dtype=torch.bfloat16), torch.randn(200, dtype=torch.bfloat16)
+    pairs, padded_bias = to_pairs(weight), to_blocked(bias[:, None]).flatten()
+    x = torch.randn(16, 1408, dtype=torch.bfloat16)
+    full = cpu_ops.blocked_linear(x, pairs, padded_bias, 200)
+    exact = nn.functional.linear(x.double(), weight.double(), bias.double())
+    torch.testing.assert_close(full.double(), exact, atol=1408**0.5 * 2e-3, rtol=2**-8)
+    for rows in (3, 7, 15):
+        assert torch.equal(cpu_ops.blocked_linear(x[:rows], pairs, padded_bias, 200), full[:rows])
+    # AMX takes a CPU layer up to 16 rows through the blocked kernel (oneDNN past that).
+    model = nn.Sequential(nn.Linear(1408, 200).to(torch.bfloat16))
+    replace_cpu_linear_layers(model, blocked=True)
+    assert model[0].max_blocked_rows == 16
+
+
+@pytest.mark.parametrize("inputs", [1400, 65])
 def test_more_than_two_rows_give_the_blocked_kernels_bits(inputs):
-    # Past two rows the pairs are multiplied with float32 FMAs in the blocked kernel's order.
+    # Past two rows the pairs are multiplied with float32 FMAs in the blocked kernel's order, where AMX does
+    # not take them (input sizes not a multiple of 32, as here, or no tiles).
     torch.manual_seed(3)
     weight, bias = torch.randn(200, inputs, dtype=torch.bfloat16), torch.randn(200, dtype=torch.bfloat16)
     padded_bias = to_blocked(bias[:, None]).flatten()

@@ -39,7 +39,8 @@ constexpr int64_t kBlock = 64;
 constexpr int kVectors = kBlock / 16;
 constexpr int64_t kPrefetchPairs = 32;  // pairs of a block ahead that are prefetched (8 KB)
 constexpr int kMaxRows = 6;
-constexpr int kDotRows = 2;  // row groups up to this many use vdpbf16ps (measured crossover, docs/cpu.md)
+constexpr int kDotRows = 2;
+constexpr bool AMX_ROWS = true;  // 3-16 rows on AMX tiles where the CPU has them (amx_pair_linear.cpp)  // row groups up to this many use vdpbf16ps (measured crossover, docs/cpu.md)
 
 using clex_cpu::load16;
 using clex_cpu::store16;
@@ -120,6 +121,7 @@ at::Tensor bf16_pair_linear(const at::Tensor& x, const at::Tensor& w, const at::
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "blocked_linear: pairs are bfloat16");
   const int64_t M = x.size(0), K = x.size(1), blocks = w.size(0), pairs = w.size(1);
   TORCH_CHECK(pairs == (K + 1) / 2, "blocked_linear: w [N/64, ceil(K/2), 64, 2]");
+  if (AMX_ROWS && amx_pair_linear_fits(M, K)) return amx_pair_linear(x, w, bias, N);
   at::Tensor y = at::empty({M, N}, x.options());
   const auto* xp = x.data_ptr<c10::BFloat16>();
   // x in float32 once for the FMA path (groups of more than kDotRows rows), as the blocked kernel does.

@@ -18,6 +18,10 @@ at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& w, const std::o
 // bf16_pair_linear.cpp (blocked_linear's path for bfloat16 weights in pairs; needs AVX512_BF16)
 at::Tensor bf16_pair_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, int64_t N);
 
+// amx_pair_linear.cpp (bf16_pair_linear's path for 3-16 rows where the CPU has AMX)
+bool amx_pair_linear_fits(int64_t M, int64_t K);
+at::Tensor amx_pair_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, int64_t N);
+
 // rms_norm.cpp
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                             const at::Tensor& weight, double eps);

@@ -167,7 +167,15 @@ class OpenAIIngress:
             return replica_id, text.decode()
 
         scraped = [s for s in await asyncio.gather(*(scrape(r) for r in replicas)) if s is not None]
-        return Response(merge_metrics(scraped), media_type="text/plain; version=0.0.4; charset=utf-8")
+        text = merge_metrics(scraped)
+        decisions = getattr(router, "decisions", None)
+        if decisions:  # how the router placed requests: prefix affinity against its fallbacks
+            text += "# HELP clex_serve_router_decisions_total Requests routed, by the rule that placed them\n"
+            text += "# TYPE clex_serve_router_decisions_total counter\n"
+            text += "".join(
+                f'clex_serve_router_decisions_total{{decision="{name}"}} {count}\n' for name, count in decisions.items()
+            )
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def _unavailable(error: Exception) -> Response:

@@ -39,7 +39,7 @@ _ROUTER_PATH = f"{ClexScaleAwareRouter.__module__}.{ClexScaleAwareRouter.__name_
 ROUTERS = {
     "clex": (_ROUTER_PATH, {}),
     "text": (_ROUTER_PATH, {"key_on_scale": False}),
-    "ray": (None, {}),
+    "ray": ("clex_serve.deploy.ray_default_router.RayDefaultRouter", {}),
 }
 
 
@@ -96,9 +96,11 @@ def _application(
 ) -> serve.Application:
     queued = parsed.max_queued_requests
     router_class, router_kwargs = ROUTERS[router]
-    router_config = {"request_routing_stats_period_s": float(app_args.get("routing_stats_period_s", 1.0))}
-    if router_class is not None:
-        router_config.update(request_router_class=router_class, request_router_kwargs=router_kwargs)
+    router_config = {
+        "request_routing_stats_period_s": float(app_args.get("routing_stats_period_s", 1.0)),
+        "request_router_class": router_class,
+        "request_router_kwargs": router_kwargs,
+    }
     engine = serve.deployment(
         EngineReplica,
         name="EngineReplica",

@@ -30,6 +30,14 @@ def forwarded_request(pending_request: PendingRequest | None) -> ForwardedReques
     return next((arg for arg in pending_request.args if isinstance(arg, ForwardedRequest)), None)
 
 
+def pinned_replicas(candidates: list[RunningReplica], forwarded: ForwardedRequest | None) -> list[RunningReplica]:
+    """The replica a request is pinned to (the ingress's scrape of each replica's /metrics, or a client's
+    ``x-clex-replica`` header), where it is still there."""
+    if forwarded is None or forwarded.pinned_replica is None:
+        return []
+    return [r for r in candidates if r.replica_id.unique_id == forwarded.pinned_replica]
+
+
 def is_imbalanced(loads: list[float], abs_threshold: float, rel_threshold: float) -> bool:
     """SGLang's rule: the busiest replica has more than ``abs_threshold`` requests above the idlest, and more
     than ``rel_threshold`` times as many."""
@@ -44,7 +52,7 @@ class ClexScaleAwareRouter(FIFOMixin, RequestRouter):
         self,
         key_on_scale: bool = True,
         match_rate_threshold: float = 0.1,
-        imbalance_abs_threshold: float = 4,
+        imbalance_abs_threshold: float = 8,
         imbalance_rel_threshold: float = 1.5,
         max_blocks_per_replica: int = 65536,
         **_: Any,
@@ -85,11 +93,10 @@ class ClexScaleAwareRouter(FIFOMixin, RequestRouter):
         if not candidate_replicas:
             return []
         forwarded = forwarded_request(pending_request)
-        if forwarded is not None and forwarded.pinned_replica is not None:
-            pinned = [r for r in candidate_replicas if r.replica_id.unique_id == forwarded.pinned_replica]
-            if pinned:
-                self.decisions["pinned"] += 1
-                return [pinned]
+        pinned = pinned_replicas(candidate_replicas, forwarded)
+        if pinned:
+            self.decisions["pinned"] += 1
+            return [pinned]
         ranked = self._by_load(candidate_replicas)
         hint = forwarded.hint if forwarded is not None else None
         if hint is None or not hint.block_hashes:

@@ -7,7 +7,9 @@
    with a JSON schema against as many without, each writing ``--tokens`` tokens (the schema is an array long
    enough that none ends early, so that both batches stay full), prompts of 300 tokens (CLEX scale 2).
    Prints output tokens/s of each and the ratio (constrained / free).
-2. The grammar engines on the tests' 20 JSON schemas (tests/helpers/json_schemas.py), for that tokenizer:
+2. A 200-field schema compiled while 8 free streams decode: its compile time, and the streams' largest gap
+   between tokens against their gaps without it (compiling runs off the engine thread).
+3. The grammar engines on the tests' 20 JSON schemas (tests/helpers/json_schemas.py), for that tokenizer:
    compile time cold and cached, and the time to fill one row's token mask along a valid output, for
    xgrammar (the engine's backend) and llguidance (``pip install -e '.[bench]'``; skipped when missing).
 """
@@ -80,6 +82,69 @@ def measure_throughput(model: Path, args) -> None:
     print(f"  without a schema: {plain:8.1f} output tokens/s")
     print(f"  with a JSON schema: {masked:6.1f} output tokens/s")
     print(f"  ratio (with / without): {masked / plain:.3f}")
+
+
+def heavy_schema(fields: int) -> dict:
+    """An object of ``fields`` required objects of eight typed fields each: a schema that takes a while."""
+    inner = {
+        "type": "object",
+        "properties": {f"x{j}": {"type": ["string", "integer", "null"]} for j in range(8)},
+        "required": [f"x{j}" for j in range(8)],
+    }
+    properties = {f"field_{i}": inner for i in range(fields)}
+    return {"type": "object", "properties": properties, "required": list(properties)}
+
+
+def measure_compile_stall(model: Path, args) -> None:
+    """The largest gap between two tokens of running streams while another request's slow schema compiles,
+    against the gaps without it: compiling happens where requests are checked, off the engine thread."""
+    import asyncio
+
+    from clex_serve.engine.async_engine import AsyncLLMEngine
+    from clex_serve.engine.engine_config import EngineConfig
+    from clex_serve.engine.llm_engine import LLMEngine
+    from clex_serve.sampling_params import RequestOutputKind
+
+    engine = AsyncLLMEngine(
+        LLMEngine(EngineConfig(model=str(model), dtype=args.dtype, device="cpu", show_progress=False))
+    )
+    free = SamplingParams(max_tokens=96, temperature=0, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    schema = heavy_schema(200)
+
+    async def stream(index: int, gaps: list[float]) -> None:
+        last = None
+        async for _ in engine.generate({"prompt_token_ids": [3 + index] * 32}, free):
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+
+    async def run(with_schema: bool) -> tuple[list[float], float]:
+        gaps: list[float] = []
+        streams = [asyncio.ensure_future(stream(i, gaps)) for i in range(8)]
+        compile_time = 0.0
+        if with_schema:
+            await asyncio.sleep(0.3)  # the streams are decoding
+            spec = SamplingParams(max_tokens=1, structured_outputs=StructuredOutputsParams(json=schema))
+            started = time.perf_counter()
+            await engine.compile_grammar(spec)
+            compile_time = time.perf_counter() - started
+        await asyncio.gather(*streams)
+        return gaps, compile_time
+
+    async def both():
+        await run(False)  # warm-up
+        plain, _ = await run(False)
+        stalled, compile_time = await run(True)
+        return plain, stalled, compile_time
+
+    plain, stalled, compile_time = asyncio.run(both())
+    engine.shutdown()
+    print(f"\na {len(schema['properties'])}-field schema compiled while 8 streams decoded ({args.dtype})")
+    print(f"  compile time: {compile_time * 1e3:.0f} ms")
+    for label, gaps in (("without it", plain), ("with it   ", stalled)):
+        median, largest = statistics.median(gaps) * 1e3, max(gaps) * 1e3
+        print(f"  inter-token gap {label}: median {median:.1f} ms, max {largest:.1f} ms")
 
 
 def valid_walk(fill, accept, is_done, vocab: int, max_tokens: int, rng: random.Random) -> list[float]:
@@ -189,6 +254,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         model = build_model(Path(folder))
         measure_throughput(model, args)
+        measure_compile_stall(model, args)
         if not args.skip_backends:
             measure_backends(model)
 

@@ -44,6 +44,9 @@ class SequenceStep:
     scale: int | None = None
     # ``block_table`` as [first_block, count] runs, as the block manager keeps them (None: found here).
     block_runs: list[list[int]] | None = None
+    # Run each token as a decode of its own (verifying drafts): token j attends the cache up to itself, at
+    # the length it makes, and every token's logits come back (``StepResult.row_logits``).
+    decode_rows: bool = False
 
     @property
     def total_len(self) -> int:
@@ -71,6 +74,8 @@ class StepResult:
     # Kept as hidden states because [tokens, vocab] logits of a long prompt do not fit in memory at once.
     all_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     compute_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # index -> [new tokens, vocab] float32 logits of every token, for sequences run as ``decode_rows``.
+    row_logits: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def all_logits(self) -> dict[int, torch.Tensor]:
@@ -201,6 +206,8 @@ class ModelRunner:
                 "every SequenceStep needs its scale (the scheduler's plan, or "
                 "rope.scale_for_length(step.rotary_len) for direct use)"
             )
+        if any(step.decode_rows for step in steps):
+            return self._execute_decode_rows(steps)
         scales = [step.scale for step in steps]
         if self.rope.cache_follows_scale:
             rerotate_all(
@@ -226,6 +233,39 @@ class ModelRunner:
             if step.all_logits:
                 all_hidden[index] = hidden[starts[index] : starts[index + 1]]
         return StepResult(last_logits, all_hidden, self.model.compute_logits)
+
+    def _execute_decode_rows(self, steps: list[SequenceStep]) -> StepResult:
+        """Steps with ``decode_rows`` as one decode per token: a verify chunk of drafts is then the step a
+        decode batch is (the CPU's fused decode layers, CUDA graphs) instead of a prompt chunk. All rows'
+        keys are written before any row attends, so row j sees the tokens before it; only the first row
+        re-rotates the cache, the others find it at their scale already."""
+        rows: list[SequenceStep] = []
+        spans = []
+        for step in steps:
+            first = len(rows)
+            if not step.decode_rows:
+                rows.append(step)
+            for offset, token in enumerate(step.token_ids if step.decode_rows else ()):
+                rows.append(
+                    SequenceStep(
+                        [token],
+                        step.num_cached + offset,
+                        step.block_table,
+                        step.cache_scale if offset == 0 else step.scale,
+                        scale=step.scale,
+                        block_runs=step.block_runs,
+                    )
+                )
+            spans.append((first, len(rows)))
+        result = self.execute(rows)
+        logits = result.last_logits  # one row per row: each ran as a sequence of its own
+        last_rows = torch.tensor([end - 1 for _, end in spans], device=logits.device)
+        return StepResult(
+            logits[last_rows],
+            {index: result.all_hidden[first] for index, (first, _) in enumerate(spans) if first in result.all_hidden},
+            result.compute_logits,
+            {index: logits[first:end] for index, (first, end) in enumerate(spans) if steps[index].decode_rows},
+        )
 
     def _run_decode_graph(self, steps: list[SequenceStep], scales: list[int]) -> torch.Tensor:
         for step in steps:

@@ -52,11 +52,10 @@ class Worker:
         output = RunnerOutput()
         for row, hidden in result.all_hidden.items():
             chunk = chunks[row]
-            if chunk.draft_token_ids:  # a verify chunk: its drafts' rows pick its tokens
-                logits = self.runner.model.compute_logits(hidden).float()
-                output.sampled[chunk.seq.seq_id] = self.verifier.verify(logits, chunk.seq, chunk.draft_token_ids)
-            else:
-                output.prompt_logprobs[chunk.seq.seq_id] = self._prompt_logprobs(chunk, hidden)
+            output.prompt_logprobs[chunk.seq.seq_id] = self._prompt_logprobs(chunk, hidden)
+        for row, logits in result.row_logits.items():  # verify chunks: their rows' logits pick their tokens
+            chunk = chunks[row]
+            output.sampled[chunk.seq.seq_id] = self.verifier.verify(logits, chunk.seq, chunk.draft_token_ids)
         rows = [row for row, chunk in enumerate(chunks) if chunk.samples and not chunk.draft_token_ids]
         if rows:
             logits = result.last_logits
@@ -92,9 +91,10 @@ class Worker:
             block_runs=seq.block_runs,
             cache_scale=chunk.rescale_from or chunk.scale,
             scale=chunk.scale,
-            all_logits=self.wants_prompt_logprobs(chunk) or bool(chunk.draft_token_ids),
+            all_logits=self.wants_prompt_logprobs(chunk),
             scale_len=chunk.scale_len,
             per_token_scale=chunk.per_token_scale,
+            decode_rows=bool(chunk.draft_token_ids),
         )
 
     def _prompt_logprobs(self, chunk: ScheduledChunk, hidden: torch.Tensor) -> list[dict[int, Logprob]]:

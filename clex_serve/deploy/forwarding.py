@@ -10,10 +10,13 @@ the app's ``http.disconnect``, which aborts the request in the engine as it does
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from clex_serve.deploy.routing_hint import RoutingHint
+
+logger = logging.getLogger("clex_serve.deploy")
 
 # Every response names the replica that served it.
 REPLICA_HEADER = "x-clex-replica"
@@ -77,7 +80,7 @@ async def call_app(app, request: ForwardedRequest, replica_id: str) -> AsyncIter
 
     task = asyncio.ensure_future(app(_scope(request), receive, send))
     task.add_done_callback(lambda _: queue.put_nowait(_DONE))
-    finished = False
+    finished = started = False
     try:
         while not finished:
             batch = [await queue.get()]
@@ -85,11 +88,15 @@ async def call_app(app, request: ForwardedRequest, replica_id: str) -> AsyncIter
                 batch.append(queue.get_nowait())
             finished = batch[-1] is _DONE
             messages = [message for message in batch if message is not _DONE]
+            started = started or any(message["type"] == "http.response.start" for message in messages)
             if messages:
                 yield messages
         error = task.exception()
         if error is not None:
-            raise error
+            if not started:
+                raise error
+            # Starlette re-raises what it has already answered with a 500: the response is complete.
+            logger.warning("request %s %s raised after its response: %r", request.method, request.path, error)
     finally:
         if not task.done():  # the caller went away: the app sees its client disconnect
             disconnected.set()

@@ -57,8 +57,8 @@ class ForwardedResponse(Response):
                     for message in messages:
                         await send(message)
                         ended = ended or (message["type"] == "http.response.body" and not message.get("more_body"))
-            except _REPLICA_GONE as error:
-                logger.warning("replica died mid-response: %s", type(error).__name__)
+            except Exception as error:  # noqa: BLE001 - the replica died (or failed) with the response under way
+                logger.warning("replica failed mid-response: %s", type(error).__name__)
                 if not ended:
                     body = b""
                     if event_stream:
@@ -118,7 +118,9 @@ class OpenAIIngress:
             return await self._metrics(request)
         # Routing reads the prompt only for requests the replica will accept the key of; others go to the
         # least loaded replica, which answers them (401, 400, ...) as the single server does.
-        hint = routing_hint(view, path, body) if self.prefix_caching and self._authorized(request) else None
+        hint = None
+        if self.prefix_caching and self._authorized(request) and path.endswith("completions"):
+            hint = await asyncio.to_thread(routing_hint, view, path, body)  # tokenizing: off the event loop
         forwarded = ForwardedRequest(
             request.method,
             path,
@@ -146,6 +148,9 @@ class OpenAIIngress:
             return _unavailable(error)
         except StopAsyncIteration:
             return APIError(502, "the replica returned no response", code="replica_failed").response()
+        except Exception as error:  # noqa: BLE001 - the replica failed before answering
+            logger.warning("replica failed before answering: %r", error)
+            return APIError(500, f"the replica failed: {type(error).__name__}", code="replica_failed").response()
         return ForwardedResponse(first, stream)
 
     async def _metrics(self, request: Request) -> Response:

@@ -35,12 +35,15 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from clex_serve.engine.core.block_manager import BlockManager
 from clex_serve.engine.core.sequence import Sequence, SequenceStatus
+from clex_serve.engine.core.step_plan import ScheduledChunk, SchedulerOutput
 from clex_serve.engine.core.verify_planning import add_drafts, take_verify_result
 from clex_serve.text.stop_checker import token_stop
+
+__all__ = ["ScheduledChunk", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
 
 
 @dataclass(frozen=True)
@@ -78,59 +81,6 @@ class SchedulerConfig:
             raise ValueError(
                 f"max_prefill_tokens_with_decodes must be at least 1, got {self.max_prefill_tokens_with_decodes}"
             )
-
-
-@dataclass
-class ScheduledChunk:
-    seq: Sequence
-    start: int  # the first position to compute (the tokens before it are cached)
-    end: int  # one past the last position to compute
-    scale_len: int | None  # the length whose scale (and log scale) every token uses; None: the chunk's end
-    per_token_scale: bool  # log scale per query from its own length (replaying decoded tokens)
-    is_prompt_pass: bool
-    samples: bool = False  # the chunk reaches the end of the sequence: its last logits pick the next token
-    scale: int = 1  # the rotary scale this chunk rotates with (set when the chunk is planned)
-    rescale_from: int | None = None  # the scale the cached keys carry, when they must be re-rotated first
-    # Speculative decoding: tokens drafted after the sequence's last one, computed in this chunk
-    # (``end`` counts them) and verified by its logits (``verify_planning``).
-    draft_token_ids: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.samples = self.end == len(self.seq)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.end - self.start
-
-    @property
-    def token_ids(self) -> list[int]:
-        """The tokens this chunk computes: the sequence's, then its drafts."""
-        return self.seq.token_ids[self.start : self.end] + self.draft_token_ids
-
-
-@dataclass
-class SchedulerOutput:
-    # One token for each running sequence that has all but its last token cached (its next token).
-    decodes: list[ScheduledChunk]
-    # Prompt and recompute chunks, in the budget the decodes left.
-    prefills: list[ScheduledChunk]
-    preempted: list[Sequence]
-    # (source, destination) KV blocks to copy before any re-rotation of this step: copy on write of
-    # prefix-shared blocks whose sequence changes scale. Their destinations are already reserved.
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
-
-    @property
-    def chunks(self) -> list[ScheduledChunk]:
-        """Everything the step runs, one chunk per sequence, decodes first."""
-        return self.decodes + self.prefills
-
-    @property
-    def num_decode_tokens(self) -> int:
-        return sum(chunk.num_tokens for chunk in self.decodes)
-
-    @property
-    def num_prefill_tokens(self) -> int:
-        return sum(chunk.num_tokens for chunk in self.prefills)
 
 
 class Scheduler:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from clex_serve.engine.core.block_manager import BlockManager
 
 if TYPE_CHECKING:
-    from clex_serve.engine.core.scheduler import ScheduledChunk
+    from clex_serve.engine.core.step_plan import ScheduledChunk
     from clex_serve.engine.spec_decode.drafter import Drafter
 
 

@@ -29,3 +29,27 @@ class SequenceGrammar:
     @property
     def is_terminated(self) -> bool:
         return self.matcher.is_terminated()
+
+    # ------------------------------------------------------------------ speculative decoding
+
+    def valid_prefix(self, token_ids: list[int]) -> int:
+        """How many of ``token_ids`` (a draft) the grammar accepts in order from here; the matcher is left
+        where it was."""
+        accepted = 0
+        for token_id in token_ids:
+            if self.matcher.is_terminated() or not self.matcher.accept_token(token_id):
+                break
+            accepted += 1
+        if accepted:
+            self.matcher.rollback(accepted)
+        return accepted
+
+    def fill_masks_along(self, bitmask, token_ids: list[int]) -> None:
+        """Rows ``0 .. len(token_ids)`` of ``bitmask``: the tokens allowed after each prefix of a draft the
+        grammar accepts whole (``valid_prefix``); the matcher is left where it was."""
+        for row, token_id in enumerate(token_ids):
+            self.matcher.fill_next_token_bitmask(bitmask, row)
+            self.matcher.accept_token(token_id)
+        self.matcher.fill_next_token_bitmask(bitmask, len(token_ids))
+        if token_ids:
+            self.matcher.rollback(len(token_ids))

@@ -36,6 +36,21 @@ class TokenMasks:
             bitmask = bitmask.to(logits.device, non_blocking=True)
         xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=rows)
 
+    def apply_along_draft(self, logits: torch.Tensor, seq: Sequence, draft_token_ids: list[int]) -> None:
+        """Mask the rows of a verify chunk in place: row ``j`` keeps what the grammar allows after the
+        sequence's tokens and the first ``j`` drafts (``logits`` [len(drafts) + 1, vocab])."""
+        if seq.grammar is None:
+            return
+        import xgrammar
+
+        rows = len(draft_token_ids) + 1
+        bitmask = self._bitmask_for(rows, xgrammar)
+        seq.grammar.fill_masks_along(bitmask, draft_token_ids)
+        bitmask = bitmask[:rows]
+        if logits.device.type != "cpu":
+            bitmask = bitmask.to(logits.device, non_blocking=True)
+        xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size)
+
     def _bitmask_for(self, batch: int, xgrammar) -> torch.Tensor:
         if self._bitmask is None or self._bitmask.shape[0] < batch:
             self._bitmask = xgrammar.allocate_token_bitmask(batch, self.vocab_size)

@@ -16,7 +16,7 @@ def run_cli(*args, stdin=None, env=None):
         input=stdin,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # a first load may build the C++ kernels: minutes on a slow machine
         env={**os.environ, **(env or {})},
     )
 

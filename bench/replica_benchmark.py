@@ -68,6 +68,7 @@ async def conversation(
     for turn in range(turns):
         messages.append({"role": "user", "content": question(rng, index, turn)})
         body = {"model": "clex-serve-demo", "messages": messages, "max_tokens": max_tokens, "stream": True}
+        body["temperature"] = 0  # the same answers, so the same histories, under every router
         sent, first, answer = time.perf_counter(), None, ""
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
             response.raise_for_status()
@@ -143,7 +144,7 @@ def main() -> int:
     parser.add_argument("--conversations", type=int, default=16)
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=24, help="answer length per turn")
-    parser.add_argument("--kv-cache-gib", type=float, default=0.04, help="KV cache of each replica")
+    parser.add_argument("--kv-cache-gib", type=float, default=0.1, help="KV cache of each replica")
     parser.add_argument("--rounds", type=int, default=1, help="run the three routers this many times, in turn")
     args = parser.parse_args()
 

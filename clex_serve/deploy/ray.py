@@ -31,7 +31,8 @@ APP_ARGS = {
     "router": "clex (default: prefix affinity at the prompt's CLEX scale), text (prefix affinity on tokens "
     "alone, for comparison) or ray (Ray's default, power of two choices)",
     "num_cpus_per_replica": "Ray CPUs per replica (default 1; also the engine's --threads on the CPU)",
-    "num_gpus_per_replica": "Ray GPUs per replica (default 1 where the cluster has GPUs, else 0)",
+    "num_gpus_per_replica": "Ray GPUs per replica (default 1 where the cluster, or for serve run this machine, "
+    "has GPUs, else 0)",
     "routing_stats_period_s": "how often replicas report their load and cache (default 1)",
 }
 # By import path: Ray imports the class in the ingress's process, where the ingress finds its instances.
@@ -61,9 +62,15 @@ def _flags(args: dict) -> list[str]:
 
 
 def _cluster_has_gpus() -> bool:
+    """The cluster's resources where Ray is up (``serve deploy`` builds on the cluster); else this machine's
+    (``serve run`` builds the application before it connects)."""
     import ray
 
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def build_app(args: dict) -> serve.Application:
@@ -78,7 +85,10 @@ def build_app(args: dict) -> serve.Application:
     args.setdefault("enable_prefix_caching", "true")  # what the router routes on
     num_cpus = float(app_args.get("num_cpus_per_replica", 1))
     gpus = app_args.get("num_gpus_per_replica")
-    num_gpus = float(gpus) if gpus is not None else (1.0 if _cluster_has_gpus() else 0.0)
+    if gpus is not None:
+        num_gpus = float(gpus)
+    else:
+        num_gpus = 0.0 if str(args.get("device", "auto")) == "cpu" else (1.0 if _cluster_has_gpus() else 0.0)
     if not num_gpus and "threads" not in args:
         args["threads"] = str(max(1, int(num_cpus)))
     flags = _flags(args)

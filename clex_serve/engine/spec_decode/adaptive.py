@@ -11,7 +11,7 @@ model and the device, so it is measured rather than guessed: for each batch size
 generated tokens per second of steps that verified drafts and of steps that did not are averaged, and a
 batch size whose verify steps are slower than its plain ones stops speculating. One step in ``EXPLORE_EVERY``
 takes the other choice, so that both rates stay measured (plain steps also come of themselves, whenever no
-sequence finds a draft).
+sequence finds a draft); until the plain rate is measured, one step in four is plain.
 """
 
 from __future__ import annotations
@@ -77,12 +77,11 @@ class StepThroughput:
         bucket = self._bucket(num_decodes)
         step = self._steps[bucket] = self._steps.get(bucket, 0) + 1
         plain, verify = self._rates.get((bucket, False)), self._rates.get((bucket, True))
-        pays = (
-            plain is None
-            or verify is None
-            or min(plain.samples, verify.samples) < MIN_SAMPLES
-            or verify.tokens_per_second >= MARGIN * plain.tokens_per_second
-        )
+        if verify is None or verify.samples < MIN_SAMPLES:
+            return True
+        if plain is None or plain.samples < MIN_SAMPLES:  # learn the plain rate soon: one step in four
+            return step % 4 != 0
+        pays = verify.tokens_per_second >= MARGIN * plain.tokens_per_second
         # Now and then the other choice, so that both rates stay measured as the load changes.
         return pays != (step % EXPLORE_EVERY == 0)
 

@@ -24,7 +24,7 @@ FIRST_PAUSE = 4
 MAX_PAUSE = 64
 RATE_DECAY = 0.8  # weight of the past in a batch size's tokens per second
 MIN_SAMPLES = 3  # steps of each kind before their rates are compared
-EXPLORE_EVERY = 32
+EXPLORE_EVERY = 64  # a plain step in a single stream that copies gives up some 3 tokens of 4
 MARGIN = 0.97  # verify steps must reach this share of plain steps' tokens per second to go on
 
 

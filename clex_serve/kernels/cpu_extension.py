@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -112,6 +113,7 @@ def _build() -> None:
         "compiling clex-serve's CPU kernels for this installation (once: 10 s to over a minute; cached in %s)",
         build_directory,
     )
+    _clear_stale_lock(build_directory / "lock")
     _put_ninja_on_path()
     cpp_extension.load(
         name=name,
@@ -122,6 +124,26 @@ def _build() -> None:
         is_python_module=False,
         verbose=False,
     )
+
+
+# A build that takes longer than this is not running any more: its process died holding torch's lock.
+STALE_LOCK_SECONDS = 20 * 60
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """torch waits without end on the lock file of a build; a build killed midway (a timeout, Ctrl-C)
+    leaves the file behind, and every later start would wait on it for ever. A lock older than any build
+    takes is removed; a younger one is waited on, as torch would, up to that age."""
+    while lock.exists():
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return  # the other build finished meanwhile
+        if age > STALE_LOCK_SECONDS:
+            logger.warning("removing the lock of a kernel build that died %.0f minutes ago: %s", age / 60, lock)
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(1.0)
 
 
 def _put_ninja_on_path() -> None:

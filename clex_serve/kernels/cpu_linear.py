@@ -21,7 +21,8 @@ one row in bfloat16 5.5 ms blocked against 7.6 oneDNN and 10.9 ``F.linear``; flo
 best of the others up to 64 rows, and against ``torch.matmul`` on the same blocks (the 8 layers' linears)
 takes 0.76-0.91 of its time at every count from 16 to 1,024 rows (31.5 against 35.7 ms at 84, a step of 16
 decodes and two chat prompts), so it takes float32 batches up to 256 rows: every mixed step, and short
-prompts alone; bfloat16 oneDNN overtakes blocked from 7-8 rows (6.6 against 7.3 ms at 8).
+prompts alone; bfloat16 oneDNN overtook the widening kernel from 7-8 rows (6.6 against 7.3 ms at 8),
+the AMX tiles on the pair layout (``csrc/amx_pair_linear.cpp``) take up to 16 rows faster than oneDNN.
 """
 
 from __future__ import annotations

@@ -26,10 +26,11 @@ def speculation_supported(params: SamplingParams) -> bool:
     """Whether a request's sampling can verify drafts exactly.
 
     Not with penalties: each drafted position would need the counts that include the drafts before it,
-    which the penalty tables (kept per sequence, not per position) do not hold. Not with structured
-    outputs yet: their grammar would have to advance over each draft and mask every verified row.
+    which the penalty tables (kept per sequence, not per position) do not hold. Structured outputs can: a
+    draft is cut where its grammar rejects it (``Drafter.propose``), and each verified row is masked with the
+    grammar after the drafts before it (``TokenMasks.apply_along_draft``).
     """
-    return params.structured_outputs is None and not params.has_penalties
+    return not params.has_penalties
 
 
 class Drafter:
@@ -58,7 +59,10 @@ class Drafter:
             return []
         if self.config.adaptive and not self._acceptance.setdefault(seq.seq_id, SequenceAcceptance()).wants_drafts():
             return []
-        return self.proposer.propose(seq.seq_id, seq.token_ids, max_tokens)
+        draft = self.proposer.propose(seq.seq_id, seq.token_ids, max_tokens)
+        if draft and seq.grammar is not None:  # a token the grammar forbids could never be kept
+            draft = draft[: seq.grammar.valid_prefix(draft)]
+        return draft
 
     def record(self, seq: Sequence, num_drafted: int, num_accepted: int) -> None:
         self.num_drafted_tokens += num_drafted

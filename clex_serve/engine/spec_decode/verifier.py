@@ -13,7 +13,10 @@ as plain sampling, and acceptance is the best possible for a draft of one token.
 uniform draw of the sequence's generator, as plain sampling does (the draws of rows after the first
 mismatch are given back), so a seeded request samples the same tokens with speculation as without.
 
-Penalties and structured outputs are not verified here: such sequences draft nothing (``drafter``).
+A sequence with structured outputs has each row masked by its grammar after the drafts before that row, as
+the sampler masks a plain row (last, after the logit bias); its drafts were cut where the grammar rejects
+them, so every row's grammar state exists. Penalties are not verified here: such sequences draft nothing
+(``drafter``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class DraftVerifier:
     def verify(self, logits: torch.Tensor, seq: Sequence, drafts: list[int]) -> list[SampledToken]:
         """``logits`` [len(drafts) + 1, vocab] float32, raw model output of the chunk's rows."""
         params = seq.params
-        chosen, states = self._choose(self._processed(logits, seq), seq)
+        chosen, states = self._choose(self._processed(logits, seq, drafts), seq)
         kept = 1
         while kept <= len(drafts) and chosen[kept - 1] == drafts[kept - 1]:
             kept += 1
@@ -48,11 +51,14 @@ class DraftVerifier:
             for row, token_id in enumerate(chosen[:kept])
         ]
 
-    def _processed(self, logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-        """Logit bias, and the stop tokens masked in rows still short of ``min_tokens``."""
+    def _processed(self, logits: torch.Tensor, seq: Sequence, drafts: list[int]) -> torch.Tensor:
+        """Logit bias, the stop tokens masked in rows still short of ``min_tokens``, the grammar's masks."""
         params = seq.params
-        held_back = max(0, min(params.min_tokens - seq.num_output_tokens, logits.shape[0]))
-        if not params.logit_bias and not held_back:
+        # A grammar decides where its output ends: min_tokens does not hold back the stop it allows.
+        held_back = (
+            0 if seq.grammar is not None else max(0, min(params.min_tokens - seq.num_output_tokens, logits.shape[0]))
+        )
+        if not params.logit_bias and not held_back and seq.grammar is None:
             return logits
         logits = logits.clone()
         if params.logit_bias:
@@ -61,6 +67,8 @@ class DraftVerifier:
         stops = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
         if held_back and stops:
             logits[:held_back, stops] = float("-inf")
+        if seq.grammar is not None:
+            self.sampler.token_masks.apply_along_draft(logits, seq, drafts)
         return logits
 
     def _generator(self, seq: Sequence) -> torch.Generator:

@@ -47,9 +47,13 @@ class SequenceGrammar:
     def fill_masks_along(self, bitmask, token_ids: list[int]) -> None:
         """Rows ``0 .. len(token_ids)`` of ``bitmask``: the tokens allowed after each prefix of a draft the
         grammar accepts whole (``valid_prefix``); the matcher is left where it was."""
-        for row, token_id in enumerate(token_ids):
+        for row in range(len(token_ids) + 1):
+            if self.matcher.is_terminated():
+                # After a draft's stop token the output has ended; the rows left are never kept.
+                bitmask[row : len(token_ids) + 1] = -1
+                break
             self.matcher.fill_next_token_bitmask(bitmask, row)
-            self.matcher.accept_token(token_id)
-        self.matcher.fill_next_token_bitmask(bitmask, len(token_ids))
+            if row < len(token_ids):
+                self.matcher.accept_token(token_ids[row])
         if token_ids:
             self.matcher.rollback(len(token_ids))

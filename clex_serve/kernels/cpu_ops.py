@@ -120,6 +120,12 @@ def llama_decode_layer(
     )
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """In place, in each of ``rows``: logits [B, V] float32 contiguous become -inf where the row's bit in
+    ``bitmask`` [>= B, ceil(V / 32)] int32 (xgrammar's layout) is clear."""
+    torch.ops.clex_cpu.apply_token_bitmask(logits, bitmask, rows)
+
+
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(dim=-1)`` of [B, V] float32 contiguous logits -> [B] int64 (ties and NaNs as torch)."""
     return torch.ops.clex_cpu.argmax_rows(logits)

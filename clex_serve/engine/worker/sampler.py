@@ -63,7 +63,7 @@ class Sampler:
         build for this device; decided here once)."""
         self.cpu_kernels = cpu_kernels_for(device, torch.float32) if cpu_kernels is None else cpu_kernels
         self.penalties = PenaltyState(vocab_size, device, self.cpu_kernels)
-        self.token_masks = TokenMasks(vocab_size, device)
+        self.token_masks = TokenMasks(vocab_size, device, self.cpu_kernels)
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def release(self, seq: Sequence) -> None:

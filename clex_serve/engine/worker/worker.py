@@ -48,6 +48,8 @@ class Worker:
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         chunks = plan.chunks
         self.runner.copy_blocks(plan.block_copies)
+        rows = [row for row, chunk in enumerate(chunks) if chunk.samples and not chunk.draft_token_ids]
+        self.sampler.token_masks.fill_ahead([chunks[row].seq for row in rows])  # beside the forward pass
         result = self.runner.execute([self._sequence_step(chunk) for chunk in chunks])
         output = RunnerOutput()
         for row, hidden in result.all_hidden.items():
@@ -56,7 +58,6 @@ class Worker:
         for row, logits in result.row_logits.items():  # verify chunks: their rows' logits pick their tokens
             chunk = chunks[row]
             output.sampled[chunk.seq.seq_id] = self.verifier.verify(logits, chunk.seq, chunk.draft_token_ids)
-        rows = [row for row, chunk in enumerate(chunks) if chunk.samples and not chunk.draft_token_ids]
         if rows:
             logits = result.last_logits
             if len(rows) < logits.shape[0]:  # a prompt chunk short of its end samples nothing

@@ -53,6 +53,7 @@ at::Tensor llama_decode_layer(const at::Tensor& hidden, const at::Tensor& input_
 
 // sampling.cpp
 at::Tensor argmax_rows(const at::Tensor& x);
+void apply_token_bitmask(at::Tensor logits, const at::Tensor& bitmask, at::IntArrayRef rows);
 at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& uniforms);
 
 // yardsticks.cpp (the benchmark's measures of the machine)

@@ -26,6 +26,7 @@ TORCH_LIBRARY(clex_cpu, m) {
   m.def("amx_bf16_supported() -> bool", &clex_cpu::amx_bf16_supported);
   m.def("amx_bf16_peak(int iterations) -> float", &clex_cpu::amx_bf16_peak);
   m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("apply_token_bitmask(Tensor(a!) logits, Tensor bitmask, int[] rows) -> ()");
   m.def("sample_rows(Tensor logits, Tensor temperatures, Tensor uniforms) -> Tensor");
   m.def("apply_penalties(Tensor(a!) logits, Tensor counts, Tensor in_prompt, Tensor picked, Tensor table_rows, "
         "Tensor repetition, Tensor frequency, Tensor presence) -> ()");
@@ -39,6 +40,7 @@ TORCH_LIBRARY_IMPL(clex_cpu, CPU, m) {
   m.impl("decode_attention", &clex_cpu::decode_attention);
   m.impl("llama_decode_layer", &clex_cpu::llama_decode_layer);
   m.impl("argmax_rows", &clex_cpu::argmax_rows);
+  m.impl("apply_token_bitmask", &clex_cpu::apply_token_bitmask);
   m.impl("sample_rows", &clex_cpu::sample_rows);
   m.impl("apply_penalties", &clex_cpu::apply_penalties);
 }

@@ -18,7 +18,6 @@ from clex_serve.api.serving import ServingContext
 from clex_serve.api.serving_chat import prepare_chat
 from clex_serve.engine.outputs import CompletionOutput
 
-
 _RESPONSES_NAMES = {"response_format": "text.format", "messages": "input", "max_tokens": "max_output_tokens"}
 
 

@@ -35,9 +35,7 @@ SCHEMAS = {
     },
     "array_of_enums": {
         "type": "object",
-        "properties": {
-            "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]}, "maxItems": 3}
-        },
+        "properties": {"tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]}, "maxItems": 3}},
         "required": ["tags"],
     },
     "array_min_items": {

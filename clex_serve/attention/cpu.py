@@ -71,6 +71,20 @@ def whole_prompt_in_one_run(
     return out[0].transpose(0, 1)
 
 
+def decode_row_groups(row_groups: list[int] | None, query_lens: list[int]) -> torch.Tensor | None:
+    """``AttentionMetadata.row_groups`` (sizes over the step's sequences) as offsets over its decodes, the
+    form ``cpu_ops.decode_attention`` takes; None when no group has more than one row."""
+    if row_groups is None or all(size == 1 for size in row_groups):
+        return None
+    bounds, decodes, sequence = [0], 0, 0
+    for size in row_groups:
+        decodes += sum(1 for new in query_lens[sequence : sequence + size] if new == 1)
+        if decodes != bounds[-1]:
+            bounds.append(decodes)
+        sequence += size
+    return torch.tensor(bounds, dtype=torch.long)
+
+
 @dataclass
 class DecodeRuns:
     """Every decode of a step as one C++ decode attention call takes them."""
@@ -78,6 +92,8 @@ class DecodeRuns:
     runs: torch.Tensor  # [R, 2] int64 slot ranges [start, end)
     offsets: torch.Tensor  # [D + 1] int64: decode d's runs are rows offsets[d]..offsets[d + 1]
     rows: list[int]  # which sequences of the step decode
+    # [G + 1] int64 offsets over the decodes: rows of one sequence attended together (None: each alone)
+    row_groups: torch.Tensor | None = None
 
 
 @dataclass
@@ -139,6 +155,7 @@ class CpuAttentionBackend(AttentionBackend):
                 torch.tensor([run for index in rows for run in runs[index]], dtype=torch.long),
                 torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.long),
                 rows,
+                decode_row_groups(meta.row_groups, meta.query_lens),
             )
         meta.backend_state[RUN_PLAN] = RunPlan(runs, one_run, decodes)
 
@@ -161,11 +178,12 @@ class CpuAttentionBackend(AttentionBackend):
         decodes = plan.decodes
         if decodes is not None and decode_kernel_fits(q.shape[-1], q.shape[1], flat_k.shape[1]):
             scale = q.shape[-1] ** -0.5
+            groups = decodes.row_groups
             if plan.every_sequence_decodes():  # one call for the step
-                return cpu_ops.decode_attention(q, flat_k, flat_v, decodes.runs, decodes.offsets, scale)
+                return cpu_ops.decode_attention(q, flat_k, flat_v, decodes.runs, decodes.offsets, scale, groups)
             out = torch.empty_like(q)
             rows = torch.tensor([starts[index] for index in decodes.rows])
-            out[rows] = cpu_ops.decode_attention(q[rows], flat_k, flat_v, decodes.runs, decodes.offsets, scale)
+            out[rows] = cpu_ops.decode_attention(q[rows], flat_k, flat_v, decodes.runs, decodes.offsets, scale, groups)
             for index, query_len in enumerate(meta.query_lens):
                 if query_len > 1:
                     start, end = starts[index], starts[index + 1]

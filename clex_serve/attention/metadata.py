@@ -58,6 +58,10 @@ class AttentionMetadata:
     # Each table as [first_block, count] runs where the block manager keeps them (None entries: not kept),
     # for backends that read the cache run by run.
     block_runs_host: list[list[list[int]] | None] | None = None
+    # Sequences run as rows of one sequence (a verify step's drafts, each a decode of its own): group sizes
+    # over the step's sequences in order (1 for a sequence alone), or None when every sequence is alone.
+    # Rows of a group are consecutive positions over the same cache; a backend may read it once for them.
+    row_groups: list[int] | None = None
     # What the backend's ``prepare`` works out once per step for every layer, under keys of its own.
     backend_state: dict[str, Any] = field(default_factory=dict)
     # The forward context: (K, V) cache views by layer index, and the backend that reads and writes them.

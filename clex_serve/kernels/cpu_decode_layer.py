@@ -104,4 +104,5 @@ class CpuLlamaDecoderLayer(LlamaDecoderLayer):
             flat_slots(v_cache),
             plan.decodes.runs,
             plan.decodes.offsets,
+            plan.decodes.row_groups,
         )

@@ -71,11 +71,14 @@ def decode_attention(
     runs: torch.Tensor,
     run_offsets: torch.Tensor,
     scale: float,
+    row_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per sequence, q [B, Hq, D], over its cached runs: ``runs`` [R, 2] int64 slot ranges
     [start, end) of the [slots, Hkv, D] cache views, sequence b's rows ``run_offsets[b]:run_offsets[b + 1]``
-    -> [B, Hq, D]."""
-    return torch.ops.clex_cpu.decode_attention(q, flat_k_cache, flat_v_cache, runs, run_offsets, scale)
+    -> [B, Hq, D]. ``row_groups`` [G + 1] int64 offsets: rows ``row_groups[g]:row_groups[g + 1]`` are
+    consecutive positions of one sequence (each row's runs a prefix of the next row's), attended together
+    so that their keys are read once; every row's result is the one it has alone."""
+    return torch.ops.clex_cpu.decode_attention(q, flat_k_cache, flat_v_cache, runs, run_offsets, scale, row_groups)
 
 
 class DecodeLayerWeights(NamedTuple):
@@ -111,12 +114,13 @@ def llama_decode_layer(
     flat_v_cache: torch.Tensor,
     runs: torch.Tensor,
     run_offsets: torch.Tensor,
+    row_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A Llama-family decoder layer's output for hidden [B, hidden] contiguous, one token per sequence: the
+    """A Llama-family decoder layer's output for hidden [B, hidden] contiguous, one token per row: the
     kernels of the layer-by-layer path in its order; the step's arguments as in ``rotate_and_cache`` and
     ``decode_attention``."""
     return torch.ops.clex_cpu.llama_decode_layer(
-        hidden, *weights, cos, sin, query_scale, slots, flat_k_cache, flat_v_cache, runs, run_offsets
+        hidden, *weights, cos, sin, query_scale, slots, flat_k_cache, flat_v_cache, runs, run_offsets, row_groups
     )
 
 

@@ -208,6 +208,9 @@ class ModelRunner:
             )
         if any(step.decode_rows for step in steps):
             return self._execute_decode_rows(steps)
+        return self._execute(steps)
+
+    def _execute(self, steps: list[SequenceStep], row_groups: list[int] | None = None) -> StepResult:
         scales = [step.scale for step in steps]
         if self.rope.cache_follows_scale:
             rerotate_all(
@@ -222,6 +225,7 @@ class ModelRunner:
         if graphs is not None and len(steps) <= graphs.max_batch_size and all(s.is_plain_decode for s in steps):
             return StepResult(self._run_decode_graph(steps, scales), {}, self.model.compute_logits)
         input_ids, meta = self._prepare(steps, scales)
+        meta.row_groups = row_groups
         self.backend.prepare(meta)
         hidden = self.model(input_ids, meta)
 
@@ -238,7 +242,8 @@ class ModelRunner:
         """Steps with ``decode_rows`` as one decode per token: a verify chunk of drafts is then the step a
         decode batch is (the CPU's fused decode layers, CUDA graphs) instead of a prompt chunk. All rows'
         keys are written before any row attends, so row j sees the tokens before it; only the first row
-        re-rotates the cache, the others find it at their scale already."""
+        re-rotates the cache, the others find it at their scale already. The rows of one step are told to
+        the backend as one group (``AttentionMetadata.row_groups``): the CPU's reads their keys once."""
         rows: list[SequenceStep] = []
         spans = []
         for step in steps:
@@ -257,7 +262,7 @@ class ModelRunner:
                     )
                 )
             spans.append((first, len(rows)))
-        result = self.execute(rows)
+        result = self._execute(rows, [end - first for first, end in spans])
         logits = result.last_logits  # one row per row: each ran as a sequence of its own
         last_rows = torch.tensor([end - 1 for _, end in spans], device=logits.device)
         return StepResult(

@@ -37,7 +37,8 @@ std::tuple<at::Tensor, at::Tensor> rotate_and_cache(const at::Tensor& q, const a
 
 // decode_attention.cpp
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& runs, const at::Tensor& run_offsets, double scale);
+                            const at::Tensor& runs, const at::Tensor& run_offsets, double scale,
+                            const std::optional<at::Tensor>& row_groups);
 
 // decoder_layer.cpp
 at::Tensor llama_decode_layer(const at::Tensor& hidden, const at::Tensor& input_norm, const at::Tensor& post_norm,
@@ -49,7 +50,7 @@ at::Tensor llama_decode_layer(const at::Tensor& hidden, const at::Tensor& input_
                               const at::Tensor& cos, const at::Tensor& sin,
                               const std::optional<at::Tensor>& query_scale, const at::Tensor& slots,
                               at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& runs,
-                              const at::Tensor& run_offsets);
+                              const at::Tensor& run_offsets, const std::optional<at::Tensor>& row_groups);
 
 // sampling.cpp
 at::Tensor argmax_rows(const at::Tensor& x);

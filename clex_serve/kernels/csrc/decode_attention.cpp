@@ -8,6 +8,13 @@
 // float32 or bfloat16 (widened in registers), and the cost is the context actually cached. One PyTorch
 // call per layer replaces one fused-attention call per sequence (and its views), which is what a step of
 // many short streams spends most of its attention time on.
+//
+// Rows of one sequence at consecutive positions (the drafts of a speculative verify step, each a decode of
+// its own) can be given as one group: each row's runs are then a prefix of the group's last row's runs, and
+// the group's queries are attended together, every query up to its own length, so K and V are read once
+// for the group instead of once per row. Each query's arithmetic is the one it has alone (the same tiles,
+// its keys past its length neither scored nor accumulated), so a grouped row equals the row by itself bit
+// for bit.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -20,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -83,10 +91,12 @@ AVX512 inline __m512 sum_each(const __m512* v) {
 }
 
 // Attention of `group` queries (float32, [group][dim], already multiplied by the softmax scale) over the
-// runs of one KV head: out [group][dim] float32.
+// runs of one KV head: out [group][dim] float32. Query g sees the first limits[g] keys of the runs (counted
+// along them; at least one).
 template <bool PAIRS, typename T>
 AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const T* k_base, const T* v_base,
-                        int64_t slot_stride, const int64_t* runs, int64_t num_runs, float* out) {
+                        int64_t slot_stride, const int64_t* runs, int64_t num_runs, const int64_t* limits,
+                        float* out) {
   const int64_t vectors = (dim + 15) / 16;
   __mmask16 masks[kMaxDim / 16];
   for (int64_t v = 0; v < vectors; ++v) {
@@ -105,16 +115,23 @@ AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const 
     }
   }
   float scores[kMaxGroup][kTile];
+  int64_t seen = 0;  // keys of the runs before this tile
   for (int64_t r = 0; r < num_runs; ++r) {
     for (int64_t tile = runs[2 * r]; tile < runs[2 * r + 1]; tile += kTile) {
       const int64_t n = std::min(kTile, runs[2 * r + 1] - tile);
+      int64_t valid[kMaxGroup];  // keys of this tile that query g sees
+      for (int64_t g = 0; g < group; ++g) valid[g] = std::clamp<int64_t>(limits[g] - seen, 0, n);
+      seen += n;
+      int64_t first = 0;  // queries come in increasing length: those that see none of the tile first
+      while (first < group && valid[first] == 0) ++first;
       for (int64_t j0 = 0; j0 < n; j0 += 16) {
-        for (int64_t g = 0; g < group; ++g) {
+        for (int64_t g = first; g < group; ++g) {
+          if (j0 >= valid[g]) continue;
           __m512 dots[16];
           for (int64_t j = 0; j < 16; ++j) {
-            if (j0 + j >= n) { dots[j] = _mm512_setzero_ps(); continue; }
+            if (j0 + j >= valid[g]) { dots[j] = _mm512_setzero_ps(); continue; }
             const T* key = k_base + (tile + j0 + j) * slot_stride;
-            if (g == 0) prefetch_row(key + kTile * slot_stride, dim);
+            if (g == first) prefetch_row(key + kTile * slot_stride, dim);
             __m512 dot = _mm512_mul_ps(q[g][0], row_vector<PAIRS>(key, 0, masks[0]));
             for (int64_t v = 1; v < vectors; ++v)
               dot = _mm512_fmadd_ps(q[g][v], row_vector<PAIRS>(key, v, masks[v]), dot);
@@ -123,7 +140,9 @@ AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const 
           _mm512_storeu_ps(scores[g] + j0, sum_each(dots));
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
+      for (int64_t g = first; g < group; ++g) {
+        const int64_t n = valid[g];
+        if (n == 0) continue;
         float tile_max = *std::max_element(scores[g], scores[g] + n);
         float new_max = std::max(running_max[g], tile_max);
         float correction = std::exp(running_max[g] - new_max);  // 0 on the first tile (exp(-inf))
@@ -146,7 +165,8 @@ AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const 
         prefetch_row(value + kTile * slot_stride, dim);
         __m512 vv[kMaxDim / 16];
         for (int64_t v = 0; v < vectors; ++v) vv[v] = row_vector<PAIRS>(value, v, masks[v]);
-        for (int64_t g = 0; g < group; ++g) {
+        for (int64_t g = first; g < group; ++g) {
+          if (j >= valid[g]) continue;
           __m512 p = _mm512_set1_ps(scores[g][j]);
           for (int64_t v = 0; v < vectors; ++v) acc[g][v] = _mm512_fmadd_ps(p, vv[v], acc[g][v]);
         }
@@ -163,39 +183,78 @@ AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const 
 // attend_head with rows read in PAIRS order where ``pairs`` (bfloat16 only), plainly otherwise.
 template <typename T>
 void attend_head_in_order(bool pairs, const float* queries, int64_t group, int64_t dim, const T* k_base,
-                          const T* v_base, int64_t slot_stride, const int64_t* runs, int64_t num_runs, float* out) {
+                          const T* v_base, int64_t slot_stride, const int64_t* runs, int64_t num_runs,
+                          const int64_t* limits, float* out) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (pairs) return attend_head<true>(queries, group, dim, k_base, v_base, slot_stride, runs, num_runs, out);
+    if (pairs)
+      return attend_head<true>(queries, group, dim, k_base, v_base, slot_stride, runs, num_runs, limits, out);
   }
-  attend_head<false>(queries, group, dim, k_base, v_base, slot_stride, runs, num_runs, out);
+  attend_head<false>(queries, group, dim, k_base, v_base, slot_stride, runs, num_runs, limits, out);
+}
+
+// Rows [first, first + count) of the step attended together (one sequence's consecutive positions).
+struct RowSpan {
+  int64_t first, count;
+};
+
+// The spans of rows attended together: each group of ``row_groups`` (every row alone without it), cut so
+// that a span's queries (its rows times the query heads of a KV head) fit the kernel's registers.
+std::vector<RowSpan> row_spans(int64_t batch, int64_t group, const std::optional<at::Tensor>& row_groups) {
+  const int64_t most = std::max<int64_t>(1, kMaxGroup / group);
+  std::vector<RowSpan> spans;
+  if (!row_groups.has_value()) {
+    for (int64_t b = 0; b < batch; ++b) spans.push_back({b, 1});
+    return spans;
+  }
+  const int64_t* bounds = row_groups->data_ptr<int64_t>();
+  for (int64_t g = 0; g + 1 < row_groups->numel(); ++g)
+    for (int64_t b = bounds[g]; b < bounds[g + 1]; b += most) spans.push_back({b, std::min(most, bounds[g + 1] - b)});
+  return spans;
 }
 
 template <typename T>
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& runs, const at::Tensor& run_offsets, double scale, at::Tensor& out) {
+                           const at::Tensor& runs, const at::Tensor& run_offsets, double scale,
+                           const std::optional<at::Tensor>& row_groups, at::Tensor& out) {
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = k_cache.size(1);
   const int64_t group = heads / kv_heads;
   const bool pairs = std::is_same_v<T, c10::BFloat16> && dim % 32 == 0;
   const int64_t* run_data = runs.data_ptr<int64_t>();
   const int64_t* offsets = run_offsets.data_ptr<int64_t>();
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> queries(group * dim), result(group * dim);
+  const std::vector<RowSpan> spans = row_spans(batch, group, row_groups);
+  const int64_t span_count = static_cast<int64_t>(spans.size());
+  at::parallel_for(0, span_count * kv_heads, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> queries(kMaxGroup * dim), result(kMaxGroup * dim);
+    int64_t limits[kMaxGroup];
     for (int64_t task = first; task < last; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads;
-      for (int64_t g = 0; g < group; ++g) {
-        const T* row = q.data_ptr<T>() + b * q.stride(0) + (h * group + g) * q.stride(1);
-        for (int64_t d = 0; d < dim; ++d)
-          queries[g * dim + (pairs ? pair_position(d) : d)] = static_cast<float>(row[d]) * static_cast<float>(scale);
+      const RowSpan span = spans[task / kv_heads];
+      const int64_t h = task % kv_heads;
+      for (int64_t r = 0; r < span.count; ++r) {
+        const int64_t b = span.first + r;
+        int64_t keys = 0;
+        for (int64_t run = offsets[b]; run < offsets[b + 1]; ++run) keys += run_data[2 * run + 1] - run_data[2 * run];
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t query = r * group + g;
+          limits[query] = keys;
+          const T* row = q.data_ptr<T>() + b * q.stride(0) + (h * group + g) * q.stride(1);
+          for (int64_t d = 0; d < dim; ++d)
+            queries[query * dim + (pairs ? pair_position(d) : d)] =
+                static_cast<float>(row[d]) * static_cast<float>(scale);
+        }
       }
+      const int64_t longest = span.first + span.count - 1;  // every row's runs are a prefix of its runs
       const T* keys = k_cache.data_ptr<T>() + h * k_cache.stride(1);
       const T* values = v_cache.data_ptr<T>() + h * v_cache.stride(1);
-      const int64_t* sequence_runs = run_data + 2 * offsets[b];
-      const int64_t num_runs = offsets[b + 1] - offsets[b];
-      attend_head_in_order<T>(pairs, queries.data(), group, dim, keys, values, k_cache.stride(0), sequence_runs,
-                              num_runs, result.data());
-      for (int64_t g = 0; g < group; ++g) {
-        T* target = out.data_ptr<T>() + b * out.stride(0) + (h * group + g) * out.stride(1);
-        for (int64_t d = 0; d < dim; ++d) target[d] = static_cast<T>(result[g * dim + (pairs ? pair_position(d) : d)]);
+      attend_head_in_order<T>(pairs, queries.data(), span.count * group, dim, keys, values, k_cache.stride(0),
+                              run_data + 2 * offsets[longest], offsets[longest + 1] - offsets[longest], limits,
+                              result.data());
+      for (int64_t r = 0; r < span.count; ++r) {
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t query = r * group + g;
+          T* target = out.data_ptr<T>() + (span.first + r) * out.stride(0) + (h * group + g) * out.stride(1);
+          for (int64_t d = 0; d < dim; ++d)
+            target[d] = static_cast<T>(result[query * dim + (pairs ? pair_position(d) : d)]);
+        }
       }
     }
   });
@@ -206,9 +265,12 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
 namespace clex_cpu {
 
 // q [B, Hq, D]; k_cache/v_cache [slots, Hkv, D] views of the pool (unit last stride, same strides);
-// runs [R, 2] int64 slot ranges; run_offsets [B + 1]: sequence b's runs are rows offsets[b]..offsets[b+1].
+// runs [R, 2] int64 slot ranges; run_offsets [B + 1]: sequence b's runs are rows offsets[b]..offsets[b+1];
+// row_groups [G + 1] int64 (optional): rows row_groups[g]..row_groups[g+1] are consecutive positions of one
+// sequence, each row's runs a prefix of the next one's.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& runs, const at::Tensor& run_offsets, double scale) {
+                            const at::Tensor& runs, const at::Tensor& run_offsets, double scale,
+                            const std::optional<at::Tensor>& row_groups) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && k_cache.dim() == 3 && k_cache.stride(2) == 1 &&
               v_cache.strides() == k_cache.strides() && v_cache.sizes() == k_cache.sizes(),
               "decode_attention: q [B, Hq, D], caches [slots, Hkv, D] with unit last strides");
@@ -219,11 +281,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   TORCH_CHECK(runs.scalar_type() == at::kLong && runs.is_contiguous() && run_offsets.scalar_type() == at::kLong &&
               run_offsets.is_contiguous() && run_offsets.numel() == q.size(0) + 1,
               "decode_attention: runs [R, 2] and run_offsets [B + 1] int64");
+  TORCH_CHECK(!row_groups.has_value() ||
+                  (row_groups->scalar_type() == at::kLong && row_groups->is_contiguous() && row_groups->numel() >= 1 &&
+                   row_groups->data_ptr<int64_t>()[0] == 0 &&
+                   row_groups->data_ptr<int64_t>()[row_groups->numel() - 1] == q.size(0)),
+              "decode_attention: row_groups [G + 1] int64 from 0 to B");
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (q.scalar_type() == at::kFloat)
-    decode_attention_impl<float>(q, k_cache, v_cache, runs, run_offsets, scale, out);
+    decode_attention_impl<float>(q, k_cache, v_cache, runs, run_offsets, scale, row_groups, out);
   else if (q.scalar_type() == at::kBFloat16)
-    decode_attention_impl<c10::BFloat16>(q, k_cache, v_cache, runs, run_offsets, scale, out);
+    decode_attention_impl<c10::BFloat16>(q, k_cache, v_cache, runs, run_offsets, scale, row_groups, out);
   else
     TORCH_CHECK(false, "decode_attention: float32 or bfloat16");
   return out;

@@ -28,8 +28,9 @@ void add_rows(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
 
 namespace clex_cpu {
 
-// hidden [B, hidden] (one token per sequence) -> the layer's output [B, hidden]. Linear weights in the blocked
-// layout with their output sizes (and padded biases or none); k_cache/v_cache [slots, Hkv, D] views.
+// hidden [B, hidden] (one token per row, rows as decode_attention takes them) -> the layer's output [B, hidden].
+// Linear weights in the blocked layout with their output sizes (and padded biases or none); k_cache/v_cache
+// [slots, Hkv, D] views.
 at::Tensor llama_decode_layer(const at::Tensor& hidden, const at::Tensor& input_norm, const at::Tensor& post_norm,
                               double eps, const at::Tensor& qkv, const std::optional<at::Tensor>& qkv_bias,
                               const at::Tensor& o, const std::optional<at::Tensor>& o_bias, const at::Tensor& gate_up,
@@ -39,7 +40,7 @@ at::Tensor llama_decode_layer(const at::Tensor& hidden, const at::Tensor& input_
                               const at::Tensor& cos, const at::Tensor& sin,
                               const std::optional<at::Tensor>& query_scale, const at::Tensor& slots,
                               at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& runs,
-                              const at::Tensor& run_offsets) {
+                              const at::Tensor& run_offsets, const std::optional<at::Tensor>& row_groups) {
   TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous() && hidden.size(1) == hidden_size,
               "llama_decode_layer: hidden [B, hidden_size] contiguous");
   const int64_t batch = hidden.size(0), q_size = heads * head_dim, kv_size = kv_heads * head_dim;
@@ -49,7 +50,8 @@ at::Tensor llama_decode_layer(const at::Tensor& hidden, const at::Tensor& input_
   at::Tensor k = packed.narrow(1, q_size, kv_size).view({batch, kv_heads, head_dim});
   at::Tensor v = packed.narrow(1, q_size + kv_size, kv_size).view({batch, kv_heads, head_dim});
   at::Tensor rotated = std::get<0>(rotate_and_cache(q, k, v, cos, sin, query_scale, slots, k_cache, v_cache));
-  at::Tensor attended = decode_attention(rotated, k_cache, v_cache, runs, run_offsets, 1.0 / std::sqrt(double(head_dim)));
+  at::Tensor attended = decode_attention(rotated, k_cache, v_cache, runs, run_offsets,
+                                          1.0 / std::sqrt(double(head_dim)), row_groups);
   at::Tensor projected = blocked_linear(attended.view({batch, q_size}), o, o_bias, hidden_size);
   auto [mlp_in, residual] = rms_norm(projected, hidden, post_norm, eps);
   at::Tensor activated = silu_and_mul(blocked_linear(mlp_in, gate_up, gate_up_bias, 2 * intermediate_size));

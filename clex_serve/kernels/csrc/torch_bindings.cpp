@@ -13,12 +13,12 @@ TORCH_LIBRARY(clex_cpu, m) {
   m.def("rotate_and_cache(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor? query_scale, "
         "Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache) -> (Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor runs, Tensor run_offsets, "
-        "float scale) -> Tensor");
+        "float scale, Tensor? row_groups=None) -> Tensor");
   m.def("llama_decode_layer(Tensor hidden, Tensor input_norm, Tensor post_norm, float eps, Tensor qkv, "
         "Tensor? qkv_bias, Tensor o, Tensor? o_bias, Tensor gate_up, Tensor? gate_up_bias, Tensor down, "
         "Tensor? down_bias, int heads, int kv_heads, int head_dim, int hidden_size, int intermediate_size, "
         "Tensor cos, Tensor sin, Tensor? query_scale, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor runs, Tensor run_offsets) -> Tensor");
+        "Tensor runs, Tensor run_offsets, Tensor? row_groups=None) -> Tensor");
   m.def("bf16_dot_supported() -> bool", &clex_cpu::bf16_dot_supported);
   m.def("stream_read(Tensor data) -> float", &clex_cpu::stream_read);
   m.def("fma_peak(int iterations) -> float", &clex_cpu::fma_peak);

@@ -224,7 +224,7 @@ class LLMEngine:
         started = time.perf_counter()
         result = self.worker.execute(plan)
         if self.drafter is not None:
-            observe_verify_step(self.drafter, plan, result.sampled, time.perf_counter() - started)
+            observe_verify_step(self.drafter, plan, time.perf_counter() - started)
         advanced = self.scheduler.update_from_output(plan, result.sampled)
         for chunk in plan.chunks:
             if chunk.seq.seq_id in result.prompt_logprobs:

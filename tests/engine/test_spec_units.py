@@ -1,6 +1,6 @@
 """Speculative decoding without a model: the config's keys and errors, the prompt-lookup proposer, the drafts
 a step plans (cut at a CLEX scale boundary, within max_tokens, the budget and the free blocks), taking
-rejected drafts back, and the turn-down by acceptance and by measured throughput."""
+rejected drafts back, and the turn-down by acceptance against the measured cost of a drafted row."""
 
 import pytest
 
@@ -13,7 +13,7 @@ from clex_serve.engine.spec_decode.adaptive import (
     MAX_PAUSE,
     MIN_SAMPLES,
     SequenceAcceptance,
-    StepThroughput,
+    StepCost,
 )
 from clex_serve.engine.spec_decode.config import SpeculativeConfig
 from clex_serve.engine.spec_decode.drafter import Drafter
@@ -195,14 +195,34 @@ def test_a_sequence_whose_drafts_fail_pauses_longer_each_time():
     assert acceptance.wants_drafts() and acceptance.next_pause < MAX_PAUSE
 
 
-def test_step_throughput_turns_off_where_verify_steps_are_slower_and_explores():
-    throughput = StepThroughput()
+def test_step_cost_turns_off_where_a_row_costs_a_plain_token_and_explores():
+    cost = StepCost()
     for _ in range(MIN_SAMPLES):
-        throughput.record(16, verified=False, num_tokens=16, seconds=0.1)  # 160 tokens/s
-        throughput.record(16, verified=True, num_tokens=18, seconds=0.15)  # 120 tokens/s
-        throughput.record(1, verified=False, num_tokens=1, seconds=0.02)  # 50 tokens/s
-        throughput.record(1, verified=True, num_tokens=3, seconds=0.03)  # 100 tokens/s
-    decisions = [throughput.allows(16) for _ in range(2 * EXPLORE_EVERY)]
+        cost.record(16, num_drafted=0, seconds=0.1)  # a plain token: 6.25 ms
+        cost.record(16, num_drafted=32, seconds=0.3)  # a drafted row: (0.3 - 0.1) / 32 = 6.25 ms
+        cost.record(1, num_drafted=0, seconds=0.02)  # a plain token: 20 ms
+        cost.record(1, num_drafted=4, seconds=0.024)  # a drafted row: 1 ms
+    assert cost.break_even(16) > 1.0  # no acceptance could pay for such rows
+    assert cost.break_even(1) == pytest.approx(0.05 / 0.97)
+    decisions = [cost.allows(16) for _ in range(2 * EXPLORE_EVERY)]
     assert decisions.count(True) == 2  # only its exploration steps
-    single = [throughput.allows(1) for _ in range(2 * EXPLORE_EVERY)]
-    assert single.count(False) == 2  # a plain step now and then, to keep measuring
+    single = [cost.allows(1) for _ in range(2 * EXPLORE_EVERY)]
+    assert single.count(False) == 2  # a plain step now and then, to keep its time measured
+
+
+def test_step_cost_speculates_until_measured_with_plain_steps_between():
+    cost = StepCost()
+    assert cost.break_even(1) == 0.0
+    assert [cost.allows(1) for _ in range(8)] == [True, True, True, False] * 2
+    cost.record(1, num_drafted=4, seconds=0.05)  # no plain time yet: says nothing of a row
+    assert cost.break_even(1) == 0.0
+
+
+def test_a_sequence_pauses_only_below_the_break_even_of_its_rows():
+    # Drafts kept 40% of the time pay where a row costs a tenth of a token, not where it costs half.
+    cheap, dear = SequenceAcceptance(), SequenceAcceptance()
+    for _ in range(10):
+        cheap.record(5, 2, break_even=0.1)
+        dear.record(5, 2, break_even=0.5)
+    assert cheap.pause_left == 0 and cheap.wants_drafts()
+    assert dear.pause_left > 0 and not dear.wants_drafts()

@@ -1,31 +1,34 @@
 """Turning speculation down where it does not pay, by measurement: per sequence and per step.
 
-Per sequence: a verify step costs rows whether or not its drafts are accepted. A sequence whose recent
-drafts were mostly rejected (an exponential average of its acceptance below ``MIN_ACCEPTANCE``) stops
-drafting for a while, twice as long each time it fails again (up to ``MAX_PAUSE`` steps), and starts over
-at its first accepted run: a summary that stops quoting its source costs nothing once it is paused.
+What a draft costs and what it buys are measured apart. Its cost is a row of the verify step: for each
+batch size (in powers of two) the runner's time of steps without drafts gives the seconds of a plain
+token, and steps with drafts give the seconds each drafted row adds on top. An extra row is nearly free
+while a step is bound by reading the weights and costs as much as a plain token once the batch is bound by
+arithmetic; where that point lies depends on the model, the context and the device, so it is measured
+rather than guessed. What a draft buys is its sequence's acceptance (an exponential average of the share
+of its drafts kept). A draft pays when its acceptance is at least the break-even: the seconds of a row over
+the seconds of a plain token. A sequence below it stops drafting for a while, twice as long each time it
+fails again (up to ``MAX_PAUSE`` steps), and starts over at its first accepted run; a batch size whose
+break-even is past 1 (no draft could pay) stops speculating.
 
-Per step: extra rows are nearly free while a step is bound by reading the weights, and cost their full
-compute once the batch is large enough to be bound by arithmetic. Where that point lies depends on the
-model and the device, so it is measured rather than guessed: for each batch size (in powers of two) the
-generated tokens per second of steps that verified drafts and of steps that did not are averaged, and a
-batch size whose verify steps are slower than its plain ones stops speculating. One step in ``EXPLORE_EVERY``
-takes the other choice, so that both rates stay measured (plain steps also come of themselves, whenever no
-sequence finds a draft); until the plain rate is measured, one step in four is plain.
+Cost and acceptance apart, because they answer different questions: a copy task whose first drafts miss
+(the model does not quote at once) has cheap rows all the same, and it is only that sequence that waits.
+Until both times are measured a batch size speculates, with one step in four plain; afterwards one step in
+``EXPLORE_EVERY`` is plain, so that the plain time follows the context as it grows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-MIN_ACCEPTANCE = 0.25
+MIN_ACCEPTANCE = 0.1  # the break-even never goes below this: a draft that is nearly never kept is noise
 ACCEPTANCE_DECAY = 0.6  # weight of the past in a sequence's acceptance average
 FIRST_PAUSE = 4
 MAX_PAUSE = 64
-RATE_DECAY = 0.8  # weight of the past in a batch size's tokens per second
-MIN_SAMPLES = 3  # steps of each kind before their rates are compared
+TIME_DECAY = 0.8  # weight of the past in a batch size's times
+MIN_SAMPLES = 3  # steps of each kind before a batch size's break-even is trusted
 EXPLORE_EVERY = 64  # a plain step in a single stream that copies gives up some 3 tokens of 4
-MARGIN = 0.97  # verify steps must reach this share of plain steps' tokens per second to go on
+MARGIN = 0.97  # drafts must earn this share more than their rows cost
 
 
 @dataclass
@@ -40,51 +43,68 @@ class SequenceAcceptance:
             return False
         return True
 
-    def record(self, num_drafted: int, num_accepted: int) -> None:
+    def record(self, num_drafted: int, num_accepted: int, break_even: float = MIN_ACCEPTANCE) -> None:
+        """A verification's outcome, against the acceptance a draft needs to pay (``StepCost.break_even``)."""
+        threshold = max(break_even, MIN_ACCEPTANCE)
         self.average = ACCEPTANCE_DECAY * self.average + (1 - ACCEPTANCE_DECAY) * num_accepted / num_drafted
-        if self.average < MIN_ACCEPTANCE:
+        if self.average < threshold:
             self.pause_left = self.next_pause
             self.next_pause = min(2 * self.next_pause, MAX_PAUSE)
-            self.average = MIN_ACCEPTANCE  # one good run after the pause lifts it back above
+            self.average = min(1.0, 1.5 * threshold)  # one good run after the pause lifts it back above
         elif num_accepted:
             self.next_pause = FIRST_PAUSE
 
 
 @dataclass
-class _Rate:
-    tokens_per_second: float = 0.0
+class _Average:
+    value: float = 0.0
     samples: int = 0
 
     def add(self, value: float) -> None:
-        self.tokens_per_second = (
-            value if not self.samples else RATE_DECAY * self.tokens_per_second + (1 - RATE_DECAY) * value
-        )
+        self.value = value if not self.samples else TIME_DECAY * self.value + (1 - TIME_DECAY) * value
         self.samples += 1
 
 
-class StepThroughput:
-    """Per batch size: whether steps that verify drafts generate tokens faster than steps that do not."""
+class StepCost:
+    """Per batch size: the seconds of a plain token and of a drafted row, and the acceptance at which a draft
+    pays (``break_even``)."""
 
     def __init__(self) -> None:
-        self._rates: dict[tuple[int, bool], _Rate] = {}
+        self._token_seconds: dict[int, _Average] = {}  # steps without drafts: seconds / decodes
+        self._row_seconds: dict[int, _Average] = {}  # steps with drafts: extra seconds / drafted rows
         self._steps: dict[int, int] = {}
 
     @staticmethod
     def _bucket(num_decodes: int) -> int:
         return max(num_decodes, 1).bit_length()
 
+    def break_even(self, num_decodes: int) -> float:
+        """The acceptance a draft needs to pay in a step of ``num_decodes`` (0 until measured)."""
+        bucket = self._bucket(num_decodes)
+        token, row = self._token_seconds.get(bucket), self._row_seconds.get(bucket)
+        if token is None or row is None or min(token.samples, row.samples) < MIN_SAMPLES or token.value <= 0:
+            return 0.0
+        return row.value / token.value / MARGIN
+
     def allows(self, num_decodes: int) -> bool:
+        """Whether a step of ``num_decodes`` decodes drafts: not where no draft could pay, and now and then
+        not at all, so that the plain time stays measured."""
         bucket = self._bucket(num_decodes)
         step = self._steps[bucket] = self._steps.get(bucket, 0) + 1
-        plain, verify = self._rates.get((bucket, False)), self._rates.get((bucket, True))
-        if verify is None or verify.samples < MIN_SAMPLES:
-            return True
-        if plain is None or plain.samples < MIN_SAMPLES:  # learn the plain rate soon: one step in four
+        token = self._token_seconds.get(bucket)
+        if token is None or token.samples < MIN_SAMPLES:  # learn the plain time soon: one step in four
             return step % 4 != 0
-        pays = verify.tokens_per_second >= MARGIN * plain.tokens_per_second
-        # Now and then the other choice, so that both rates stay measured as the load changes.
+        pays = self.break_even(num_decodes) < 1.0
         return pays != (step % EXPLORE_EVERY == 0)
 
-    def record(self, num_decodes: int, verified: bool, num_tokens: int, seconds: float) -> None:
-        if seconds > 0 and num_decodes > 0:
-            self._rates.setdefault((self._bucket(num_decodes), verified), _Rate()).add(num_tokens / seconds)
+    def record(self, num_decodes: int, num_drafted: int, seconds: float) -> None:
+        """A step's decodes, the drafted tokens it verified, and its time."""
+        if seconds <= 0 or num_decodes <= 0:
+            return
+        bucket = self._bucket(num_decodes)
+        token = self._token_seconds.setdefault(bucket, _Average())
+        if not num_drafted:
+            token.add(seconds / num_decodes)
+        elif token.samples:
+            extra = seconds - token.value * num_decodes
+            self._row_seconds.setdefault(bucket, _Average()).add(max(extra, 0.0) / num_drafted)

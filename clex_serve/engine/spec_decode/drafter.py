@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from clex_serve.engine.core.sequence import Sequence
-from clex_serve.engine.spec_decode.adaptive import SequenceAcceptance, StepThroughput
+from clex_serve.engine.spec_decode.adaptive import SequenceAcceptance, StepCost
 from clex_serve.engine.spec_decode.config import SpeculativeConfig
 from clex_serve.engine.spec_decode.ngram_proposer import NgramProposer
 from clex_serve.sampling_params import SamplingParams
@@ -37,7 +37,8 @@ class Drafter:
     def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None) -> None:
         self.config = config
         self.proposer = proposer or NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
-        self.throughput = StepThroughput()
+        self.cost = StepCost()
+        self._step_decodes = 1  # decodes of the step being planned
         self._acceptance: dict[int, SequenceAcceptance] = {}
         self.num_drafted_tokens = 0
         self.num_accepted_tokens = 0
@@ -52,7 +53,8 @@ class Drafter:
         limit = self.config.disable_by_batch_size
         if limit is not None and num_decodes > limit:
             return False
-        return not self.config.adaptive or self.throughput.allows(num_decodes)
+        self._step_decodes = num_decodes
+        return not self.config.adaptive or self.cost.allows(num_decodes)
 
     def propose(self, seq: Sequence, max_tokens: int) -> list[int]:
         if max_tokens < 1 or not speculation_supported(seq.params):
@@ -69,23 +71,24 @@ class Drafter:
         self.num_accepted_tokens += num_accepted
         self.num_verifications += 1
         if self.config.adaptive:
-            self._acceptance.setdefault(seq.seq_id, SequenceAcceptance()).record(num_drafted, num_accepted)
+            break_even = self.cost.break_even(self._step_decodes)
+            self._acceptance.setdefault(seq.seq_id, SequenceAcceptance()).record(num_drafted, num_accepted, break_even)
 
-    def observe_step(self, num_decodes: int, verified: bool, num_tokens: int, seconds: float) -> None:
-        """A step's decodes, whether any of them verified drafts, the tokens they generated, its time."""
-        self.throughput.record(num_decodes, verified, num_tokens, seconds)
+    def observe_step(self, num_decodes: int, num_drafted: int, seconds: float) -> None:
+        """A step's decodes, the drafted tokens it verified, and its time."""
+        self.cost.record(num_decodes, num_drafted, seconds)
 
     def release(self, seq: Sequence) -> None:
         self._acceptance.pop(seq.seq_id, None)
         self.proposer.release(seq.seq_id)
 
 
-def observe_verify_step(drafter: Drafter, plan, sampled: dict[int, list], seconds: float) -> None:
-    """Tell the drafter how a step went: its decodes, whether any verified drafts, the tokens they yielded."""
-    if plan.decodes:
-        verified = any(chunk.draft_token_ids for chunk in plan.decodes)
-        num_tokens = sum(len(sampled.get(chunk.seq.seq_id, ())) for chunk in plan.decodes)
-        drafter.observe_step(len(plan.decodes), verified, num_tokens, seconds)
+def observe_verify_step(drafter: Drafter, plan, seconds: float) -> None:
+    """Tell the drafter how long a step of decodes took, and how many drafts it verified. Steps that also
+    carry prompt tokens are not a decode step's time and are left out."""
+    if plan.decodes and not plan.prefills:
+        num_drafted = sum(len(chunk.draft_token_ids) for chunk in plan.decodes)
+        drafter.observe_step(len(plan.decodes), num_drafted, seconds)
 
 
 def spec_decode_counters(drafter: Drafter) -> dict[str, int]:

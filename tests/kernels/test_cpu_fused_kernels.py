@@ -69,6 +69,8 @@ def _metadata(cos, sin, query_scale, slots) -> AttentionMetadata:
     [
         (4, 2, 16, 16, True),  # GQA with the CLEX log scale
         (4, 4, 80, 32, False),  # Phi-2's partial rotary
+        (2, 2, 128, 128, True),  # a head of several 16-lane vectors per half
+        (2, 1, 40, 24, True),  # a half of 12 channels: a partial vector
     ],
 )
 def test_rotate_and_cache_equals_the_eager_path(dtype, head_major, heads, kv_heads, head_dim, rotary_dim, log_scale):

@@ -10,32 +10,52 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 
+#include "avx512_math.h"
 #include "clex_cpu.h"
 #include "elementwise.h"
 
+#include <immintrin.h>
+
+#include <cstring>
 #include <initializer_list>
 #include <tuple>
 
 namespace {
 
 using clex_cpu::kRowsPerTask;
-using clex_cpu::rounded;
+using clex_cpu::round16;
+
+AVX512 inline __m512 load_masked(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+AVX512 inline __m512 load_masked(const c10::BFloat16* p, __mmask16 m) {
+  __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+AVX512 inline void store_masked(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+AVX512 inline void store_masked(c10::BFloat16* p, __m512 v, __mmask16 m) {  // v already rounded
+  __m256i half = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
+  _mm256_mask_storeu_epi16(p, m, half);
+}
 
 // One head of one token: x * cos + rotate_half(x) * sin over the rotary channels (each product and the sum
 // rounded to the dtype, as the eager ops do), then times the query scale if any; other channels pass
-// (scaled too, for queries).
+// (scaled too, for queries). Sixteen channels of each half at a time; the rounding is c10's to nearest
+// even (``round16``), so the results are the scalar ones bit for bit.
 template <typename T>
-inline void rotate_head(const T* source, T* target, const T* cos, const T* sin, int64_t head_dim,
+AVX512 void rotate_head(const T* source, T* target, const T* cos, const T* sin, int64_t head_dim,
                         int64_t rotary_dim, const float* scale) {
   const int64_t half = rotary_dim / 2;
-  for (int64_t i = 0; i < half; ++i) {
-    float x1 = static_cast<float>(source[i]), x2 = static_cast<float>(source[half + i]);
-    float c = static_cast<float>(cos[i]), s = static_cast<float>(sin[i]);
-    float out1 = rounded<T>(rounded<T>(x1 * c) + rounded<T>(-x2 * s));
-    float out2 = rounded<T>(rounded<T>(x2 * c) + rounded<T>(x1 * s));
-    if (scale) out1 = rounded<T>(out1 * *scale), out2 = rounded<T>(out2 * *scale);
-    target[i] = static_cast<T>(out1);
-    target[half + i] = static_cast<T>(out2);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  const __m512 factor = _mm512_set1_ps(scale ? *scale : 1.f);
+  for (int64_t i = 0; i < half; i += 16) {
+    const __mmask16 m = static_cast<__mmask16>(half - i >= 16 ? 0xFFFF : (1u << (half - i)) - 1);
+    __m512 x1 = load_masked(source + i, m), x2 = load_masked(source + half + i, m);
+    __m512 c = load_masked(cos + i, m), s = load_masked(sin + i, m);
+    __m512 minus_x2 = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x2), sign));
+    __m512 out1 = round16<T>(_mm512_add_ps(round16<T>(_mm512_mul_ps(x1, c)), round16<T>(_mm512_mul_ps(minus_x2, s))));
+    __m512 out2 = round16<T>(_mm512_add_ps(round16<T>(_mm512_mul_ps(x2, c)), round16<T>(_mm512_mul_ps(x1, s))));
+    if (scale) out1 = round16<T>(_mm512_mul_ps(out1, factor)), out2 = round16<T>(_mm512_mul_ps(out2, factor));
+    store_masked(target + i, out1, m);
+    store_masked(target + half + i, out2, m);
   }
   for (int64_t i = rotary_dim; i < head_dim; ++i)
     target[i] = scale ? static_cast<T>(static_cast<float>(source[i]) * *scale) : source[i];
@@ -66,7 +86,8 @@ void rotate_and_cache_impl(const at::Tensor& q, const at::Tensor& k, const at::T
         T* cached_key = k_cache.data_ptr<T>() + slot[t] * k_cache.stride(0) + h * k_cache.stride(1);
         T* cached_value = v_cache.data_ptr<T>() + slot[t] * v_cache.stride(0) + h * v_cache.stride(1);
         const T* value = v.data_ptr<T>() + t * v.stride(0) + h * v.stride(1);
-        for (int64_t i = 0; i < head_dim; ++i) cached_key[i] = key[i], cached_value[i] = value[i];
+        std::memcpy(cached_key, key, head_dim * sizeof(T));
+        std::memcpy(cached_value, value, head_dim * sizeof(T));
       }
     }
   });

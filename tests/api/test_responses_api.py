@@ -6,11 +6,9 @@ import json
 
 import httpx
 import jsonschema
-import openai
 import pytest
 
 from helpers.json_schemas import SCHEMAS
-from helpers.servers import running_server
 
 MODEL = "clex-serve-demo"
 ADD = {
@@ -23,17 +21,6 @@ ADD = {
     "additionalProperties": False,
 }
 TOOLS = [{"type": "function", "name": "add", "description": "Add two integers", "parameters": ADD, "strict": True}]
-
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server("--dtype", "float32") as (url, _):
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def text_format(name):

@@ -7,25 +7,12 @@ import re
 
 import httpx
 import jsonschema
-import openai
 import pytest
 from pydantic import BaseModel, Field
 
 from helpers.json_schemas import SCHEMAS
-from helpers.servers import running_server
 
 MODEL = "clex-serve-demo"
-
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server("--dtype", "float32") as (url, _):
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def ask(name: str) -> list[dict]:

@@ -6,10 +6,7 @@ import json
 
 import httpx
 import jsonschema
-import openai
 import pytest
-
-from helpers.servers import running_server
 
 MODEL = "clex-serve-demo"
 WEATHER = {
@@ -39,17 +36,6 @@ TOOLS = [
 ]
 SCHEMA_OF = {"get_weather": WEATHER, "add": ADD}
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server("--dtype", "float32") as (url, _):
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def check_calls(calls, names=("get_weather", "add")):

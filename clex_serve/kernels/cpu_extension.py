@@ -41,6 +41,7 @@ SOURCES = [
         "blocked_linear.cpp",
         "bf16_pair_linear.cpp",
         "amx_pair_linear.cpp",
+        "amx_gemm.cpp",
         "rms_norm.cpp",
         "activation.cpp",
         "rotary_cache.cpp",

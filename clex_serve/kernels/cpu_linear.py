@@ -13,8 +13,10 @@ number of rows:
   over the blocks; the copy is a few MB), so float32 keeps one copy of its weights.
 - **oneDNN packed** (``torch.ops.mkldnn``, weights reordered ahead of time as vLLM's CPU backend and
   inductor's freezing do): bfloat16 batches of more rows than the blocked kernel handles well run on the
-  CPU's bf16 matrix units. bfloat16 therefore keeps both layouts, the bytes of one float32 copy. Without
-  the CPU kernels it is the only layout (float32 then keeps the plain weight too, for MKL's GEMV at one row).
+  CPU's bf16 matrix units. bfloat16 therefore keeps both layouts, the bytes of one float32 copy, except
+  where the CPU has AMX: there prompts run on the tiles from the pair layout (``csrc/amx_gemm.cpp``, as
+  fast as oneDNN on a prompt's shapes) and bfloat16 keeps one copy. Without the CPU kernels oneDNN's is
+  the only layout (float32 then keeps the plain weight too, for MKL's GEMV at one row).
 
 Measured on the benchmark model's weights (8 layers of a 58M Llama plus its 32000-word head, 2 threads):
 one row in bfloat16 5.5 ms blocked against 7.6 oneDNN and 10.9 ``F.linear``; float32 blocked equals the
@@ -80,21 +82,28 @@ class CpuLinear(nn.Module):
         self.blocked_bias: torch.Tensor | None = None
         if blocked and linear.bias is not None:
             self.blocked_bias = to_blocked(linear.bias.detach()[:, None]).flatten()
+        # bfloat16 pairs on AMX: every row count runs on the tiles from this one layout (3-16 rows as a decode
+        # step, more as a prompt's GEMM), so no oneDNN copy is kept.
+        self.amx = (
+            self.blocked_weight is not None
+            and self.blocked_weight.dim() == 4
+            and self.in_features % 32 == 0
+            and cpu_ops.amx_bf16_supported()
+        )
         self.packed_weight: torch.Tensor | None = None
-        if onednn and (not blocked or weight.dtype == torch.bfloat16):
+        if onednn and not self.amx and (not blocked or weight.dtype == torch.bfloat16):
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, _ONEDNN_ROWS_HINT)
         # The plain copy, where nothing reads it, keeps a parameter of its dtype without its bytes.
         self.weight = linear.weight if keep_plain else nn.Parameter(weight.new_empty(0), requires_grad=False)
-        self.max_blocked_rows = BLOCKED_MAX_ROWS[weight.dtype]
-        if self.blocked_weight is not None and self.blocked_weight.dim() == 4 and self.in_features % 32 == 0:
-            if cpu_ops.amx_bf16_supported():  # 3-16 rows on AMX tiles from the same layout
-                self.max_blocked_rows = AMX_MAX_ROWS
+        self.max_blocked_rows = AMX_MAX_ROWS if self.amx else BLOCKED_MAX_ROWS[weight.dtype]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         count = rows.shape[0]
         if self.blocked_weight is not None and count <= self.max_blocked_rows:
             out = cpu_ops.blocked_linear(rows.contiguous(), self.blocked_weight, self.blocked_bias, self.out_features)
+        elif self.amx:
+            out = cpu_ops.amx_gemm(rows.contiguous(), self.blocked_weight, self.blocked_bias, self.out_features)
         elif self.packed_weight is not None:
             if count == 1 and self.weight.numel():
                 out = nn.functional.linear(rows, self.weight, self.bias)  # float32 single row: MKL's GEMV

@@ -34,6 +34,15 @@ def blocked_linear(
     return torch.ops.clex_cpu.blocked_linear(x, blocked_weight, blocked_bias, out_features)
 
 
+def amx_gemm(
+    x: torch.Tensor, pair_weight: torch.Tensor, blocked_bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """bfloat16 x [M, K] contiguous (K a multiple of 32) times a weight in the pair layout [ceil(N / 64), K / 2,
+    64, 2] (``cpu_linear.to_pairs``) on AMX tiles, plus the bias padded to whole blocks -> [M, out_features];
+    float32 sums, rounded once to bfloat16. Only where ``amx_bf16_supported()``."""
+    return torch.ops.clex_cpu.amx_gemm(x, pair_weight, blocked_bias, out_features)
+
+
 def rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,10 +47,43 @@ def test_three_to_sixteen_rows_on_amx_tiles_round_once_and_do_not_depend_on_each
     torch.testing.assert_close(full.double(), exact, atol=1408**0.5 * 2e-3, rtol=2**-8)
     for rows in (3, 7, 15):
         assert torch.equal(cpu_ops.blocked_linear(x[:rows], pairs, padded_bias, 200), full[:rows])
-    # AMX takes a CPU layer up to 16 rows through the blocked kernel (oneDNN past that).
+    # AMX takes a CPU layer up to 16 rows through the blocked kernel, past that through the prompt GEMM.
     model = nn.Sequential(nn.Linear(1408, 200).to(torch.bfloat16))
     replace_cpu_linear_layers(model, blocked=True)
     assert model[0].max_blocked_rows == 16
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX bfloat16 tiles here")
+@pytest.mark.parametrize(
+    ("rows", "outputs", "inputs"), [(7000, 96, 64), (33, 1536, 512), (45, 64, 96), (17, 200, 1408)]
+)
+def test_prompt_gemm_on_amx_tiles_rounds_once_and_rows_do_not_depend_on_each_other(rows, outputs, inputs):
+    # Row counts past a whole 32 (a tile of 16 and one of 1), column counts past a whole 32 and 64.
+    torch.manual_seed(rows + outputs)
+    weight, bias = torch.randn(outputs, inputs, dtype=torch.bfloat16), torch.randn(outputs, dtype=torch.bfloat16)
+    pairs, padded_bias = to_pairs(weight), to_blocked(bias[:, None]).flatten()
+    x = torch.randn(rows, inputs, dtype=torch.bfloat16)
+    out = cpu_ops.amx_gemm(x, pairs, padded_bias, outputs)
+    exact = nn.functional.linear(x.double(), weight.double(), bias.double())
+    torch.testing.assert_close(out.double(), exact, atol=inputs**0.5 * 2e-3, rtol=2**-8)
+    reference = nn.functional.linear(x, weight, bias)  # PyTorch's bfloat16 linear (oneDNN)
+    torch.testing.assert_close(out.float(), reference.float(), atol=2e-2 * inputs**0.5, rtol=1.6e-2)
+    assert torch.equal(cpu_ops.amx_gemm(x[1:2], pairs, padded_bias, outputs), out[1:2])
+    assert torch.equal(cpu_ops.amx_gemm(x, pairs, None, outputs), cpu_ops.amx_gemm(x, pairs, None, outputs))
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX bfloat16 tiles here")
+def test_a_bf16_layer_on_amx_keeps_one_copy_of_its_weight():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(512, 300).to(torch.bfloat16), nn.Linear(65, 64).to(torch.bfloat16))
+    x, odd = torch.randn(200, 512, dtype=torch.bfloat16), torch.randn(200, 65, dtype=torch.bfloat16)
+    expected, expected_odd = model[0](x), model[1](odd)
+    replace_cpu_linear_layers(model, blocked=True)
+    assert model[0].amx and model[0].packed_weight is None and model[0].weight.numel() == 0
+    torch.testing.assert_close(model[0](x).float(), expected.float(), atol=2e-2 * 512**0.5, rtol=1.6e-2)
+    # An input size the tiles do not take keeps oneDNN's copy for its prompts.
+    assert not model[1].amx and model[1].packed_weight is not None
+    torch.testing.assert_close(model[1](odd).float(), expected_odd.float(), atol=2e-1, rtol=1.6e-2)
 
 
 @pytest.mark.parametrize("inputs", [1400, 65])

@@ -8,6 +8,7 @@
 TORCH_LIBRARY(clex_cpu, m) {
   m.def("cpu_supported() -> bool", &clex_cpu::cpu_supported);
   m.def("blocked_linear(Tensor x, Tensor w, Tensor? bias, int N) -> Tensor");
+  m.def("amx_gemm(Tensor x, Tensor w, Tensor? bias, int N) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def("rotate_and_cache(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor? query_scale, "
@@ -34,6 +35,7 @@ TORCH_LIBRARY(clex_cpu, m) {
 
 TORCH_LIBRARY_IMPL(clex_cpu, CPU, m) {
   m.impl("blocked_linear", &clex_cpu::blocked_linear);
+  m.impl("amx_gemm", &clex_cpu::amx_gemm);
   m.impl("rms_norm", &clex_cpu::rms_norm);
   m.impl("silu_and_mul", &clex_cpu::silu_and_mul);
   m.impl("rotate_and_cache", &clex_cpu::rotate_and_cache);

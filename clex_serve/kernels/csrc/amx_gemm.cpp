@@ -1,13 +1,13 @@
 // bfloat16 y = x @ W^T + bias for the many rows of a prompt on AMX tiles, from the pair layout the decode
 // kernels read (bf16_pair_linear.cpp, amx_pair_linear.cpp), so a bfloat16 model keeps one copy of its weights.
 //
-// A prompt's GEMM is bound by the tile multiplies, not by memory, as long as every tile loaded is used
-// more than once. The micro-kernel computes 32 rows x 32 columns: two tiles of x (16 rows of 32 inputs
+// A prompt's GEMM can be bound by the tile multiplies rather than by memory only if every tile loaded is
+// used more than once. The micro-kernel computes 32 rows x 32 columns: two tiles of x (16 rows of 32 inputs
 // each), two tiles of W (16 input pairs of 16 columns, 256 bytes apart in the pair layout) and four
 // float32 tiles of sums, so every 32 inputs four loads feed four tile multiplies (with one row tile of x,
 // as the 3-16 row kernel has, five loads feed four). A thread takes 32 rows of x at a time (32 KB at
-// K = 512, held in L1) past every 32 columns of W (16 KB, from L2 or the last-level cache): x is read
-// from memory once, W once per 32 rows.
+// K = 512, held in L1) past every 32 columns of W (32 KB, from L2): x is read from memory once, W once per
+// 512 rows.
 //
 // What rounds where: as oneDNN's bfloat16 GEMM on the same units (and amx_pair_linear.cpp): exact bfloat16
 // products, float32 sums (the pairs as the instruction adds them; denormals flushed), the bias added in
@@ -36,6 +36,7 @@ constexpr int64_t kRows = 32;       // rows of x per micro-kernel: two row tiles
 constexpr int64_t kColumns = 32;    // columns per micro-kernel: two column tiles
 constexpr int64_t kPairRow = kBlock * 2;  // elements of one input pair of a block (256 bytes)
 constexpr int64_t kPanel = 256;     // columns of W kept in L2 while the rows pass (256 KB at K = 512)
+constexpr int64_t kGroupChunks = 16;  // chunks of rows (512 rows, 512 KB of x at K = 512) that pass each panel
 
 struct TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -96,26 +97,30 @@ AMX_BF16 void micro_kernel(const c10::BFloat16* x, int64_t K, const c10::BFloat1
   }
 }
 
-// Row chunks [first, last) (of 32 rows) on this thread, panel by panel of W: each panel of kPanel columns
-// stays in L2 while every chunk of rows passes it, each chunk's 32 rows in L1 across the panel's
-// micro-kernels. The tile configuration is each thread's own, set again for a last chunk of fewer rows.
+// Row chunks [first, last) (of 32 rows) on this thread, kGroupChunks at a time (their rows in L2), panel by
+// panel of W: each panel of kPanel columns stays in L2 while the group's chunks pass it, each chunk's 32
+// rows in L1 across the panel's micro-kernels. The tile configuration is each thread's own, set again for
+// a last chunk of fewer rows.
 AMX_BF16 void gemm_chunks(int64_t first, int64_t last, const c10::BFloat16* x, int64_t M, int64_t K, int64_t pairs,
                           const c10::BFloat16* w, const c10::BFloat16* bias, c10::BFloat16* y, int64_t N) {
   int configured = -1;
-  for (int64_t p0 = 0; p0 < N; p0 += kPanel) {
-    for (int64_t chunk = first; chunk < last; ++chunk) {
-      const int64_t m0 = chunk * kRows, rows = std::min(kRows, M - m0);
-      const int upper = int(std::min<int64_t>(16, rows)), lower = int(rows - upper);
-      if (configured != rows) configure(upper, std::max(lower, 1)), configured = int(rows);
-      for (int64_t n0 = p0; n0 < std::min(N, p0 + kPanel); n0 += kColumns) {
-        const c10::BFloat16* columns = w + (n0 / kBlock) * pairs * kPairRow + (n0 % kBlock) * 2;
-        const c10::BFloat16* column_bias = bias ? bias + n0 : nullptr;
-        c10::BFloat16* out = y + m0 * N + n0;
-        const int64_t count = std::min(kColumns, N - n0);
-        if (lower)
-          micro_kernel<true>(x + m0 * K, K, columns, column_bias, out, N, upper, lower, count);
-        else
-          micro_kernel<false>(x + m0 * K, K, columns, column_bias, out, N, upper, 0, count);
+  for (int64_t g0 = first; g0 < last; g0 += kGroupChunks) {
+    const int64_t g1 = std::min(last, g0 + kGroupChunks);
+    for (int64_t p0 = 0; p0 < N; p0 += kPanel) {
+      for (int64_t chunk = g0; chunk < g1; ++chunk) {
+        const int64_t m0 = chunk * kRows, rows = std::min(kRows, M - m0);
+        const int upper = int(std::min<int64_t>(16, rows)), lower = int(rows - upper);
+        if (configured != rows) configure(upper, std::max(lower, 1)), configured = int(rows);
+        for (int64_t n0 = p0; n0 < std::min(N, p0 + kPanel); n0 += kColumns) {
+          const c10::BFloat16* columns = w + (n0 / kBlock) * pairs * kPairRow + (n0 % kBlock) * 2;
+          const c10::BFloat16* column_bias = bias ? bias + n0 : nullptr;
+          c10::BFloat16* out = y + m0 * N + n0;
+          const int64_t count = std::min(kColumns, N - n0);
+          if (lower)
+            micro_kernel<true>(x + m0 * K, K, columns, column_bias, out, N, upper, lower, count);
+          else
+            micro_kernel<false>(x + m0 * K, K, columns, column_bias, out, N, upper, 0, count);
+        }
       }
     }
   }

@@ -43,8 +43,8 @@ class SpeculativeConfig:
     prompt_lookup_min: int | None = None
     prompt_lookup_max: int | None = None
     disable_by_batch_size: int | None = None
-    # clex-serve's own: turn speculation down per sequence when its drafts are mostly rejected, and per step
-    # when the batch is past the point where extra rows are nearly free (``adaptive.py``).
+    # clex-serve's own: turn speculation down per sequence when its drafts are kept less often than a drafted
+    # row costs, and per batch size where rows cost as much as plain tokens (measured: ``adaptive.py``).
     adaptive: bool = True
 
     def __post_init__(self) -> None:

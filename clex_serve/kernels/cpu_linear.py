@@ -14,9 +14,9 @@ number of rows:
 - **oneDNN packed** (``torch.ops.mkldnn``, weights reordered ahead of time as vLLM's CPU backend and
   inductor's freezing do): bfloat16 batches of more rows than the blocked kernel handles well run on the
   CPU's bf16 matrix units. bfloat16 therefore keeps both layouts, the bytes of one float32 copy, except
-  where the CPU has AMX: there prompts run on the tiles from the pair layout (``csrc/amx_gemm.cpp``, as
-  fast as oneDNN on a prompt's shapes) and bfloat16 keeps one copy. Without the CPU kernels oneDNN's is
-  the only layout (float32 then keeps the plain weight too, for MKL's GEMV at one row).
+  where the CPU has AMX: there prompts run on the tiles from the pair layout (``csrc/amx_gemm.cpp``, about
+  as fast as oneDNN: up to 6% slower on a 7,000-token prompt) and bfloat16 keeps one copy. Without the CPU
+  kernels oneDNN's is the only layout (float32 then keeps the plain weight too, for MKL's GEMV at one row).
 
 Measured on the benchmark model's weights (8 layers of a 58M Llama plus its 32000-word head, 2 threads):
 one row in bfloat16 5.5 ms blocked against 7.6 oneDNN and 10.9 ``F.linear``; float32 blocked equals the

@@ -1,6 +1,6 @@
-"""The server the API feature modules (structured outputs, tool calls, the Responses API) share: one
-float32 demo server for all of them, started once, and the official client pointed at it. Modules that need
-a server of their own flags define their own ``server`` fixture, which takes precedence."""
+"""The API modules' fixtures: one float32 demo server that every module without flags of its own shares
+(started once), and the official client pointed at a module's ``server``. A module that needs a server with
+other flags defines its own ``server`` fixture, which takes precedence; the client follows it."""
 
 import openai
 import pytest
@@ -14,6 +14,6 @@ def server():
         yield url
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -3,11 +3,9 @@ small multiple-choice set scored by a real server gives the engine's own prompt 
 same answers."""
 
 import httpx
-import openai
 import pytest
 
 from clex_serve import LLM, SamplingParams
-from helpers.servers import running_server
 
 MODEL = "clex-serve-demo"
 QUESTIONS = [
@@ -15,17 +13,6 @@ QUESTIONS = [
     ("import json\n\ndata = json.", ["loads(text)", "dumps(data)", "banana"]),
     ("USER: What does json.dumps do? ASSISTANT:", [" Return a string.", " It is a fish.", " 42"]),
 ]
-
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server("--dtype", "float32") as (url, _):
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -25,11 +25,6 @@ def server():
         yield url
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 def metric(server: str, name: str) -> float:
     text = httpx.get(f"{server}/metrics", timeout=10).text
     match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.MULTILINE)

@@ -127,14 +127,14 @@ AMX_BF16 void gemm_chunks(int64_t first, int64_t last, const c10::BFloat16* x, i
   _tile_release();
 }
 
+bool amx_gemm_fits(int64_t K) {
+  static const bool amx = clex_cpu::amx_bf16_supported();  // asks the OS for the tiles' state once
+  return amx && K % kStep == 0;
+}
+
 }  // namespace
 
 namespace clex_cpu {
-
-bool amx_gemm_fits(int64_t M, int64_t K) {
-  static const bool amx = amx_bf16_supported();  // asks the OS for the tiles' state once
-  return amx && M >= 1 && K % kStep == 0;
-}
 
 // x [M, K] bfloat16 contiguous (K a multiple of 32), w [N_blocks, K / 2, 64, 2], bias [N_blocks * 64] or none.
 at::Tensor amx_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t N) {
@@ -143,7 +143,7 @@ at::Tensor amx_gemm(const at::Tensor& x, const at::Tensor& w, const std::optiona
                   w.scalar_type() == at::kBFloat16 && w.size(1) * 2 == x.size(1),
               "amx_gemm: w [N/64, K/2, 64, 2] bfloat16 with x's K");
   TORCH_CHECK(N > (w.size(0) - 1) * kBlock && N <= w.size(0) * kBlock, "amx_gemm: N does not match w");
-  TORCH_CHECK(amx_gemm_fits(x.size(0), x.size(1)), "amx_gemm: needs AMX and K a multiple of 32");
+  TORCH_CHECK(amx_gemm_fits(x.size(1)), "amx_gemm: needs AMX and K a multiple of 32");
   at::Tensor bias_contiguous;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == w.size(0) * kBlock,

@@ -23,7 +23,6 @@ bool amx_pair_linear_fits(int64_t M, int64_t K);
 at::Tensor amx_pair_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, int64_t N);
 
 // amx_gemm.cpp (bfloat16 prompts on AMX tiles, from the pair layout)
-bool amx_gemm_fits(int64_t M, int64_t K);
 at::Tensor amx_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t N);
 
 // rms_norm.cpp

@@ -2,6 +2,7 @@
 
 import os
 
+import openai
 import pytest
 import torch
 
@@ -33,3 +34,9 @@ def reference_runner():
         return runners[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official OpenAI client on the ``server`` fixture of the module that asks (its URL)."""
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)

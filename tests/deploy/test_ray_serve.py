@@ -71,11 +71,6 @@ def server():
         yield url
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def replicas_summed(server):
     """The conformance tests' ``metric`` reads one server; here it reads the sum over the replicas."""

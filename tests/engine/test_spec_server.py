@@ -7,7 +7,6 @@ import re
 import httpx
 import pytest
 from api.test_server import (  # noqa: F401  (collected here again, against the fixtures below)
-    client,
     test_chat_streamed_equals_whole,
     test_completions_streamed_equals_whole_with_token_prompts_and_echo,
     test_errors_are_openai_errors,

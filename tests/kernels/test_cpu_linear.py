@@ -95,3 +95,18 @@ def test_the_blocked_kernel_gives_the_same_bits_on_any_number_of_threads(dtype):
             assert all(torch.equal(result, results[0]) for result in results[1:])
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels do not build here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_gets_the_same_bits_however_many_rows_share_the_call(dtype):
+    """7-32 rows walk each block in slices of k, keeping float32 partial sums between them; every sum still
+    adds its k in order from the bias, so a row in a call of any size equals that row alone."""
+    torch.manual_seed(2)
+    # 1,000 inputs: slices of 64 and a last one of 40; 130 outputs: two blocks and a part.
+    weight, bias = torch.randn(130, 1000, dtype=dtype), torch.randn(192, dtype=dtype)
+    blocked = to_blocked(weight)
+    x = torch.randn(40, 1000, dtype=dtype)
+    alone = torch.cat([cpu_ops.blocked_linear(x[m : m + 1], blocked, bias, 130) for m in range(40)])
+    for rows in (6, 7, 12, 16, 32, 33, 40):
+        assert torch.equal(cpu_ops.blocked_linear(x[:rows], blocked, bias, 130), alone[:rows]), rows

@@ -39,8 +39,8 @@ constexpr int64_t kBlock = 64;
 constexpr int kVectors = kBlock / 16;
 constexpr int64_t kPrefetchPairs = 32;  // pairs of a block ahead that are prefetched (8 KB)
 constexpr int kMaxRows = 6;
-constexpr int kDotRows = 2;
-constexpr bool AMX_ROWS = true;  // 3-16 rows on AMX tiles where the CPU has them (amx_pair_linear.cpp)  // row groups up to this many use vdpbf16ps (measured crossover, docs/cpu.md)
+constexpr int kDotRows = 2;  // row groups up to this many use vdpbf16ps (measured crossover, docs/cpu.md)
+constexpr bool AMX_ROWS = true;  // 3-16 rows on AMX tiles where the CPU has them (amx_pair_linear.cpp)
 
 using clex_cpu::load16;
 using clex_cpu::store16;

@@ -5,8 +5,9 @@
 // contiguous stream: for every k, 64 consecutive weights are multiplied by the broadcast x[m, k] into 64
 // float32 accumulators held in registers (four AVX-512 vectors per row of x), with no horizontal sums.
 // bfloat16 weights are widened to float32 in registers (a shift), so both dtypes accumulate in float32 and
-// bfloat16 reads half the bytes. Rows of x are taken four at a time; a block (at most a few hundred KB)
-// stays in L2 while the next four rows pass over it, so weights come from memory once per step.
+// bfloat16 reads half the bytes. Rows of x are taken six at a time; a block (at most a few hundred KB), or
+// a slice of it, stays in cache while the next six rows pass over it, so weights come from memory once per
+// step.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -25,28 +26,50 @@ namespace {
 
 constexpr int64_t kBlock = 64;       // outputs per block: four 16-lane vectors
 constexpr int kVectors = kBlock / 16;
-constexpr int64_t kPrefetchRows = 64;  // rows of a block ahead that are prefetched (4-8 KB)
-constexpr int kMaxRows = 6;          // rows of x sharing one pass over a block (24 accumulators)
+constexpr int64_t kPrefetchRows = 128;  // k rows of a block ahead that are prefetched into L2 (32 KB in float32)
+constexpr int kMaxRows = 6;             // rows of x sharing one pass over a block (24 accumulators)
+// From 7 to kMaxSlicedRows rows, a block is walked in slices of kSliceRows k: every group of six rows takes
+// a slice in turn (from L1), the groups' float32 sums kept between slices, and the memory stream goes on
+// through all of them. Whole, the first group streamed the block from memory and the later ones re-read
+// it from L2 with memory idle. Past 32 rows a step is bound by its multiply-adds and slicing gained nothing.
+constexpr int64_t kSliceRows = 64;
+constexpr int64_t kMaxSlicedRows = 32;
 
 using clex_cpu::load16;
 using clex_cpu::store16;
 
-// Rows [0, ROWS) of x times one block of W: out[m, 0:64] (the block's columns of y).
+// Where one pass of rows [0, ROWS) over k rows [k_begin, k_end) of a block starts and ends its 64 sums per
+// row: from the bias (or zero) or from float32 partial sums of the slices before, to partial sums or to
+// the block's columns of y. Partial sums are float32, so slicing does not change what is rounded or when.
+template <typename T>
+struct BlockPass {
+  const T* bias;        // at the first slice; null for zero
+  const float* from;    // partial sums [ROWS, 64] of earlier slices, or null at the first
+  float* to;            // partial sums for later slices, or null at the last
+  T* out;               // y's rows at the block's first column (written at the last slice)
+  int64_t out_stride;
+  int64_t out_cols;     // 64, or fewer in the last block of a matrix padded to whole blocks
+  bool prefetch;        // the first pass over a slice brings the stream kPrefetchRows ahead into L2
+};
+
 template <int ROWS, typename T>
-AVX512 void block_rows(const float* x, int64_t x_stride, const T* block, int64_t K, const T* bias, T* out,
-                       int64_t out_stride, int64_t out_cols) {
+AVX512 void block_rows(const float* x, int64_t x_stride, const T* block, int64_t k_begin, int64_t k_end,
+                       const BlockPass<T>& pass) {
   __m512 acc[ROWS][kVectors];
-  for (int v = 0; v < kVectors; ++v) {
-    __m512 start = bias ? load16(bias + v * 16) : _mm512_setzero_ps();
-    for (int m = 0; m < ROWS; ++m) acc[m][v] = start;
-  }
-  for (int64_t k = 0; k < K; ++k) {
+  for (int m = 0; m < ROWS; ++m)
+    for (int v = 0; v < kVectors; ++v)
+      acc[m][v] = pass.from ? _mm512_load_ps(pass.from + m * kBlock + v * 16)
+                  : pass.bias ? load16(pass.bias + v * 16)
+                              : _mm512_setzero_ps();
+  for (int64_t k = k_begin; k < k_end; ++k) {
     const T* w = block + k * kBlock;
-    // Every cache line of the row kPrefetchRows ahead (the hardware prefetcher alone ramps up too slowly
-    // on matrices of a few hundred KB, which is most of a small model's).
-    const char* ahead = reinterpret_cast<const char*>(w + kPrefetchRows * kBlock);
-    for (int64_t line = 0; line < static_cast<int64_t>(kBlock * sizeof(T)); line += 64)
-      _mm_prefetch(ahead + line, _MM_HINT_T0);
+    // Into L2, not L1: a prefetch to L1 holds one of the core's few line-fill buffers until memory
+    // answers, and with the later passes running from L1 those were what limited the stream.
+    if (pass.prefetch) {
+      const char* ahead = reinterpret_cast<const char*>(w + kPrefetchRows * kBlock);
+      for (int64_t line = 0; line < static_cast<int64_t>(kBlock * sizeof(T)); line += 64)
+        _mm_prefetch(ahead + line, _MM_HINT_T1);
+    }
     __m512 wv[kVectors];
     for (int v = 0; v < kVectors; ++v) wv[v] = load16(w + v * 16);
     for (int m = 0; m < ROWS; ++m) {
@@ -55,13 +78,28 @@ AVX512 void block_rows(const float* x, int64_t x_stride, const T* block, int64_t
     }
   }
   for (int m = 0; m < ROWS; ++m) {
-    if (out_cols == kBlock) {
-      for (int v = 0; v < kVectors; ++v) store16(out + m * out_stride + v * 16, acc[m][v]);
+    if (pass.to) {
+      for (int v = 0; v < kVectors; ++v) _mm512_store_ps(pass.to + m * kBlock + v * 16, acc[m][v]);
+    } else if (pass.out_cols == kBlock) {
+      for (int v = 0; v < kVectors; ++v) store16(pass.out + m * pass.out_stride + v * 16, acc[m][v]);
     } else {  // the last block of a matrix whose rows were padded to a whole block
       alignas(64) T tmp[kBlock];
       for (int v = 0; v < kVectors; ++v) store16(tmp + v * 16, acc[m][v]);
-      std::memcpy(out + m * out_stride, tmp, out_cols * sizeof(T));
+      std::memcpy(pass.out + m * pass.out_stride, tmp, pass.out_cols * sizeof(T));
     }
+  }
+}
+
+template <typename T>
+AVX512 void rows_pass(int64_t rows, const float* x, int64_t x_stride, const T* block, int64_t k_begin,
+                      int64_t k_end, const BlockPass<T>& pass) {
+  switch (rows) {
+    case 1: block_rows<1>(x, x_stride, block, k_begin, k_end, pass); break;
+    case 2: block_rows<2>(x, x_stride, block, k_begin, k_end, pass); break;
+    case 3: block_rows<3>(x, x_stride, block, k_begin, k_end, pass); break;
+    case 4: block_rows<4>(x, x_stride, block, k_begin, k_end, pass); break;
+    case 5: block_rows<5>(x, x_stride, block, k_begin, k_end, pass); break;
+    default: block_rows<6>(x, x_stride, block, k_begin, k_end, pass); break;
   }
 }
 
@@ -82,22 +120,22 @@ void blocked_linear_impl(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const int64_t threads = at::get_num_threads();
   const int64_t splits = std::max<int64_t>(1, std::min(row_groups, (threads + blocks - 1) / blocks));
   const int64_t rows_per_split = (row_groups + splits - 1) / splits * kMaxRows;
+  const bool sliced = M > kMaxRows && M <= kMaxSlicedRows;
+  const int64_t slice = sliced ? kSliceRows : K;
   at::parallel_for(0, blocks * splits, 1, [&](int64_t first, int64_t last) {
+    alignas(64) float partial[kMaxSlicedRows * kBlock];
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = task / splits, begin = task % splits * rows_per_split;
+      const int64_t end = std::min(M, begin + rows_per_split);
       const T* block = wp + b * K * kBlock;
-      const T* block_bias = bp ? bp + b * kBlock : nullptr;
-      int64_t cols = std::min(kBlock, N - b * kBlock);
-      for (int64_t m = begin; m < std::min(M, begin + rows_per_split); m += kMaxRows) {
-        const float* xm = xp + m * K;
-        T* out = yp + m * N + b * kBlock;
-        switch (std::min<int64_t>(kMaxRows, M - m)) {
-          case 1: block_rows<1>(xm, K, block, K, block_bias, out, N, cols); break;
-          case 2: block_rows<2>(xm, K, block, K, block_bias, out, N, cols); break;
-          case 3: block_rows<3>(xm, K, block, K, block_bias, out, N, cols); break;
-          case 4: block_rows<4>(xm, K, block, K, block_bias, out, N, cols); break;
-          case 5: block_rows<5>(xm, K, block, K, block_bias, out, N, cols); break;
-          default: block_rows<6>(xm, K, block, K, block_bias, out, N, cols); break;
+      for (int64_t k = 0; k < K; k += slice) {
+        const int64_t k_end = std::min(K, k + slice);
+        for (int64_t m = begin; m < end; m += kMaxRows) {
+          float* sums = partial + (m - begin) * kBlock;
+          const BlockPass<T> pass{bp ? bp + b * kBlock : nullptr, k > 0 ? sums : nullptr,
+                                  k_end < K ? sums : nullptr,  yp + m * N + b * kBlock, N,
+                                  std::min(kBlock, N - b * kBlock), m == begin};
+          rows_pass(std::min<int64_t>(kMaxRows, end - m), xp + m * K, K, block, k, k_end, pass);
         }
       }
     }

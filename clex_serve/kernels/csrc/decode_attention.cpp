@@ -92,29 +92,28 @@ AVX512 inline __m512 sum_each(const __m512* v) {
 
 // Attention of `group` queries (float32, [group][dim], already multiplied by the softmax scale) over the
 // runs of one KV head: out [group][dim] float32. Query g sees the first limits[g] keys of the runs (counted
-// along them; at least one).
-template <bool PAIRS, typename T>
+// along them; at least one). VECTORS bounds dim / 16 at compile time, so that a query's vectors and its
+// running sums of values sit in registers: indexed at run time, they lived on the stack, and every key's
+// multiply-adds into the sums waited on a store and a reload of the one before (a key cost some 60 cycles,
+// the memory stream about as much again).
+template <bool PAIRS, int VECTORS, typename T>
 AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const T* k_base, const T* v_base,
                         int64_t slot_stride, const int64_t* runs, int64_t num_runs, const int64_t* limits,
                         float* out) {
   const int64_t vectors = (dim + 15) / 16;
-  __mmask16 masks[kMaxDim / 16];
-  for (int64_t v = 0; v < vectors; ++v) {
-    int64_t left = std::min<int64_t>(16, dim - v * 16);
+  __mmask16 masks[VECTORS];
+  for (int v = 0; v < VECTORS; ++v) {
+    int64_t left = std::clamp<int64_t>(dim - v * 16, 0, 16);
     masks[v] = (__mmask16)((1u << left) - 1);
   }
   float running_max[kMaxGroup], running_sum[kMaxGroup];
-  __m512 acc[kMaxGroup][kMaxDim / 16];
-  __m512 q[kMaxGroup][kMaxDim / 16];
+  alignas(64) float acc[kMaxGroup][VECTORS * 16];  // each query's weighted sum of values so far
   for (int64_t g = 0; g < group; ++g) {
     running_max[g] = -std::numeric_limits<float>::infinity();
     running_sum[g] = 0.f;
-    for (int64_t v = 0; v < vectors; ++v) {
-      acc[g][v] = _mm512_setzero_ps();
-      q[g][v] = _mm512_maskz_loadu_ps(masks[v], queries + g * dim + v * 16);
-    }
+    for (int v = 0; v < VECTORS; ++v) _mm512_store_ps(acc[g] + v * 16, _mm512_setzero_ps());
   }
-  float scores[kMaxGroup][kTile];
+  alignas(64) float scores[kMaxGroup][kTile];
   int64_t seen = 0;  // keys of the runs before this tile
   for (int64_t r = 0; r < num_runs; ++r) {
     for (int64_t tile = runs[2 * r]; tile < runs[2 * r + 1]; tile += kTile) {
@@ -124,72 +123,90 @@ AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const 
       seen += n;
       int64_t first = 0;  // queries come in increasing length: those that see none of the tile first
       while (first < group && valid[first] == 0) ++first;
-      for (int64_t j0 = 0; j0 < n; j0 += 16) {
-        for (int64_t g = first; g < group; ++g) {
-          if (j0 >= valid[g]) continue;
+      for (int64_t g = first; g < group; ++g) {
+        __m512 q[VECTORS];
+        for (int v = 0; v < VECTORS; ++v) q[v] = _mm512_maskz_loadu_ps(masks[v], queries + g * dim + v * 16);
+        for (int64_t j0 = 0; j0 < valid[g]; j0 += 16) {
           __m512 dots[16];
           for (int64_t j = 0; j < 16; ++j) {
             if (j0 + j >= valid[g]) { dots[j] = _mm512_setzero_ps(); continue; }
             const T* key = k_base + (tile + j0 + j) * slot_stride;
             if (g == first) prefetch_row(key + kTile * slot_stride, dim);
-            __m512 dot = _mm512_mul_ps(q[g][0], row_vector<PAIRS>(key, 0, masks[0]));
-            for (int64_t v = 1; v < vectors; ++v)
-              dot = _mm512_fmadd_ps(q[g][v], row_vector<PAIRS>(key, v, masks[v]), dot);
+            __m512 dot = _mm512_mul_ps(q[0], row_vector<PAIRS>(key, 0, masks[0]));
+            for (int v = 1; v < VECTORS; ++v)
+              if (v < vectors) dot = _mm512_fmadd_ps(q[v], row_vector<PAIRS>(key, v, masks[v]), dot);
             dots[j] = dot;
           }
-          _mm512_storeu_ps(scores[g] + j0, sum_each(dots));
+          _mm512_store_ps(scores[g] + j0, sum_each(dots));
         }
       }
       for (int64_t g = first; g < group; ++g) {
         const int64_t n = valid[g];
-        if (n == 0) continue;
-        float tile_max = *std::max_element(scores[g], scores[g] + n);
-        float new_max = std::max(running_max[g], tile_max);
+        __m512 tile_max = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {
+          __mmask16 valid = (__mmask16)(n - j0 >= 16 ? 0xFFFF : (1u << (n - j0)) - 1);
+          tile_max = _mm512_mask_max_ps(tile_max, valid, tile_max, _mm512_load_ps(scores[g] + j0));
+        }
+        float new_max = std::max(running_max[g], _mm512_reduce_max_ps(tile_max));
         float correction = std::exp(running_max[g] - new_max);  // 0 on the first tile (exp(-inf))
         running_sum[g] *= correction;
-        __m512 c = _mm512_set1_ps(correction);
-        for (int64_t v = 0; v < vectors; ++v) acc[g][v] = _mm512_mul_ps(acc[g][v], c);
         __m512 max_vector = _mm512_set1_ps(new_max), sum = _mm512_setzero_ps();
         for (int64_t j0 = 0; j0 < n; j0 += 16) {
           __mmask16 valid = (__mmask16)(n - j0 >= 16 ? 0xFFFF : (1u << (n - j0)) - 1);
-          __m512 p = clex_cpu::exp16(_mm512_sub_ps(_mm512_loadu_ps(scores[g] + j0), max_vector));
+          __m512 p = clex_cpu::exp16(_mm512_sub_ps(_mm512_load_ps(scores[g] + j0), max_vector));
           p = _mm512_maskz_mov_ps(valid, p);
-          _mm512_storeu_ps(scores[g] + j0, p);
+          _mm512_store_ps(scores[g] + j0, p);
           sum = _mm512_add_ps(sum, p);
         }
         running_sum[g] += _mm512_reduce_add_ps(sum);
         running_max[g] = new_max;
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        const T* value = v_base + (tile + j) * slot_stride;
-        prefetch_row(value + kTile * slot_stride, dim);
-        __m512 vv[kMaxDim / 16];
-        for (int64_t v = 0; v < vectors; ++v) vv[v] = row_vector<PAIRS>(value, v, masks[v]);
-        for (int64_t g = first; g < group; ++g) {
-          if (j >= valid[g]) continue;
+        // The values, query by query: the tile's rows come from L1 after the first query's pass.
+        __m512 c = _mm512_set1_ps(correction), a[VECTORS];
+        for (int v = 0; v < VECTORS; ++v) a[v] = _mm512_mul_ps(_mm512_load_ps(acc[g] + v * 16), c);
+        for (int64_t j = 0; j < n; ++j) {
+          const T* value = v_base + (tile + j) * slot_stride;
+          if (g == first) prefetch_row(value + kTile * slot_stride, dim);
           __m512 p = _mm512_set1_ps(scores[g][j]);
-          for (int64_t v = 0; v < vectors; ++v) acc[g][v] = _mm512_fmadd_ps(p, vv[v], acc[g][v]);
+          for (int v = 0; v < VECTORS; ++v)
+            if (v < vectors) a[v] = _mm512_fmadd_ps(p, row_vector<PAIRS>(value, v, masks[v]), a[v]);
         }
+        for (int v = 0; v < VECTORS; ++v) _mm512_store_ps(acc[g] + v * 16, a[v]);
       }
     }
   }
   for (int64_t g = 0; g < group; ++g) {
     __m512 inverse = _mm512_set1_ps(running_sum[g] > 0.f ? 1.f / running_sum[g] : 0.f);
-    for (int64_t v = 0; v < vectors; ++v)
-      _mm512_mask_storeu_ps(out + g * dim + v * 16, masks[v], _mm512_mul_ps(acc[g][v], inverse));
+    for (int v = 0; v < VECTORS; ++v)
+      if (v < vectors)
+        _mm512_mask_storeu_ps(out + g * dim + v * 16, masks[v], _mm512_mul_ps(_mm512_load_ps(acc[g] + v * 16), inverse));
   }
 }
 
-// attend_head with rows read in PAIRS order where ``pairs`` (bfloat16 only), plainly otherwise.
+// attend_head with rows read in PAIRS order where ``pairs`` (bfloat16 only), plainly otherwise, and its
+// vectors bounded by the head size: 64 and 128 (most models) in registers, up to 256 otherwise.
+template <int VECTORS, typename T>
+void attend_head_sized(bool pairs, const float* queries, int64_t group, int64_t dim, const T* k_base,
+                       const T* v_base, int64_t slot_stride, const int64_t* runs, int64_t num_runs,
+                       const int64_t* limits, float* out) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (pairs)
+      return attend_head<true, VECTORS>(queries, group, dim, k_base, v_base, slot_stride, runs, num_runs, limits,
+                                        out);
+  }
+  attend_head<false, VECTORS>(queries, group, dim, k_base, v_base, slot_stride, runs, num_runs, limits, out);
+}
+
 template <typename T>
 void attend_head_in_order(bool pairs, const float* queries, int64_t group, int64_t dim, const T* k_base,
                           const T* v_base, int64_t slot_stride, const int64_t* runs, int64_t num_runs,
                           const int64_t* limits, float* out) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (pairs)
-      return attend_head<true>(queries, group, dim, k_base, v_base, slot_stride, runs, num_runs, limits, out);
-  }
-  attend_head<false>(queries, group, dim, k_base, v_base, slot_stride, runs, num_runs, limits, out);
+  if (dim <= 64)
+    attend_head_sized<4>(pairs, queries, group, dim, k_base, v_base, slot_stride, runs, num_runs, limits, out);
+  else if (dim <= 128)
+    attend_head_sized<8>(pairs, queries, group, dim, k_base, v_base, slot_stride, runs, num_runs, limits, out);
+  else
+    attend_head_sized<kMaxDim / 16>(pairs, queries, group, dim, k_base, v_base, slot_stride, runs, num_runs,
+                                    limits, out);
 }
 
 // Rows [first, first + count) of the step attended together (one sequence's consecutive positions).

@@ -133,7 +133,7 @@ void blocked_linear_impl(const at::Tensor& x, const at::Tensor& w, const at::Ten
         for (int64_t m = begin; m < end; m += kMaxRows) {
           float* sums = partial + (m - begin) * kBlock;
           const BlockPass<T> pass{bp ? bp + b * kBlock : nullptr, k > 0 ? sums : nullptr,
-                                  k_end < K ? sums : nullptr,  yp + m * N + b * kBlock, N,
+                                  k_end < K ? sums : nullptr, yp + m * N + b * kBlock, N,
                                   std::min(kBlock, N - b * kBlock), m == begin};
           rows_pass(std::min<int64_t>(kMaxRows, end - m), xp + m * K, K, block, k, k_end, pass);
         }

@@ -142,6 +142,7 @@ AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const 
       }
       for (int64_t g = first; g < group; ++g) {
         const int64_t n = valid[g];
+        if (n == 0) continue;  // exp(-inf - -inf) would make the sums NaN
         __m512 tile_max = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
         for (int64_t j0 = 0; j0 < n; j0 += 16) {
           __mmask16 valid = (__mmask16)(n - j0 >= 16 ? 0xFFFF : (1u << (n - j0)) - 1);
@@ -178,7 +179,8 @@ AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const 
     __m512 inverse = _mm512_set1_ps(running_sum[g] > 0.f ? 1.f / running_sum[g] : 0.f);
     for (int v = 0; v < VECTORS; ++v)
       if (v < vectors)
-        _mm512_mask_storeu_ps(out + g * dim + v * 16, masks[v], _mm512_mul_ps(_mm512_load_ps(acc[g] + v * 16), inverse));
+        _mm512_mask_storeu_ps(out + g * dim + v * 16, masks[v],
+                              _mm512_mul_ps(_mm512_load_ps(acc[g] + v * 16), inverse));
   }
 }
 

@@ -25,6 +25,7 @@ from clex_serve.engine.spec_decode.drafter import Drafter, observe_verify_step, 
 from clex_serve.engine.stats import EngineStats
 from clex_serve.engine.structured.compiler import GrammarCompiler
 from clex_serve.engine.structured.grammar import SequenceGrammar
+from clex_serve.engine.worker.host_memory import keep_freed_host_memory
 from clex_serve.engine.worker.model_runner import ModelRunner
 from clex_serve.engine.worker.sampler import Sampler
 from clex_serve.engine.worker.worker import Worker
@@ -58,6 +59,8 @@ class LLMEngine:
         self.model_path = loaded.path
         check_tokenizer_fits(self.tokenizer, self.model_config.vocab_size, str(config.tokenizer or model_path))
         self.device = loaded.device
+        if self.device.type == "cpu":
+            keep_freed_host_memory()  # before the engine's thread exists: see host_memory
         self.eos_token_ids = eos_token_ids(loaded.path, self.model_config, self.tokenizer)
         self.max_model_len = config.resolved_max_model_len(self.model_config)
 

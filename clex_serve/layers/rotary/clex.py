@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -9,6 +10,8 @@ import torch
 from clex_serve.config import RopeScaling
 from clex_serve.layers.rotary.base import RotaryEmbedding
 from clex_serve.layers.rotary.clex_ode import ClexODE
+
+logger = logging.getLogger(__name__)
 
 
 def clex_scale_for_length(seq_len: int, base_window: int, max_factor: int) -> int:
@@ -48,5 +51,14 @@ class ClexRotaryEmbedding(RotaryEmbedding):
         grid = torch.arange(1.0, self.max_factor + 1.0, dtype=torch.float32, device=inv_freq.device)
         table = self.proj_func.solve(inv_freq, grid)
         table[0] = inv_freq  # t == 1 uses the base frequencies exactly, not their round trip through log/exp
+        broken = (~torch.isfinite(table)).any(dim=1).nonzero()
+        if len(broken):
+            first = int(broken[0]) + 1
+            logger.warning(
+                "this checkpoint's CLEX ODE gives frequencies that are not finite from scale %d on: "
+                "outputs of sequences past %d tokens will be NaN",
+                first,
+                (first - 1) * self.max_position_embeddings,
+            )
         self.inv_freq = inv_freq
         self.scaled_inv_freq = table

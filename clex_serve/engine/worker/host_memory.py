@@ -3,10 +3,10 @@
 A prompt's activations are tens of MB each (a 7,000-token float32 prompt's gate/up projection is 79 MB)
 and live for one layer. glibc's malloc serves every allocation above its mmap threshold (at most 32 MB)
 with a fresh ``mmap`` and unmaps it on free, so each such tensor was faulted in again page by page, every
-layer of every prompt: 330,000-390,000 page faults, about 0.4 s of a 3.7 s prefill on this machine.
-Served from the heap instead, and the heap not trimmed, they are reused from the second prompt on with no
-faults at all (time to first token 3.3-3.6 s against 3.0-3.5 s; peak resident memory 2.05 against 1.98
-GB). This is the CPU counterpart of CUDA's caching allocator, and what the tcmalloc or jemalloc that
+layer of every prompt: 330,000-390,000 page faults in a 7,000-token float32 prefill, at about 1.3 us each
+here. Served from the heap instead, and the heap not trimmed, they are reused from the second prompt on
+with no faults at all (docs/cpu.md has the times; the peak resident memory was 2.05 GB before, 1.98
+after). This is the CPU counterpart of CUDA's caching allocator, and what the tcmalloc or jemalloc that
 vLLM's and IPEX's CPU guides preload buy, without a preload.
 
 The cost is that memory freed by the process stays with it (up to ``TRIM_THRESHOLD`` at the heap's top)

@@ -37,7 +37,8 @@ namespace {
 constexpr int64_t kTile = 64;     // keys scored before their values are accumulated (whole 16s)
 constexpr int64_t kMaxGroup = 16;  // query heads per KV head handled together
 constexpr int64_t kMaxDim = 256;
-constexpr int64_t kShortTask = 4 * kTile;  // keys of a task after which the next one's first rows are prefetched
+constexpr int64_t kShortTask = 4 * kTile;  // a task of at most these keys prefetches the next one's first rows
+constexpr int64_t kNextTaskRows = 2 * kTile;  // the rows of the next task it asks for
 
 AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
@@ -65,13 +66,13 @@ AVX512 inline __m512 row_vector(const T* row, int64_t v, __mmask16 mask) {
 // Index of element d of a row in the PAIRS order: within its 32, evens first, then odds.
 inline int64_t pair_position(int64_t d) { return d / 32 * 32 + (d % 2) * 16 + (d % 32) / 2; }
 
-// The cache lines of a K or V row a tile ahead: the hardware prefetcher alone keeps too few reads in
-// flight for one core to stream a head's keys at memory speed.
-template <typename T>
+// The cache lines of a K or V row, by default into L1 a tile ahead: the hardware prefetcher alone keeps
+// too few reads in flight for one core to stream a head's keys at memory speed.
+template <auto HINT = _MM_HINT_T0, typename T>
 inline void prefetch_row(const T* row, int64_t dim) {
   const char* bytes = reinterpret_cast<const char*>(row);
   for (int64_t offset = 0; offset < dim * static_cast<int64_t>(sizeof(T)); offset += 64)
-    _mm_prefetch(bytes + offset, _MM_HINT_T0);
+    _mm_prefetch(bytes + offset, HINT);
 }
 
 // The first rows of a task's K and V into L2, asked for while the task before it runs. attend_head
@@ -80,14 +81,9 @@ inline void prefetch_row(const T* row, int64_t dim) {
 // their keys, and their attention ran at 15-19 GB/s with the cache in the last-level cache.
 template <typename T>
 inline void prefetch_first_rows(const T* k_row, const T* v_row, int64_t rows, int64_t slot_stride, int64_t dim) {
-  const int64_t bytes = dim * static_cast<int64_t>(sizeof(T));
   for (int64_t j = 0; j < rows; ++j) {
-    const char* k = reinterpret_cast<const char*>(k_row + j * slot_stride);
-    const char* v = reinterpret_cast<const char*>(v_row + j * slot_stride);
-    for (int64_t offset = 0; offset < bytes; offset += 64) {
-      _mm_prefetch(k + offset, _MM_HINT_T1);
-      _mm_prefetch(v + offset, _MM_HINT_T1);
-    }
+    prefetch_row<_MM_HINT_T1>(k_row + j * slot_stride, dim);
+    prefetch_row<_MM_HINT_T1>(v_row + j * slot_stride, dim);
   }
 }
 
@@ -271,7 +267,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
       const int64_t h = task % kv_heads, longest = span.first + span.count - 1;
       if (offsets[longest + 1] == offsets[longest]) return;
       const int64_t start = run_data[2 * offsets[longest]];
-      const int64_t rows = std::min(2 * kTile, run_data[2 * offsets[longest] + 1] - start);
+      const int64_t rows = std::min(kNextTaskRows, run_data[2 * offsets[longest] + 1] - start);
       prefetch_first_rows(k_cache.data_ptr<T>() + h * k_cache.stride(1) + start * k_cache.stride(0),
                           v_cache.data_ptr<T>() + h * v_cache.stride(1) + start * v_cache.stride(0), rows,
                           k_cache.stride(0), dim);

@@ -48,8 +48,12 @@ BF16_PAIRS = True
 _ONEDNN_ROWS_HINT = 16
 
 
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN's packed linear serves ``dtype`` here: bfloat16 only where oneDNN has a bf16 path on this CPU
+    (AVX-512 BW/VL/DQ or AVX-NE-CONVERT; on an AVX2 CPU its reorder refuses bfloat16 weights)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def to_blocked(weight: torch.Tensor) -> torch.Tensor:
@@ -109,6 +113,8 @@ class CpuLinear(nn.Module):
                 out = nn.functional.linear(rows, self.weight, self.bias)  # float32 single row: MKL's GEMV
             else:
                 out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
+        elif self.weight.numel():  # bfloat16 past the blocked kernel's rows where oneDNN has no bf16 path
+            out = nn.functional.linear(rows, self.weight, self.bias)
         else:  # float32 past the blocked kernel's rows: MKL's GEMM on the weight copied out of its blocks
             out = nn.functional.linear(rows, unblocked(self.blocked_weight, self.out_features), self.bias)
         return out.view(*x.shape[:-1], self.out_features)
@@ -132,14 +138,17 @@ def replace_cpu_linear_layers(model: nn.Module, shared: set[int] = frozenset(), 
     CPU kernels build)."""
     if blocked is None:
         blocked = cpu_kernels_available()
-    onednn = onednn_available()
-    if not blocked and not onednn:
-        return 0
 
     def replacement(module: nn.Module) -> nn.Module | None:
         if not isinstance(module, nn.Linear) or module.weight.dtype not in cpu_ops.KERNEL_DTYPES:
             return None
-        keep_plain = id(module.weight) in shared or (not blocked and module.weight.dtype == torch.float32)
+        dtype = module.weight.dtype
+        onednn = onednn_available(dtype)
+        if not blocked and not onednn:
+            return None  # F.linear stays (bfloat16 on an AVX2 CPU without the kernels)
+        # The plain weight serves F.linear: a tied embedding; float32 without the blocked kernel (MKL's GEMV
+        # at one row); bfloat16 past the blocked kernel's rows where oneDNN has no bf16 path.
+        keep_plain = id(module.weight) in shared or (not blocked and dtype == torch.float32) or (not onednn)
         kind = CpuPackedLinear if isinstance(module, PackedLinear) else CpuLinear
         return kind(module, blocked, onednn, keep_plain)
 

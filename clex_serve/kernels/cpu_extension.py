@@ -2,10 +2,11 @@
 
 The kernels register as ``torch.ops.clex_cpu.*``, which ``cpu_ops`` alone calls. They are built with the
 machine's C++ compiler through ``torch.utils.cpp_extension`` (10 s to over a minute, once; the cache lives
-under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and compiled for AVX-512, which they
-check for at run time. Where any of this is missing (no compiler, another architecture, an older CPU), or
-``CLEX_SERVE_CPU_KERNELS=0`` is set, the CPU path stays on PyTorch's own operators, a warning says why, and
-results do not change.
+under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). Each kernel has an AVX-512 body and an
+AVX2 + FMA one, chosen at run time: AVX-512 where the CPU has it, AVX2 elsewhere, or AVX2 everywhere with
+``CLEX_SERVE_CPU_ISA=avx2``. Where any of this is missing (no compiler, another architecture, a CPU without
+AVX2), or ``CLEX_SERVE_CPU_KERNELS=0`` is set, the CPU path stays on PyTorch's own operators, a warning says
+why, and results do not change.
 
 Each build has a library of its own, named by a digest of what it is built from: the sources and headers,
 the flags, torch's version and the Python installation (``sys.prefix``). Two virtual environments, or two
@@ -53,6 +54,7 @@ SOURCES = [
     )
 ]
 DISABLE_VARIABLE = "CLEX_SERVE_CPU_KERNELS"
+ISA_VARIABLE = "CLEX_SERVE_CPU_ISA"  # "avx2": the AVX2 bodies on an AVX-512 CPU too
 NAME_PREFIX = "clex_serve_cpu_kernels"
 # OpenMP: at::parallel_for runs on torch's own thread pool (the libgomp torch loaded), so the kernels use the
 # threads --threads set. No contraction into FMAs: the fused element-wise kernels round like PyTorch's
@@ -77,8 +79,13 @@ def cpu_kernels_available() -> bool:
         logger.warning("CPU kernels could not be built (%s); using PyTorch's operators instead", reason)
         return False
     if not cpu_ops.cpu_supported():
-        logger.info("this CPU has no AVX-512: using PyTorch's operators for linear layers")
+        logger.info("this CPU has no AVX2 and FMA: using PyTorch's operators")
         return False
+    isa = os.environ.get(ISA_VARIABLE, "avx512").lower()
+    if isa not in ("avx512", "avx2"):
+        logger.warning("%s=%s is not 'avx512' or 'avx2': taking the best this CPU has", ISA_VARIABLE, isa)
+        isa = "avx512"
+    logger.info("CPU kernels on %s", cpu_ops.select_cpu_isa(isa))
     return True
 
 

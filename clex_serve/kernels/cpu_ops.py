@@ -22,8 +22,24 @@ DECODE_MAX_GROUP = 16
 
 
 def cpu_supported() -> bool:
-    """The CPU has the AVX-512 (F, BW) the kernels are compiled for."""
+    """The CPU has AVX2 and FMA, the least the kernels run on (each has an AVX-512 body too)."""
     return torch.ops.clex_cpu.cpu_supported()
+
+
+def cpu_isa() -> str:
+    """The instruction set the kernels run on now: ``"avx512"`` or ``"avx2"``."""
+    return torch.ops.clex_cpu.cpu_isa()
+
+
+def select_cpu_isa(isa: str) -> str:
+    """Run the kernels' ``"avx2"`` bodies, or their ``"avx512"`` ones where the CPU has AVX-512; returns the
+    one now in use. Weight layouts are chosen for the ISA at hand (``cpu_linear``): select before building."""
+    return torch.ops.clex_cpu.select_cpu_isa(isa)
+
+
+def vector_lanes() -> int:
+    """float32 lanes of the kernels' vectors on the ISA in use."""
+    return 16 if cpu_isa() == "avx512" else 8
 
 
 def blocked_linear(
@@ -179,7 +195,8 @@ def stream_read(data: torch.Tensor) -> float:
 
 
 def fma_peak(iterations: int) -> float:
-    """Every torch thread runs ``iterations`` x 24 float32 FMAs of 16 lanes on registers (2 FLOPs a lane)."""
+    """Every torch thread runs ``iterations`` x 24 float32 FMAs of ``vector_lanes()`` lanes on registers (2
+    FLOPs a lane)."""
     return torch.ops.clex_cpu.fma_peak(iterations)
 
 

@@ -9,7 +9,10 @@ from clex_serve.attention.metadata import flat_slots
 from clex_serve.kernels import cpu_ops
 from clex_serve.kernels.cpu_extension import cpu_kernels_available
 
-pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels do not build here")
+pytestmark = [
+    pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels do not build here"),
+    pytest.mark.usefixtures("each_cpu_isa"),
+]
 
 # Runs of slots per sequence: one key, a run shorter than a tile, several runs of uneven lengths, a long one.
 SEQUENCES = [[(40, 41)], [(0, 13)], [(100, 180), (300, 317), (20, 39)], [(400, 1400)]]

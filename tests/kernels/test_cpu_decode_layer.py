@@ -12,7 +12,10 @@ from clex_serve.loading.loader import load_model
 from clex_serve.models.llama import LlamaDecoderLayer
 from helpers.models import FIXTURES, batched_decode_logits
 
-pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels do not build here")
+pytestmark = [
+    pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels do not build here"),
+    pytest.mark.usefixtures("each_cpu_isa"),
+]
 
 
 @pytest.mark.parametrize("name", ["llama", "llama_logscale"])

@@ -12,7 +12,10 @@ from clex_serve.kernels.cpu_extension import cpu_kernels_available
 from clex_serve.kernels.cpu_layers import CpuRMSNorm
 from clex_serve.layers.norm import RMSNorm
 
-pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels do not build here")
+pytestmark = [
+    pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels do not build here"),
+    pytest.mark.usefixtures("each_cpu_isa"),
+]
 DTYPES = [torch.float32, torch.bfloat16]
 ONE_STEP = {torch.float32: dict(atol=1e-6, rtol=2e-6), torch.bfloat16: dict(atol=1e-2, rtol=2**-7)}
 

@@ -6,7 +6,10 @@ import torch
 
 from clex_serve.kernels.cpu_extension import cpu_kernels_available
 
-pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="the C++ CPU kernels do not build here")
+pytestmark = [
+    pytest.mark.skipif(not cpu_kernels_available(), reason="the C++ CPU kernels do not build here"),
+    pytest.mark.usefixtures("each_cpu_isa"),
+]
 
 
 @pytest.mark.parametrize("vocab", [4096, 32001])

@@ -10,6 +10,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 
+#include "avx2_math.h"
 #include "avx512_math.h"
 #include "clex_cpu.h"
 #include "elementwise.h"
@@ -43,13 +44,37 @@ AVX512 void silu_and_mul_row(const T* gate, const T* up, T* o, int64_t width) {
   }
 }
 
+// The same on AVX2, a 16 as two vectors of 8 (exp8 is exp16 bit for bit) and the tail past the last whole
+// 16 scalar, as above: the results are the AVX-512 body's bit for bit.
+template <typename T>
+AVX2 void silu_and_mul_row_avx2(const T* gate, const T* up, T* o, int64_t width) {
+  int64_t c = 0;
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (; c + 16 <= width; c += 16) {
+    for (int64_t h = c; h < c + 16; h += 8) {
+      __m256 g = clex_cpu::load8(gate + h);
+      __m256 activated = clex_cpu::round8<T>(
+          _mm256_div_ps(g, _mm256_add_ps(one, clex_cpu::exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)))));
+      clex_cpu::store8(o + h, _mm256_mul_ps(activated, clex_cpu::load8(up + h)));
+    }
+  }
+  for (; c < width; ++c) {
+    float g = static_cast<float>(gate[c]);
+    float activated = rounded<T>(g / (1.f + std::exp(-g)));
+    o[c] = static_cast<T>(activated * static_cast<float>(up[c]));
+  }
+}
+
 template <typename T>
 void silu_and_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
   const int64_t rows = gate_up.size(0), width = out.size(1);
+  const bool avx512 = clex_cpu::avx512_active();
   at::parallel_for(0, rows, kRowsPerTask, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       const T* gate = gate_up.data_ptr<T>() + r * gate_up.stride(0);
-      silu_and_mul_row<T>(gate, gate + width, out.data_ptr<T>() + r * out.stride(0), width);
+      T* o = out.data_ptr<T>() + r * out.stride(0);
+      if (avx512) silu_and_mul_row<T>(gate, gate + width, o, width);
+      else silu_and_mul_row_avx2<T>(gate, gate + width, o, width);
     }
   });
 }

@@ -8,12 +8,18 @@
 // bfloat16 reads half the bytes. Rows of x are taken six at a time; a block (at most a few hundred KB), or
 // a slice of it, stays in cache while the next six rows pass over it, so weights come from memory once per
 // step.
+//
+// Without AVX-512 (16 vector registers of 8 lanes) a row's 64 sums take 8 registers: one row walks the whole
+// block (a decode step of one stream, bound by the stream of weights), and more rows walk it in halves of 32
+// columns, three rows at a time (12 sums), the block's slice held in L1 for the passes after the first. Each
+// output sums the same products in the same order as the AVX-512 body: the results are equal bit for bit.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/_to_copy.h>
 #include <c10/util/BFloat16.h>
 
+#include "avx2_math.h"
 #include "avx512_math.h"
 #include "clex_cpu.h"
 
@@ -103,6 +109,67 @@ AVX512 void rows_pass(int64_t rows, const float* x, int64_t x_stride, const T* b
   }
 }
 
+// The AVX2 body of block_rows for rows [0, ROWS) and the COLS columns from ``column`` of the block.
+template <int ROWS, int COLS, typename T>
+AVX2 void block_rows_avx2(const float* x, int64_t x_stride, const T* block, int64_t k_begin, int64_t k_end,
+                          const BlockPass<T>& pass, int64_t column) {
+  constexpr int kLanes = 8, kColumnVectors = COLS / kLanes;
+  __m256 acc[ROWS][kColumnVectors];
+  for (int m = 0; m < ROWS; ++m)
+    for (int v = 0; v < kColumnVectors; ++v) {
+      const int64_t c = column + v * kLanes;
+      acc[m][v] = pass.from ? _mm256_load_ps(pass.from + m * kBlock + c)
+                  : pass.bias ? clex_cpu::load8(pass.bias + c)
+                              : _mm256_setzero_ps();
+    }
+  for (int64_t k = k_begin; k < k_end; ++k) {
+    const T* w = block + k * kBlock + column;
+    if (pass.prefetch && column == 0) {  // into L2, as the AVX-512 body (its comment says why)
+      const char* ahead = reinterpret_cast<const char*>(block + (k + kPrefetchRows) * kBlock);
+      for (int64_t line = 0; line < static_cast<int64_t>(kBlock * sizeof(T)); line += 64)
+        _mm_prefetch(ahead + line, _MM_HINT_T1);
+    }
+    for (int m = 0; m < ROWS; ++m) {
+      __m256 xv = _mm256_set1_ps(x[m * x_stride + k]);
+      for (int v = 0; v < kColumnVectors; ++v)
+        acc[m][v] = _mm256_fmadd_ps(xv, clex_cpu::load8(w + v * kLanes), acc[m][v]);
+    }
+  }
+  for (int m = 0; m < ROWS; ++m) {
+    for (int v = 0; v < kColumnVectors; ++v) {
+      const int64_t c = column + v * kLanes;
+      if (pass.to) {
+        _mm256_store_ps(pass.to + m * kBlock + c, acc[m][v]);
+      } else if (c + kLanes <= pass.out_cols) {
+        clex_cpu::store8(pass.out + m * pass.out_stride + c, acc[m][v]);
+      } else if (c < pass.out_cols) {  // the last block of a matrix whose rows were padded to a whole block
+        clex_cpu::store_first(pass.out + m * pass.out_stride + c, clex_cpu::round8<T>(acc[m][v]),
+                              pass.out_cols - c);
+      }
+    }
+  }
+}
+
+// rows_pass's AVX2 body: one row over the whole block, or up to three rows per half of it.
+template <typename T>
+AVX2 void rows_pass_avx2(int64_t rows, const float* x, int64_t x_stride, const T* block, int64_t k_begin,
+                         int64_t k_end, const BlockPass<T>& pass) {
+  if (rows == 1) return block_rows_avx2<1, kBlock>(x, x_stride, block, k_begin, k_end, pass, 0);
+  for (int64_t m = 0; m < rows; m += 3) {
+    BlockPass<T> part = pass;
+    part.from = pass.from ? pass.from + m * kBlock : nullptr;
+    part.to = pass.to ? pass.to + m * kBlock : nullptr;
+    part.out = pass.out + m * pass.out_stride;
+    part.prefetch = pass.prefetch && m == 0;
+    const float* xm = x + m * x_stride;
+    for (int64_t column = 0; column < kBlock; column += kBlock / 2) {
+      if (rows - m >= 3) block_rows_avx2<3, kBlock / 2>(xm, x_stride, block, k_begin, k_end, part, column);
+      else if (rows - m == 2) block_rows_avx2<2, kBlock / 2>(xm, x_stride, block, k_begin, k_end, part, column);
+      else block_rows_avx2<1, kBlock / 2>(xm, x_stride, block, k_begin, k_end, part, column);
+    }
+  }
+}
+
 template <typename T>
 void blocked_linear_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, at::Tensor& y,
                          int64_t N) {
@@ -120,7 +187,9 @@ void blocked_linear_impl(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const int64_t threads = at::get_num_threads();
   const int64_t splits = std::max<int64_t>(1, std::min(row_groups, (threads + blocks - 1) / blocks));
   const int64_t rows_per_split = (row_groups + splits - 1) / splits * kMaxRows;
-  const bool sliced = M > kMaxRows && M <= kMaxSlicedRows;
+  const bool avx512 = clex_cpu::avx512_active();
+  // The AVX2 body walks a block once per three rows and half: sliced from two rows on, so that it is in L1.
+  const bool sliced = M > (avx512 ? kMaxRows : 1) && M <= kMaxSlicedRows;
   const int64_t slice = sliced ? kSliceRows : K;
   at::parallel_for(0, blocks * splits, 1, [&](int64_t first, int64_t last) {
     alignas(64) float partial[kMaxSlicedRows * kBlock];
@@ -135,7 +204,9 @@ void blocked_linear_impl(const at::Tensor& x, const at::Tensor& w, const at::Ten
           const BlockPass<T> pass{bp ? bp + b * kBlock : nullptr, k > 0 ? sums : nullptr,
                                   k_end < K ? sums : nullptr, yp + m * N + b * kBlock, N,
                                   std::min(kBlock, N - b * kBlock), m == begin};
-          rows_pass(std::min<int64_t>(kMaxRows, end - m), xp + m * K, K, block, k, k_end, pass);
+          const int64_t rows = std::min<int64_t>(kMaxRows, end - m);
+          if (avx512) rows_pass(rows, xp + m * K, K, block, k, k_end, pass);
+          else rows_pass_avx2(rows, xp + m * K, K, block, k, k_end, pass);
         }
       }
     }

@@ -5,12 +5,16 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace clex_cpu {
 
 // cpu_features.cpp
-bool cpu_supported();
+bool cpu_supported();  // AVX2 and FMA: the kernels run here
+bool avx512_active();  // the AVX-512 bodies run (else the AVX2 ones)
+std::string cpu_isa();
+std::string select_cpu_isa(const std::string& isa);
 
 // blocked_linear.cpp
 at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t N);

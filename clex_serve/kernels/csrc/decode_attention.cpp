@@ -20,6 +20,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 
+#include "avx2_math.h"
 #include "avx512_math.h"
 #include "clex_cpu.h"
 
@@ -201,6 +202,129 @@ AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const 
   }
 }
 
+// ---- The AVX2 body (CPUs without AVX-512): the same algorithm, tiles and prefetches in 8-lane vectors ----
+
+// Vector v of a cached row in float32, as row_vector: plain, elements 8v .. 8v+7 (the last vector of a head
+// size that is not a whole 8 read lane by lane); PAIRS (bfloat16 rows of whole 16s), a 32-byte load of 16
+// elements as 8 pairs, vector 2c the even elements of the c-th 16 and 2c+1 the odd ones.
+template <bool PAIRS, typename T>
+AVX2 inline __m256 row_vector8(const T* row, int64_t v, int64_t dim) {
+  if constexpr (PAIRS) {
+    __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (v / 2) * 16));
+    return _mm256_castsi256_ps(v % 2 == 0 ? _mm256_slli_epi32(raw, 16)
+                                          : _mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  } else {
+    return clex_cpu::load_part(row + v * 8, std::min<int64_t>(8, dim - v * 8));
+  }
+}
+
+// Index of element d of a row in the AVX2 PAIRS order: within its 16, evens first, then odds.
+inline int64_t pair_position8(int64_t d) { return d / 16 * 16 + (d % 2) * 8 + (d % 16) / 2; }
+
+// r[j] = sum of the 8 lanes of v[j], for 8 vectors (sum_each's counterpart).
+AVX2 inline __m256 sum_each8(const __m256* v) {
+  __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// Lanes [0, n) set (n clamped to [0, 8]), as a float mask.
+AVX2 inline __m256 first_lanes(int64_t n) {
+  const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(n, 0, 8))), index));
+}
+
+// attend_head's AVX2 body. 16 registers do not hold a head's running sums of values past 64 elements, so
+// the values are accumulated 64 elements (8 vectors) at a time over the tile, its rows from L1 after the
+// first pass; VECTORS bounds dim / 8.
+template <bool PAIRS, int VECTORS, typename T>
+AVX2 void attend_head_avx2(const float* queries, int64_t group, int64_t dim, const T* k_base, const T* v_base,
+                           int64_t slot_stride, const int64_t* runs, int64_t num_runs, const int64_t* limits,
+                           float* out) {
+  constexpr int kChunk = VECTORS < 8 ? VECTORS : 8;  // value vectors accumulated in registers at once
+  const int64_t vectors = (dim + 7) / 8;
+  float running_max[kMaxGroup], running_sum[kMaxGroup];
+  alignas(32) float acc[kMaxGroup][VECTORS * 8];  // each query's weighted sum of values so far
+  for (int64_t g = 0; g < group; ++g) {
+    running_max[g] = -std::numeric_limits<float>::infinity();
+    running_sum[g] = 0.f;
+    for (int v = 0; v < VECTORS; ++v) _mm256_store_ps(acc[g] + v * 8, _mm256_setzero_ps());
+  }
+  alignas(32) float scores[kMaxGroup][kTile];
+  int64_t seen = 0;  // keys of the runs before this tile
+  for (int64_t r = 0; r < num_runs; ++r) {
+    const int64_t run_end = runs[2 * r + 1];
+    for (int64_t tile = runs[2 * r]; tile < run_end; tile += kTile) {
+      const int64_t n = std::min(kTile, run_end - tile);
+      int64_t valid[kMaxGroup];  // keys of this tile that query g sees
+      for (int64_t g = 0; g < group; ++g) valid[g] = std::clamp<int64_t>(limits[g] - seen, 0, n);
+      seen += n;
+      int64_t first = 0;  // queries come in increasing length: those that see none of the tile first
+      while (first < group && valid[first] == 0) ++first;
+      for (int64_t g = first; g < group; ++g) {
+        const float* q = queries + g * dim;
+        for (int64_t j0 = 0; j0 < valid[g]; j0 += 8) {
+          __m256 dots[8];
+          for (int64_t j = 0; j < 8; ++j) {
+            if (j0 + j >= valid[g]) { dots[j] = _mm256_setzero_ps(); continue; }
+            const T* key = k_base + (tile + j0 + j) * slot_stride;
+            if (g == first && tile + j0 + j + kTile < run_end) prefetch_row(key + kTile * slot_stride, dim);
+            __m256 dot = _mm256_mul_ps(clex_cpu::load_part(q, std::min<int64_t>(8, dim)), row_vector8<PAIRS>(key, 0, dim));
+            for (int v = 1; v < VECTORS; ++v)
+              if (v < vectors)
+                dot = _mm256_fmadd_ps(clex_cpu::load_part(q + v * 8, std::min<int64_t>(8, dim - v * 8)),
+                                      row_vector8<PAIRS>(key, v, dim), dot);
+            dots[j] = dot;
+          }
+          _mm256_store_ps(scores[g] + j0, sum_each8(dots));
+        }
+      }
+      for (int64_t g = first; g < group; ++g) {
+        const int64_t n = valid[g];
+        if (n == 0) continue;  // exp(-inf - -inf) would make the sums NaN
+        const __m256 minus_infinity = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+        __m256 tile_max = minus_infinity;
+        for (int64_t j0 = 0; j0 < n; j0 += 8)
+          tile_max = _mm256_max_ps(tile_max, _mm256_blendv_ps(minus_infinity, _mm256_load_ps(scores[g] + j0),
+                                                              first_lanes(n - j0)));
+        float new_max = std::max(running_max[g], clex_cpu::max8(tile_max));
+        float correction = std::exp(running_max[g] - new_max);  // 0 on the first tile (exp(-inf))
+        running_sum[g] *= correction;
+        __m256 max_vector = _mm256_set1_ps(new_max), sum = _mm256_setzero_ps();
+        for (int64_t j0 = 0; j0 < n; j0 += 8) {
+          __m256 p = clex_cpu::exp8(_mm256_sub_ps(_mm256_load_ps(scores[g] + j0), max_vector));
+          p = _mm256_and_ps(p, first_lanes(n - j0));
+          _mm256_store_ps(scores[g] + j0, p);
+          sum = _mm256_add_ps(sum, p);
+        }
+        running_sum[g] += clex_cpu::sum8(sum);
+        running_max[g] = new_max;
+        const __m256 c = _mm256_set1_ps(correction);
+        for (int chunk = 0; chunk < VECTORS; chunk += kChunk) {
+          if (chunk >= vectors) break;
+          __m256 a[kChunk];
+          for (int v = 0; v < kChunk; ++v) a[v] = _mm256_mul_ps(_mm256_load_ps(acc[g] + (chunk + v) * 8), c);
+          for (int64_t j = 0; j < n; ++j) {
+            const T* value = v_base + (tile + j) * slot_stride;
+            if (g == first && chunk == 0 && tile + j + kTile < run_end) prefetch_row(value + kTile * slot_stride, dim);
+            __m256 p = _mm256_set1_ps(scores[g][j]);
+            for (int v = 0; v < kChunk; ++v)
+              if (chunk + v < vectors) a[v] = _mm256_fmadd_ps(p, row_vector8<PAIRS>(value, chunk + v, dim), a[v]);
+          }
+          for (int v = 0; v < kChunk; ++v) _mm256_store_ps(acc[g] + (chunk + v) * 8, a[v]);
+        }
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    __m256 inverse = _mm256_set1_ps(running_sum[g] > 0.f ? 1.f / running_sum[g] : 0.f);
+    for (int v = 0; v < VECTORS; ++v)
+      if (v < vectors)
+        clex_cpu::store_part(out + g * dim + v * 8, _mm256_mul_ps(_mm256_load_ps(acc[g] + v * 8), inverse),
+                             std::min<int64_t>(8, dim - v * 8));
+  }
+}
+
 // attend_head with rows read in PAIRS order where ``pairs`` (bfloat16 only), plainly otherwise, and its
 // vectors bounded by the head size: 64 and 128 (most models) in registers, up to 256 otherwise.
 template <int VECTORS, typename T>
@@ -215,10 +339,34 @@ void attend_head_sized(bool pairs, const float* queries, int64_t group, int64_t 
   attend_head<false, VECTORS>(queries, group, dim, k_base, v_base, slot_stride, runs, num_runs, limits, out);
 }
 
+// The same for the AVX2 body, VECTORS bounding dim / 8.
+template <int VECTORS, typename T>
+void attend_head_sized_avx2(bool pairs, const float* queries, int64_t group, int64_t dim, const T* k_base,
+                            const T* v_base, int64_t slot_stride, const int64_t* runs, int64_t num_runs,
+                            const int64_t* limits, float* out) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (pairs)
+      return attend_head_avx2<true, VECTORS>(queries, group, dim, k_base, v_base, slot_stride, runs, num_runs,
+                                             limits, out);
+  }
+  attend_head_avx2<false, VECTORS>(queries, group, dim, k_base, v_base, slot_stride, runs, num_runs, limits, out);
+}
+
 template <typename T>
-void attend_head_in_order(bool pairs, const float* queries, int64_t group, int64_t dim, const T* k_base,
-                          const T* v_base, int64_t slot_stride, const int64_t* runs, int64_t num_runs,
-                          const int64_t* limits, float* out) {
+void attend_head_in_order(bool avx512, bool pairs, const float* queries, int64_t group, int64_t dim,
+                          const T* k_base, const T* v_base, int64_t slot_stride, const int64_t* runs,
+                          int64_t num_runs, const int64_t* limits, float* out) {
+  if (!avx512) {
+    if (dim <= 64)
+      attend_head_sized_avx2<8>(pairs, queries, group, dim, k_base, v_base, slot_stride, runs, num_runs, limits, out);
+    else if (dim <= 128)
+      attend_head_sized_avx2<16>(pairs, queries, group, dim, k_base, v_base, slot_stride, runs, num_runs, limits,
+                                 out);
+    else
+      attend_head_sized_avx2<kMaxDim / 8>(pairs, queries, group, dim, k_base, v_base, slot_stride, runs, num_runs,
+                                          limits, out);
+    return;
+  }
   if (dim <= 64)
     attend_head_sized<4>(pairs, queries, group, dim, k_base, v_base, slot_stride, runs, num_runs, limits, out);
   else if (dim <= 128)
@@ -254,7 +402,10 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
                            const std::optional<at::Tensor>& row_groups, at::Tensor& out) {
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = k_cache.size(1);
   const int64_t group = heads / kv_heads;
-  const bool pairs = std::is_same_v<T, c10::BFloat16> && dim % 32 == 0;
+  const bool avx512 = clex_cpu::avx512_active();
+  // bfloat16 rows in pairs: whole 64-byte loads (AVX-512) or 32-byte ones (AVX2).
+  const bool pairs = std::is_same_v<T, c10::BFloat16> && dim % (avx512 ? 32 : 16) == 0;
+  auto position = [&](int64_t d) { return !pairs ? d : avx512 ? pair_position(d) : pair_position8(d); };
   const int64_t* run_data = runs.data_ptr<int64_t>();
   const int64_t* offsets = run_offsets.data_ptr<int64_t>();
   const std::vector<RowSpan> spans = row_spans(batch, group, row_groups);
@@ -284,7 +435,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
           limits[query] = keys;
           const T* row = q.data_ptr<T>() + b * q.stride(0) + (h * group + g) * q.stride(1);
           for (int64_t d = 0; d < dim; ++d)
-            queries[query * dim + (pairs ? pair_position(d) : d)] =
+            queries[query * dim + position(d)] =
                 static_cast<float>(row[d]) * static_cast<float>(scale);
         }
       }
@@ -294,7 +445,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
       const int64_t longest = span.first + span.count - 1;  // every row's runs are a prefix of its runs
       const T* keys = k_cache.data_ptr<T>() + h * k_cache.stride(1);
       const T* values = v_cache.data_ptr<T>() + h * v_cache.stride(1);
-      attend_head_in_order<T>(pairs, queries.data(), span.count * group, dim, keys, values, k_cache.stride(0),
+      attend_head_in_order<T>(avx512, pairs, queries.data(), span.count * group, dim, keys, values, k_cache.stride(0),
                               run_data + 2 * offsets[longest], offsets[longest + 1] - offsets[longest], limits,
                               result.data());
       for (int64_t r = 0; r < span.count; ++r) {
@@ -302,7 +453,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
           const int64_t query = r * group + g;
           T* target = out.data_ptr<T>() + (span.first + r) * out.stride(0) + (h * group + g) * out.stride(1);
           for (int64_t d = 0; d < dim; ++d)
-            target[d] = static_cast<T>(result[query * dim + (pairs ? pair_position(d) : d)]);
+            target[d] = static_cast<T>(result[query * dim + position(d)]);
         }
       }
     }

@@ -10,12 +10,14 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 
+#include "avx2_math.h"
 #include "avx512_math.h"
 #include "clex_cpu.h"
 #include "elementwise.h"
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 #include <initializer_list>
 #include <tuple>
@@ -61,6 +63,37 @@ AVX512 void rotate_head(const T* source, T* target, const T* cos, const T* sin, 
     target[i] = scale ? static_cast<T>(static_cast<float>(source[i]) * *scale) : source[i];
 }
 
+// rotate_head's AVX2 body: eight channels of each half at a time, the last few of a half in scalar lanes
+// (load_first), with the same roundings.
+template <typename T>
+AVX2 void rotate_head_avx2(const T* source, T* target, const T* cos, const T* sin, int64_t head_dim,
+                           int64_t rotary_dim, const float* scale) {
+  using clex_cpu::round8;
+  const int64_t half = rotary_dim / 2;
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u)));
+  const __m256 factor = _mm256_set1_ps(scale ? *scale : 1.f);
+  for (int64_t i = 0; i < half; i += 8) {
+    const int64_t n = std::min<int64_t>(8, half - i);
+    __m256 x1 = clex_cpu::load_part(source + i, n), x2 = clex_cpu::load_part(source + half + i, n);
+    __m256 c = clex_cpu::load_part(cos + i, n), s = clex_cpu::load_part(sin + i, n);
+    __m256 minus_x2 = _mm256_xor_ps(x2, sign);
+    __m256 out1 = round8<T>(_mm256_add_ps(round8<T>(_mm256_mul_ps(x1, c)), round8<T>(_mm256_mul_ps(minus_x2, s))));
+    __m256 out2 = round8<T>(_mm256_add_ps(round8<T>(_mm256_mul_ps(x2, c)), round8<T>(_mm256_mul_ps(x1, s))));
+    if (scale) out1 = round8<T>(_mm256_mul_ps(out1, factor)), out2 = round8<T>(_mm256_mul_ps(out2, factor));
+    clex_cpu::store_part(target + i, out1, n);  // rounded already: store8's rounding changes nothing
+    clex_cpu::store_part(target + half + i, out2, n);
+  }
+  for (int64_t i = rotary_dim; i < head_dim; ++i)
+    target[i] = scale ? static_cast<T>(static_cast<float>(source[i]) * *scale) : source[i];
+}
+
+template <typename T>
+void rotate_head_on_cpu(const T* source, T* target, const T* cos, const T* sin, int64_t head_dim,
+                        int64_t rotary_dim, const float* scale) {
+  if (clex_cpu::avx512_active()) rotate_head<T>(source, target, cos, sin, head_dim, rotary_dim, scale);
+  else rotate_head_avx2<T>(source, target, cos, sin, head_dim, rotary_dim, scale);
+}
+
 template <typename T>
 void rotate_and_cache_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
                            const at::Tensor& sin, const at::Tensor& query_scale, const at::Tensor& slots,
@@ -76,12 +109,12 @@ void rotate_and_cache_impl(const at::Tensor& q, const at::Tensor& k, const at::T
       float scale_value = query_scale.defined() ? static_cast<float>(query_scale.data_ptr<T>()[t]) : 1.f;
       const float* scale = query_scale.defined() ? &scale_value : nullptr;
       for (int64_t h = 0; h < heads; ++h)
-        rotate_head<T>(q.data_ptr<T>() + t * q.stride(0) + h * q.stride(1),
+        rotate_head_on_cpu<T>(q.data_ptr<T>() + t * q.stride(0) + h * q.stride(1),
                        q_out.data_ptr<T>() + t * q_out.stride(0) + h * q_out.stride(1), c, s, head_dim, rotary_dim,
                        scale);
       for (int64_t h = 0; h < kv_heads; ++h) {
         T* key = k_out.data_ptr<T>() + t * k_out.stride(0) + h * k_out.stride(1);
-        rotate_head<T>(k.data_ptr<T>() + t * k.stride(0) + h * k.stride(1), key, c, s, head_dim, rotary_dim,
+        rotate_head_on_cpu<T>(k.data_ptr<T>() + t * k.stride(0) + h * k.stride(1), key, c, s, head_dim, rotary_dim,
                        nullptr);
         T* cached_key = k_cache.data_ptr<T>() + slot[t] * k_cache.stride(0) + h * k_cache.stride(1);
         T* cached_value = v_cache.data_ptr<T>() + slot[t] * v_cache.stride(0) + h * v_cache.stride(1);

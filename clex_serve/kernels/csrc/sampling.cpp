@@ -11,6 +11,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include "avx2_math.h"
 #include "avx512_math.h"
 #include "clex_cpu.h"
 
@@ -23,25 +24,22 @@
 
 namespace {
 
-// The row's token for the uniform draw u in [0, 1): the first whose cumulative weight exceeds u times the
-// total. ``weights`` and ``sums`` are scratch space of the row's length and of its 16s.
-AVX512 int64_t sample_row(const float* x, int64_t vocab, float temperature, double u, float* weights,
-                          double* sums) {
+// The row's largest x / T (its tail included) and, where it is finite, the weights exp(x / T - top) of its
+// whole 16s with their float64 sums per 16 in ``sums``.
+AVX512 float weigh_row(const float* x, int64_t vocab, float temperature, float* weights, double* sums) {
   const int64_t full = vocab / 16 * 16;
   const __m512 t = _mm512_set1_ps(temperature);
   __m512 largest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t i = 0; i < full; i += 16) largest = _mm512_max_ps(largest, _mm512_div_ps(_mm512_loadu_ps(x + i), t));
   float top = _mm512_reduce_max_ps(largest);
   for (int64_t i = full; i < vocab; ++i) top = std::max(top, x[i] / temperature);
-  if (!(top > -std::numeric_limits<float>::infinity())) return 0;  // nothing to draw from (all -inf or NaN)
+  if (!(top > -std::numeric_limits<float>::infinity())) return top;
   const __m512 top_vector = _mm512_set1_ps(top);
-  double total = 0.0;
-  int64_t chunk = 0;
   // Weights below float32's smallest normal are 0: exp16 clamps at -100, so a token masked to -inf (a
   // structured output's mask leaves most of a row so) would weigh a denormal, which is never to be drawn
   // and made this loop five times slower.
   const __m512 smallest_normal_exponent = _mm512_set1_ps(-87.f);
-  for (int64_t i = 0; i < full; i += 16, ++chunk) {
+  for (int64_t i = 0, chunk = 0; i < full; i += 16, ++chunk) {
     const __m512 shifted = _mm512_sub_ps(_mm512_div_ps(_mm512_loadu_ps(x + i), t), top_vector);
     const __mmask16 weighed = _mm512_cmp_ps_mask(shifted, smallest_normal_exponent, _CMP_GE_OQ);
     __m512 w = _mm512_maskz_mov_ps(weighed, clex_cpu::exp16(shifted));
@@ -50,8 +48,48 @@ AVX512 int64_t sample_row(const float* x, int64_t vocab, float temperature, doub
     __m512d low = _mm512_cvtps_pd(_mm512_castps512_ps256(w));
     __m512d high = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1)));
     sums[chunk] = _mm512_reduce_add_pd(_mm512_add_pd(low, high));
-    total += sums[chunk];
   }
+  return top;
+}
+
+// weigh_row's AVX2 body: the same weights (exp8 is exp16 bit for bit), each 16's sum in float64 from two
+// halves of 8 (the float64 additions in another order: a sum may differ in its last bit).
+AVX2 float weigh_row_avx2(const float* x, int64_t vocab, float temperature, float* weights, double* sums) {
+  const int64_t full = vocab / 16 * 16;
+  const __m256 t = _mm256_set1_ps(temperature);
+  __m256 largest = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < full; i += 8) largest = _mm256_max_ps(largest, _mm256_div_ps(_mm256_loadu_ps(x + i), t));
+  float top = clex_cpu::max8(largest);
+  for (int64_t i = full; i < vocab; ++i) top = std::max(top, x[i] / temperature);
+  if (!(top > -std::numeric_limits<float>::infinity())) return top;
+  const __m256 top_vector = _mm256_set1_ps(top), smallest_normal_exponent = _mm256_set1_ps(-87.f);
+  for (int64_t i = 0, chunk = 0; i < full; i += 16, ++chunk) {
+    __m256d sum = _mm256_setzero_pd();
+    for (int64_t h = 0; h < 16; h += 8) {
+      const __m256 shifted = _mm256_sub_ps(_mm256_div_ps(_mm256_loadu_ps(x + i + h), t), top_vector);
+      const __m256 weighed = _mm256_cmp_ps(shifted, smallest_normal_exponent, _CMP_GE_OQ);
+      const __m256 w = _mm256_and_ps(weighed, clex_cpu::exp8(shifted));
+      _mm256_storeu_ps(weights + i + h, w);
+      sum = _mm256_add_pd(sum, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(w)),
+                                             _mm256_cvtps_pd(_mm256_extractf128_ps(w, 1))));
+    }
+    __m128d pair = _mm_add_pd(_mm256_castpd256_pd128(sum), _mm256_extractf128_pd(sum, 1));
+    sums[chunk] = _mm_cvtsd_f64(_mm_add_sd(pair, _mm_unpackhi_pd(pair, pair)));
+  }
+  return top;
+}
+
+// The row's token for the uniform draw u in [0, 1): the first whose cumulative weight exceeds u times the
+// total. ``weights`` and ``sums`` are scratch space of the row's length and of its 16s.
+int64_t sample_row(const float* x, int64_t vocab, float temperature, double u, float* weights, double* sums,
+                   bool avx512) {
+  const float top = avx512 ? weigh_row(x, vocab, temperature, weights, sums)
+                           : weigh_row_avx2(x, vocab, temperature, weights, sums);
+  if (!(top > -std::numeric_limits<float>::infinity())) return 0;  // nothing to draw from (all -inf or NaN)
+  const int64_t full = vocab / 16 * 16;
+  double total = 0.0;
+  int64_t chunk = 0;
+  for (; chunk < full / 16; ++chunk) total += sums[chunk];
   if (full < vocab) {
     double tail = 0.0;
     for (int64_t i = full; i < vocab; ++i) {
@@ -107,6 +145,32 @@ AVX512 int64_t argmax_row(const float* row, int64_t n) {
   return 0;
 }
 
+// argmax_row's AVX2 body.
+AVX2 int64_t argmax_row_avx2(const float* row, int64_t n) {
+  const int64_t full = n / 8 * 8;
+  __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int nan = 0;
+  for (int64_t i = 0; i < full && !nan; i += 8) {
+    __m256 v = _mm256_loadu_ps(row + i);
+    nan = _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    best = _mm256_max_ps(best, v);
+  }
+  float largest = clex_cpu::max8(best);
+  for (int64_t i = full; i < n; ++i) {
+    if (std::isnan(row[i])) nan = 1;
+    largest = std::max(largest, row[i]);
+  }
+  const __m256 target = _mm256_set1_ps(largest);
+  for (int64_t i = 0; i < full; i += 8) {
+    __m256 v = _mm256_loadu_ps(row + i);
+    int hit = _mm256_movemask_ps(nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, target, _CMP_EQ_OQ));
+    if (hit) return i + __builtin_ctz(static_cast<unsigned>(hit));
+  }
+  for (int64_t i = full; i < n; ++i)
+    if (nan ? std::isnan(row[i]) : row[i] == largest) return i;
+  return 0;
+}
+
 }  // namespace
 
 namespace clex_cpu {
@@ -125,11 +189,12 @@ at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& temperatures,
   const float* t = temperatures.data_ptr<float>();
   const double* u = uniforms.data_ptr<double>();
   int64_t* out = tokens.data_ptr<int64_t>();
+  const bool avx512 = clex_cpu::avx512_active();
   at::parallel_for(0, rows, 1, [&](int64_t first, int64_t last) {
     std::vector<float> weights(vocab);
     std::vector<double> sums((vocab + 15) / 16);
     for (int64_t r = first; r < last; ++r)
-      out[r] = sample_row(x + r * vocab, vocab, t[r], u[r], weights.data(), sums.data());
+      out[r] = sample_row(x + r * vocab, vocab, t[r], u[r], weights.data(), sums.data(), avx512);
   });
   return tokens;
 }
@@ -152,6 +217,22 @@ AVX512 void mask_row(float* x, const uint16_t* halves, int64_t vocab) {
   }
 }
 
+// mask_row's AVX2 body: eight tokens per masked store, their bits spread to lanes.
+AVX2 void mask_row_avx2(float* x, const uint16_t* halves, int64_t vocab) {
+  const __m256 minus_infinity = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const int64_t full = vocab / 8 * 8;
+  for (int64_t token = 0; token < full; token += 8) {
+    const int bits = (halves[token >> 4] >> (token & 8)) & 0xFF;
+    if (bits == 0xFF) continue;
+    // Lanes whose bit is clear: all ones.
+    __m256i clear = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), bit), _mm256_setzero_si256());
+    _mm256_maskstore_ps(x + token, clear, minus_infinity);
+  }
+  for (int64_t token = full; token < vocab; ++token)
+    if (!((halves[token >> 4] >> (token & 15)) & 1)) x[token] = -std::numeric_limits<float>::infinity();
+}
+
 }  // namespace
 
 void apply_token_bitmask(at::Tensor logits, const at::Tensor& bitmask, at::IntArrayRef rows) {
@@ -166,7 +247,8 @@ void apply_token_bitmask(at::Tensor logits, const at::Tensor& bitmask, at::IntAr
   const uint16_t* halves = reinterpret_cast<const uint16_t*>(bitmask.data_ptr<int32_t>());
   for (int64_t row : rows) {
     TORCH_CHECK(0 <= row && row < logits.size(0), "apply_token_bitmask: row ", row, " out of range");
-    mask_row(data + row * vocab, halves + row * words * 2, vocab);
+    if (clex_cpu::avx512_active()) mask_row(data + row * vocab, halves + row * words * 2, vocab);
+    else mask_row_avx2(data + row * vocab, halves + row * words * 2, vocab);
   }
 }
 
@@ -179,8 +261,10 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   const float* data = x.data_ptr<float>();
   int64_t* index = out.data_ptr<int64_t>();
   const int64_t columns = x.size(1);
+  const bool avx512 = clex_cpu::avx512_active();
   at::parallel_for(0, x.size(0), 4, [&](int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; ++r) index[r] = argmax_row(data + r * columns, columns);
+    for (int64_t r = first; r < last; ++r)
+      index[r] = avx512 ? argmax_row(data + r * columns, columns) : argmax_row_avx2(data + r * columns, columns);
   });
   return out;
 }

@@ -7,6 +7,8 @@
 
 TORCH_LIBRARY(clex_cpu, m) {
   m.def("cpu_supported() -> bool", &clex_cpu::cpu_supported);
+  m.def("cpu_isa() -> str", &clex_cpu::cpu_isa);
+  m.def("select_cpu_isa(str isa) -> str", &clex_cpu::select_cpu_isa);
   m.def("blocked_linear(Tensor x, Tensor w, Tensor? bias, int N) -> Tensor");
   m.def("amx_gemm(Tensor x, Tensor w, Tensor? bias, int N) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");

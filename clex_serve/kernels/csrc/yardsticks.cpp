@@ -24,6 +24,7 @@
 #include <cstring>
 #include <vector>
 
+#include "avx2_math.h"
 #include "avx512_math.h"
 #include "clex_cpu.h"
 
@@ -55,6 +56,35 @@ AVX512 float fma_chains(int64_t iterations) {
     for (int c = 0; c < kChains; ++c) acc[c] = _mm512_fmadd_ps(acc[c], a, b);
   for (int c = 1; c < kChains; ++c) acc[0] = _mm512_add_ps(acc[0], acc[c]);
   return _mm512_reduce_add_ps(acc[0]);
+}
+
+// The AVX2 bodies (32-byte loads and 8-lane FMAs; 16 vector registers hold 12 chains, which cover the FMA's
+// latency on two ports, run twice an iteration so that an iteration is 24 instructions as above).
+AVX2 float sum_share_avx2(const float* p, int64_t n) {
+  __m256 acc[8];
+#pragma GCC unroll 8
+  for (auto& a : acc) a = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64)
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_add_ps(acc[j], _mm256_loadu_ps(p + i + 8 * j));
+  for (int j = 1; j < 8; ++j) acc[0] = _mm256_add_ps(acc[0], acc[j]);
+  float total = clex_cpu::sum8(acc[0]);
+  for (; i < n; ++i) total += p[i];
+  return total;
+}
+
+AVX2 float fma_chains_avx2(int64_t iterations) {
+  constexpr int kAvx2Chains = kChains / 2;
+  __m256 acc[kAvx2Chains];
+#pragma GCC unroll 12
+  for (int c = 0; c < kAvx2Chains; ++c) acc[c] = _mm256_set1_ps(0.001f * c);
+  const __m256 a = _mm256_set1_ps(0.999f), b = _mm256_set1_ps(1e-4f);
+  for (int64_t i = 0; i < iterations; ++i)
+#pragma GCC unroll 24
+    for (int c = 0; c < kChains; ++c) acc[c % kAvx2Chains] = _mm256_fmadd_ps(acc[c % kAvx2Chains], a, b);
+  for (int c = 1; c < kAvx2Chains; ++c) acc[0] = _mm256_add_ps(acc[0], acc[c]);
+  return clex_cpu::sum8(acc[0]);
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) float dot_chains(int64_t iterations) {
@@ -120,29 +150,33 @@ double on_every_thread(Body body) {
 
 namespace clex_cpu {
 
-bool bf16_dot_supported() { return __builtin_cpu_supports("avx512bf16"); }
+bool bf16_dot_supported() { return avx512_active() && __builtin_cpu_supports("avx512bf16"); }
 
 // Linux hands out the tile registers' state only to a process that asks for it (arch_prctl
 // ARCH_REQ_XCOMP_PERM for XTILEDATA); asking again is harmless. False where the CPU or the kernel has none.
 bool amx_bf16_supported() {
   constexpr int kRequestPermission = 0x1023, kTileData = 18;
-  return __builtin_cpu_supports("amx-bf16") && syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  return avx512_active() && __builtin_cpu_supports("amx-bf16") && syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
 }
 
 double stream_read(const at::Tensor& data) {
   TORCH_CHECK(data.scalar_type() == at::kFloat && data.is_contiguous(), "stream_read: contiguous float32");
   const float* p = data.data_ptr<float>();
   const int64_t n = data.numel();
+  const bool avx512 = avx512_active();
   return on_every_thread([&](int64_t t, int64_t threads) {
     // Shares of whole 4 KB pages, so that no two threads read one line.
     const int64_t share = (n / threads + 1023) / 1024 * 1024;
     const int64_t begin = std::min(n, t * share), end = std::min(n, begin + share);
-    return double(sum_share(p + begin, end - begin));
+    return double(avx512 ? sum_share(p + begin, end - begin) : sum_share_avx2(p + begin, end - begin));
   });
 }
 
 double fma_peak(int64_t iterations) {
-  return on_every_thread([&](int64_t, int64_t) { return double(fma_chains(iterations)); });
+  const bool avx512 = avx512_active();
+  return on_every_thread([&](int64_t, int64_t) {
+    return double(avx512 ? fma_chains(iterations) : fma_chains_avx2(iterations));
+  });
 }
 
 double bf16_dot_peak(int64_t iterations) {

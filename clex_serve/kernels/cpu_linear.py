@@ -42,6 +42,10 @@ BLOCK = 64  # outputs per block of the blocked layout (the kernel's four AVX-512
 BLOCKED_MAX_ROWS = {torch.float32: 256, torch.bfloat16: 6}
 # bfloat16 in pairs where the CPU has AMX: the kernel takes up to 16 rows (one tile's), past oneDNN's speed.
 AMX_MAX_ROWS = 16
+# bfloat16 where oneDNN has no bf16 path (AVX2 CPUs): the blocked kernel up to this many rows (F.linear in
+# bfloat16 is 3-4x slower at every count), past them MKL's float32 GEMM on the weight widened per call
+# (measured crossover: 0.98 at 96 rows, 1.16x at 128, 1.6x at 1,024).
+BLOCKED_MAX_ROWS_WITHOUT_ONEDNN_BF16 = 96
 # bfloat16 weights in input pairs for vdpbf16ps where the CPU has AVX512_BF16 (else the widening layout).
 BF16_PAIRS = True
 # The row count oneDNN tunes its packed layout for; any count runs, this is a common decode batch.
@@ -64,8 +68,8 @@ def to_blocked(weight: torch.Tensor) -> torch.Tensor:
 
 
 def unblocked(blocked: torch.Tensor, out_features: int) -> torch.Tensor:
-    """The plain [N, K] weight of a float32 blocked one, copied out (a few MB: a long prompt's GEMM over it
-    takes a hundred times as long)."""
+    """The plain [N, K] weight of a blocked one (not in pairs), copied out (a few MB: a long prompt's GEMM
+    over it takes a hundred times as long)."""
     return blocked.transpose(1, 2).reshape(-1, blocked.shape[1])[:out_features]
 
 
@@ -100,6 +104,12 @@ class CpuLinear(nn.Module):
         # The plain copy, where nothing reads it, keeps a parameter of its dtype without its bytes.
         self.weight = linear.weight if keep_plain else nn.Parameter(weight.new_empty(0), requires_grad=False)
         self.max_blocked_rows = AMX_MAX_ROWS if self.amx else BLOCKED_MAX_ROWS[weight.dtype]
+        # bfloat16 blocked without oneDNN's bf16 path: larger batches widen the weight for MKL's GEMM.
+        self.widened_gemm = (
+            self.blocked_weight is not None and weight.dtype == torch.bfloat16 and not self.amx and not onednn
+        )
+        if self.widened_gemm:
+            self.max_blocked_rows = BLOCKED_MAX_ROWS_WITHOUT_ONEDNN_BF16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -113,11 +123,20 @@ class CpuLinear(nn.Module):
                 out = nn.functional.linear(rows, self.weight, self.bias)  # float32 single row: MKL's GEMV
             else:
                 out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
-        elif self.weight.numel():  # bfloat16 past the blocked kernel's rows where oneDNN has no bf16 path
-            out = nn.functional.linear(rows, self.weight, self.bias)
+        elif self.widened_gemm:
+            out = self._widened_gemm(rows)
         else:  # float32 past the blocked kernel's rows: MKL's GEMM on the weight copied out of its blocks
             out = nn.functional.linear(rows, unblocked(self.blocked_weight, self.out_features), self.bias)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _widened_gemm(self, rows: torch.Tensor) -> torch.Tensor:
+        """bfloat16 rows times the weight widened to float32, float32 sums (and bias) rounded once to
+        bfloat16, as the blocked kernel rounds: a prompt's GEMM on the float32 units where oneDNN has no bf16
+        path (a 1,024-token prompt through 8 layers of the benchmark model: ~0.4 s against 2.7 s for F.linear
+        in bfloat16)."""
+        weight = unblocked(self.blocked_weight, self.out_features).float()
+        bias = None if self.bias is None else self.bias.float()
+        return nn.functional.linear(rows.float(), weight, bias).to(rows.dtype)
 
 
 class CpuPackedLinear(CpuLinear):
@@ -147,8 +166,8 @@ def replace_cpu_linear_layers(model: nn.Module, shared: set[int] = frozenset(), 
         if not blocked and not onednn:
             return None  # F.linear stays (bfloat16 on an AVX2 CPU without the kernels)
         # The plain weight serves F.linear: a tied embedding; float32 without the blocked kernel (MKL's GEMV
-        # at one row); bfloat16 past the blocked kernel's rows where oneDNN has no bf16 path.
-        keep_plain = id(module.weight) in shared or (not blocked and dtype == torch.float32) or (not onednn)
+        # at one row).
+        keep_plain = id(module.weight) in shared or (not blocked and dtype == torch.float32)
         kind = CpuPackedLinear if isinstance(module, PackedLinear) else CpuLinear
         return kind(module, blocked, onednn, keep_plain)
 

@@ -7,7 +7,13 @@ from torch import nn
 
 from clex_serve.kernels import cpu_ops
 from clex_serve.kernels.cpu_extension import cpu_kernels_available
-from clex_serve.kernels.cpu_linear import BLOCKED_MAX_ROWS, onednn_available, replace_cpu_linear_layers, to_blocked
+from clex_serve.kernels.cpu_linear import (
+    BLOCKED_MAX_ROWS,
+    BLOCKED_MAX_ROWS_WITHOUT_ONEDNN_BF16,
+    onednn_available,
+    replace_cpu_linear_layers,
+    to_blocked,
+)
 
 LAYOUTS = [
     pytest.param(True, marks=pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels do not build here")),
@@ -36,7 +42,9 @@ def test_prepared_layers_equal_plain_ones_for_any_row_count(blocked, dtype):
     model = nn.Sequential(
         nn.Linear(64, 96, bias=True), nn.Linear(96, 130, bias=False), nn.Linear(130, 40, bias=True)
     ).to(dtype)
-    row_counts = sorted({1, 3, BLOCKED_MAX_ROWS[dtype], BLOCKED_MAX_ROWS[dtype] + 1, 16, 70})
+    row_counts = sorted(
+        {1, 3, BLOCKED_MAX_ROWS[dtype], BLOCKED_MAX_ROWS[dtype] + 1, 16, 70, BLOCKED_MAX_ROWS_WITHOUT_ONEDNN_BF16 + 1}
+    )
     inputs = {rows: torch.randn(rows, 64, dtype=dtype) for rows in row_counts}
     expected = {rows: model(x).float() for rows, x in inputs.items()}
     # Without the blocked kernel, bfloat16 layers stay F.linear where oneDNN has no bf16 path (AVX2 CPUs).
@@ -48,9 +56,9 @@ def test_prepared_layers_equal_plain_ones_for_any_row_count(blocked, dtype):
         torch.testing.assert_close(model(x).float(), expected[rows], atol=tolerance, rtol=tolerance)
     assert model(torch.randn(2, 5, 64, dtype=dtype)).shape == (2, 5, 40)  # leading dimensions kept
     # Plain weights are dropped wherever another layout serves every row count; float32 without the blocked
-    # kernel keeps its plain weight for MKL's single-row GEMV, bfloat16 without oneDNN's bf16 path for F.linear
-    # past the blocked kernel's rows.
-    keeps_plain = (not blocked and dtype == torch.float32) or not onednn_available(dtype)
+    # kernel keeps its plain weight for MKL's single-row GEMV; bfloat16 without oneDNN's bf16 path widens its
+    # blocked weight for large batches.
+    keeps_plain = (not blocked and dtype == torch.float32) or swapped == 0
     assert (model[0].weight.numel() == 0) == (not keeps_plain)
 
 

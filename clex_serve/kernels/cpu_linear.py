@@ -43,9 +43,9 @@ BLOCKED_MAX_ROWS = {torch.float32: 256, torch.bfloat16: 6}
 # bfloat16 in pairs where the CPU has AMX: the kernel takes up to 16 rows (one tile's), past oneDNN's speed.
 AMX_MAX_ROWS = 16
 # bfloat16 where oneDNN has no bf16 path (AVX2 CPUs): the blocked kernel up to this many rows (F.linear in
-# bfloat16 is 3-4x slower at every count), past them MKL's float32 GEMM on the weight widened per call
-# (measured crossover: 0.98 at 96 rows, 1.16x at 128, 1.6x at 1,024).
-BLOCKED_MAX_ROWS_WITHOUT_ONEDNN_BF16 = 96
+# bfloat16 is 3-7x slower at every count), past them MKL's float32 GEMM on the weight widened per call
+# (8 layers of the benchmark model: the kernel 87 against 100 ms at 256 rows, 632 against 415 at 1,024).
+BLOCKED_MAX_ROWS_WITHOUT_ONEDNN_BF16 = 256
 # bfloat16 weights in input pairs for vdpbf16ps where the CPU has AVX512_BF16 (else the widening layout).
 BF16_PAIRS = True
 # The row count oneDNN tunes its packed layout for; any count runs, this is a common decode batch.
@@ -132,8 +132,8 @@ class CpuLinear(nn.Module):
     def _widened_gemm(self, rows: torch.Tensor) -> torch.Tensor:
         """bfloat16 rows times the weight widened to float32, float32 sums (and bias) rounded once to
         bfloat16, as the blocked kernel rounds: a prompt's GEMM on the float32 units where oneDNN has no bf16
-        path (a 1,024-token prompt through 8 layers of the benchmark model: ~0.4 s against 2.7 s for F.linear
-        in bfloat16)."""
+        path (1,024 rows through 8 layers of the benchmark model's linear layers: 0.41 s against 2.7 s for
+        F.linear in bfloat16)."""
         weight = unblocked(self.blocked_weight, self.out_features).float()
         bias = None if self.bias is None else self.bias.float()
         return nn.functional.linear(rows.float(), weight, bias).to(rows.dtype)

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 namespace {
 
@@ -40,6 +41,10 @@ constexpr int kMaxRows = 6;             // rows of x sharing one pass over a blo
 // it from L2 with memory idle. Past 32 rows a step is bound by its multiply-adds and slicing gained nothing.
 constexpr int64_t kSliceRows = 64;
 constexpr int64_t kMaxSlicedRows = 32;
+// The most bfloat16 rows the AVX2 body slices and widens (cpu_linear's BLOCKED_MAX_ROWS_WITHOUT_ONEDNN_BF16;
+// 8 layers of the benchmark model at 16 rows: 10.6 ms widening every pass, 6.4 ms widening once a slice).
+constexpr int64_t kMaxWidenedRows = 256;
+constexpr int64_t kMinWidenedRows = 4;  // at 2 rows widening a slice cost more than it saved
 
 using clex_cpu::load16;
 using clex_cpu::store16;
@@ -110,8 +115,8 @@ AVX512 void rows_pass(int64_t rows, const float* x, int64_t x_stride, const T* b
 }
 
 // The AVX2 body of block_rows for rows [0, ROWS) and the COLS columns from ``column`` of the block.
-template <int ROWS, int COLS, typename T>
-AVX2 void block_rows_avx2(const float* x, int64_t x_stride, const T* block, int64_t k_begin, int64_t k_end,
+template <int ROWS, int COLS, typename W, typename T>
+AVX2 void block_rows_avx2(const float* x, int64_t x_stride, const W* block, int64_t k_begin, int64_t k_end,
                           const BlockPass<T>& pass, int64_t column) {
   constexpr int kLanes = 8, kColumnVectors = COLS / kLanes;
   __m256 acc[ROWS][kColumnVectors];
@@ -123,10 +128,10 @@ AVX2 void block_rows_avx2(const float* x, int64_t x_stride, const T* block, int6
                               : _mm256_setzero_ps();
     }
   for (int64_t k = k_begin; k < k_end; ++k) {
-    const T* w = block + k * kBlock + column;
+    const W* w = block + k * kBlock + column;
     if (pass.prefetch && column == 0) {  // into L2, as the AVX-512 body (its comment says why)
       const char* ahead = reinterpret_cast<const char*>(block + (k + kPrefetchRows) * kBlock);
-      for (int64_t line = 0; line < static_cast<int64_t>(kBlock * sizeof(T)); line += 64)
+      for (int64_t line = 0; line < static_cast<int64_t>(kBlock * sizeof(W)); line += 64)
         _mm_prefetch(ahead + line, _MM_HINT_T1);
     }
     for (int m = 0; m < ROWS; ++m) {
@@ -150,9 +155,10 @@ AVX2 void block_rows_avx2(const float* x, int64_t x_stride, const T* block, int6
   }
 }
 
-// rows_pass's AVX2 body: one row over the whole block, or up to three rows per half of it.
-template <typename T>
-AVX2 void rows_pass_avx2(int64_t rows, const float* x, int64_t x_stride, const T* block, int64_t k_begin,
+// rows_pass's AVX2 body: one row over the whole block, or up to three rows per half of it. W, the weights'
+// type, is T's, or float32 for a bfloat16 slice widened once (widen_slice).
+template <typename W, typename T>
+AVX2 void rows_pass_avx2(int64_t rows, const float* x, int64_t x_stride, const W* block, int64_t k_begin,
                          int64_t k_end, const BlockPass<T>& pass) {
   if (rows == 1) return block_rows_avx2<1, kBlock>(x, x_stride, block, k_begin, k_end, pass, 0);
   for (int64_t m = 0; m < rows; m += 3) {
@@ -167,6 +173,20 @@ AVX2 void rows_pass_avx2(int64_t rows, const float* x, int64_t x_stride, const T
       else if (rows - m == 2) block_rows_avx2<2, kBlock / 2>(xm, x_stride, block, k_begin, k_end, part, column);
       else block_rows_avx2<1, kBlock / 2>(xm, x_stride, block, k_begin, k_end, part, column);
     }
+  }
+}
+
+// Rows [k_begin, k_end) of a bfloat16 block widened to float32 into ``out`` (at most kSliceRows rows: 16 KB,
+// in L1), the stream's rows kPrefetchRows ahead asked for into L2 on the way. A pass of several rows over
+// bfloat16 weights widened every 8 weights for each group of rows and half: with 16 streams the widening,
+// not the multiply-adds, bounded it; once per slice, the passes multiply float32 from L1.
+AVX2 void widen_slice(const c10::BFloat16* block, int64_t k_begin, int64_t k_end, float* out) {
+  for (int64_t k = k_begin; k < k_end; ++k) {
+    const char* ahead = reinterpret_cast<const char*>(block + (k + kPrefetchRows) * kBlock);
+    _mm_prefetch(ahead, _MM_HINT_T1);
+    _mm_prefetch(ahead + 64, _MM_HINT_T1);
+    for (int v = 0; v < kVectors * 2; ++v)
+      _mm256_store_ps(out + (k - k_begin) * kBlock + v * 8, clex_cpu::load8(block + k * kBlock + v * 8));
   }
 }
 
@@ -188,25 +208,41 @@ void blocked_linear_impl(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const int64_t splits = std::max<int64_t>(1, std::min(row_groups, (threads + blocks - 1) / blocks));
   const int64_t rows_per_split = (row_groups + splits - 1) / splits * kMaxRows;
   const bool avx512 = clex_cpu::avx512_active();
-  // The AVX2 body walks a block once per three rows and half: sliced from two rows on, so that it is in L1.
-  const bool sliced = M > (avx512 ? kMaxRows : 1) && M <= kMaxSlicedRows;
+  // The AVX2 body walks a block once per three rows and half: sliced from two rows on, so that it is in L1,
+  // and bfloat16 slices widened once from 4 rows to the most it takes without oneDNN (kMaxWidenedRows).
+  constexpr bool kBfloat16 = std::is_same_v<T, c10::BFloat16>;
+  const bool sliced = avx512 ? M > kMaxRows && M <= kMaxSlicedRows
+                             : M > 1 && M <= (kBfloat16 ? kMaxWidenedRows : kMaxSlicedRows);
+  const bool widened = kBfloat16 && !avx512 && sliced && M >= kMinWidenedRows;
   const int64_t slice = sliced ? kSliceRows : K;
   at::parallel_for(0, blocks * splits, 1, [&](int64_t first, int64_t last) {
-    alignas(64) float partial[kMaxSlicedRows * kBlock];
+    alignas(64) float partial[kMaxWidenedRows * kBlock];
+    alignas(64) float widened_slice[kSliceRows * kBlock];
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = task / splits, begin = task % splits * rows_per_split;
       const int64_t end = std::min(M, begin + rows_per_split);
       const T* block = wp + b * K * kBlock;
       for (int64_t k = 0; k < K; k += slice) {
         const int64_t k_end = std::min(K, k + slice);
+        if constexpr (kBfloat16) {
+          if (widened) widen_slice(block, k, k_end, widened_slice);
+        }
         for (int64_t m = begin; m < end; m += kMaxRows) {
           float* sums = partial + (m - begin) * kBlock;
           const BlockPass<T> pass{bp ? bp + b * kBlock : nullptr, k > 0 ? sums : nullptr,
                                   k_end < K ? sums : nullptr, yp + m * N + b * kBlock, N,
                                   std::min(kBlock, N - b * kBlock), m == begin};
           const int64_t rows = std::min<int64_t>(kMaxRows, end - m);
-          if (avx512) rows_pass(rows, xp + m * K, K, block, k, k_end, pass);
-          else rows_pass_avx2(rows, xp + m * K, K, block, k, k_end, pass);
+          if (avx512) {
+            rows_pass(rows, xp + m * K, K, block, k, k_end, pass);
+          } else if (widened) {  // the slice's k from 0, so x from its column k
+            BlockPass<T> from_slice = pass;
+            from_slice.prefetch = false;  // widen_slice asked for the stream ahead
+            rows_pass_avx2(rows, xp + m * K + k, K, static_cast<const float*>(widened_slice), 0, k_end - k,
+                           from_slice);
+          } else {
+            rows_pass_avx2(rows, xp + m * K, K, block, k, k_end, pass);
+          }
         }
       }
     }

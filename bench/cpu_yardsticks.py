@@ -104,7 +104,8 @@ class Yardsticks:
             return f"{value / 1e9:.0f} GFLOP/s" if value else "not on this CPU"
 
         print("| yardstick (highest of 7 runs) | measured | kernel (csrc/yardsticks.cpp) |\n| --- | --- | --- |")
-        print(f"| read bandwidth, 1 GiB | {self.memory / 1e9:.1f} GB/s | every thread sums its share, 64-byte loads |")
+        loads = f"{cpu_ops.vector_lanes() * 4}-byte loads"
+        print(f"| read bandwidth, 1 GiB | {self.memory / 1e9:.1f} GB/s | every thread sums its share, {loads} |")
         chains = "24 vfmadd231ps chains" if cpu_ops.cpu_isa() == "avx512" else "12 vfmadd231ps chains (AVX2)"
         print(f"| float32 peak | {flops(self.float32)} | {chains} per thread |")
         print(f"| bfloat16 dot-product peak | {flops(self.bf16_dot)} | 24 vdpbf16ps chains per thread |")

@@ -6,7 +6,7 @@ float32, so a bfloat16 model decoded no faster than a float32 one. Two layouts, 
 number of rows:
 
 - **blocked** (``csrc/blocked_linear.cpp``, where the CPU kernels build): ``[N / 64, K, 64]``, streamed by
-  an AVX-512 kernel at memory speed for both dtypes; bfloat16 where the CPU has AVX512_BF16 in input pairs,
+  an AVX-512 or AVX2 kernel at memory speed for both dtypes; bfloat16 where the CPU has AVX512_BF16 in input pairs,
   ``[N / 64, K / 2, 64, 2]``, multiplied as stored by ``vdpbf16ps`` (``csrc/bf16_pair_linear.cpp``), else
   widened in registers. Larger float32 batches (long prompts) copy the plain weight out of its blocks per
   call and run MKL's GEMM on it (a 7,000-token prompt: 160 ms a layer against 217 for ``torch.matmul``
@@ -17,6 +17,8 @@ number of rows:
   where the CPU has AMX: there prompts run on the tiles from the pair layout (``csrc/amx_gemm.cpp``, about
   as fast as oneDNN: up to 6% slower on a 7,000-token prompt) and bfloat16 keeps one copy. Without the CPU
   kernels oneDNN's is the only layout (float32 then keeps the plain weight too, for MKL's GEMV at one row).
+  Where oneDNN has no bfloat16 path (AVX2 CPUs) bfloat16 keeps only the blocked layout and runs long
+  prompts on MKL's float32 GEMM over the weight widened per call (docs/cpu.md, "On AVX2 CPUs").
 
 Measured on the benchmark model's weights (8 layers of a 58M Llama plus its 32000-word head, 2 threads):
 one row in bfloat16 5.5 ms blocked against 7.6 oneDNN and 10.9 ``F.linear``; float32 blocked equals the
@@ -37,7 +39,7 @@ from clex_serve.kernels.cpu_extension import cpu_kernels_available
 from clex_serve.layers.linear import PackedLinear
 from clex_serve.layers.replace import replace_modules
 
-BLOCK = 64  # outputs per block of the blocked layout (the kernel's four AVX-512 vectors)
+BLOCK = 64  # outputs per block of the blocked layout (four AVX-512 vectors, eight AVX2 ones)
 # Most rows per call that go through the blocked kernel, per dtype (measured crossovers, above).
 BLOCKED_MAX_ROWS = {torch.float32: 256, torch.bfloat16: 6}
 # bfloat16 in pairs where the CPU has AMX: the kernel takes up to 16 rows (one tile's), past oneDNN's speed.

@@ -88,6 +88,16 @@ inline void prefetch_first_rows(const T* k_row, const T* v_row, int64_t rows, in
   }
 }
 
+// The keys of a tile of n that each of ``group`` queries sees (valid[g]), ``seen`` keys of the runs lying
+// before it; returns the first query that sees any (queries come in increasing length, so those that see
+// none of the tile come first).
+inline int64_t tile_queries(const int64_t* limits, int64_t group, int64_t seen, int64_t n, int64_t* valid) {
+  for (int64_t g = 0; g < group; ++g) valid[g] = std::clamp<int64_t>(limits[g] - seen, 0, n);
+  int64_t first = 0;
+  while (first < group && valid[first] == 0) ++first;
+  return first;
+}
+
 // r[j] = sum of the 16 lanes of v[j], for 16 vectors: three rounds of pairwise shuffles and adds instead
 // of sixteen horizontal sums.
 AVX512 inline __m512 sum_each(const __m512* v) {
@@ -135,10 +145,8 @@ AVX512 void attend_head(const float* queries, int64_t group, int64_t dim, const 
     for (int64_t tile = runs[2 * r]; tile < run_end; tile += kTile) {
       const int64_t n = std::min(kTile, run_end - tile);
       int64_t valid[kMaxGroup];  // keys of this tile that query g sees
-      for (int64_t g = 0; g < group; ++g) valid[g] = std::clamp<int64_t>(limits[g] - seen, 0, n);
+      const int64_t first = tile_queries(limits, group, seen, n, valid);
       seen += n;
-      int64_t first = 0;  // queries come in increasing length: those that see none of the tile first
-      while (first < group && valid[first] == 0) ++first;
       for (int64_t g = first; g < group; ++g) {
         __m512 q[VECTORS];
         for (int v = 0; v < VECTORS; ++v) q[v] = _mm512_maskz_loadu_ps(masks[v], queries + g * dim + v * 16);
@@ -257,10 +265,8 @@ AVX2 void attend_head_avx2(const float* queries, int64_t group, int64_t dim, con
     for (int64_t tile = runs[2 * r]; tile < run_end; tile += kTile) {
       const int64_t n = std::min(kTile, run_end - tile);
       int64_t valid[kMaxGroup];  // keys of this tile that query g sees
-      for (int64_t g = 0; g < group; ++g) valid[g] = std::clamp<int64_t>(limits[g] - seen, 0, n);
+      const int64_t first = tile_queries(limits, group, seen, n, valid);
       seen += n;
-      int64_t first = 0;  // queries come in increasing length: those that see none of the tile first
-      while (first < group && valid[first] == 0) ++first;
       for (int64_t g = first; g < group; ++g) {
         const float* q = queries + g * dim;
         for (int64_t j0 = 0; j0 < valid[g]; j0 += 8) {

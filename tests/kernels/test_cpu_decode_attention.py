@@ -20,7 +20,7 @@ SEQUENCES = [[(40, 41)], [(0, 13)], [(100, 180), (300, 317), (20, 39)], [(400, 1
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("head_major", [False, True])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 8, 64), (8, 2, 80), (4, 1, 16), (4, 2, 128)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 8, 64), (8, 2, 80), (4, 1, 16), (4, 2, 128), (2, 1, 36)])
 def test_decode_attention_equals_attention_per_sequence(dtype, tolerance, head_major, heads, kv_heads, head_dim):
     generator = torch.Generator().manual_seed(3)
     slots = 1408

@@ -45,7 +45,7 @@ BLOCKED_MAX_ROWS = {torch.float32: 256, torch.bfloat16: 6}
 # bfloat16 in pairs where the CPU has AMX: the kernel takes up to 16 rows (one tile's), past oneDNN's speed.
 AMX_MAX_ROWS = 16
 # bfloat16 where oneDNN has no bf16 path (AVX2 CPUs): the blocked kernel up to this many rows (F.linear in
-# bfloat16 is 3-7x slower at every count), past them MKL's float32 GEMM on the weight widened per call
+# bfloat16 is 2.7-7.5x slower at every count), past them MKL's float32 GEMM on the weight widened per call
 # (8 layers of the benchmark model: the kernel 87 against 100 ms at 256 rows, 632 against 415 at 1,024).
 BLOCKED_MAX_ROWS_WITHOUT_ONEDNN_BF16 = 256
 # bfloat16 weights in input pairs for vdpbf16ps where the CPU has AVX512_BF16 (else the widening layout).

@@ -48,16 +48,29 @@ def test_the_isa_is_chosen_by_name_and_refused_when_unknown():
         cpu_ops.select_cpu_isa(previous)
 
 
-def test_the_environment_variable_selects_avx2():
+def isa_chosen_with(value: str) -> tuple[str, str]:
+    """(the ISA a fresh process runs with CLEX_SERVE_CPU_ISA=value, what it logged)."""
     code = (
+        "import logging\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
         "from clex_serve.kernels import cpu_extension, cpu_ops\n"
         "cpu_extension.cpu_kernels_available()\n"
         "print(cpu_ops.cpu_isa())"
     )
-    env = {**os.environ, "CLEX_SERVE_CPU_ISA": "avx2"}
+    env = {**os.environ, "CLEX_SERVE_CPU_ISA": value}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "avx2"
+    return out.stdout.strip(), out.stderr
+
+
+def test_the_environment_variable_selects_the_isa():
+    best = "avx512" if has_avx512() else "avx2"
+    assert isa_chosen_with("avx2")[0] == "avx2"
+    assert isa_chosen_with("AVX512")[0] == best
+    # A value it does not know: a warning naming the variable, and the best this CPU has (no crash).
+    isa, logged = isa_chosen_with("sse2")
+    assert isa == best
+    assert "CLEX_SERVE_CPU_ISA=sse2" in logged
 
 
 avx512_only = pytest.mark.skipif(not cpu_kernels_available() or not has_avx512(), reason="this CPU has no AVX-512")

@@ -25,40 +25,35 @@ using clex_cpu::check_rows;
 using clex_cpu::kRowsPerTask;
 using clex_cpu::rounded;
 
-// One row: silu(gate) rounded to the dtype (F.silu's result), times up. Sixteen lanes at a time with a
-// vectorised exp (the scalar exp was most of a 16-stream step's MLP after the weights); the tail as before.
+// One row's whole 16s: silu(gate) rounded to the dtype (F.silu's result), times up, sixteen lanes at a time
+// with a vectorised exp (the scalar exp was most of a 16-stream step's MLP after the weights).
 template <typename T>
-AVX512 void silu_and_mul_row(const T* gate, const T* up, T* o, int64_t width) {
-  int64_t c = 0;
+AVX512 void silu_and_mul_16s(const T* gate, const T* up, T* o, int64_t width) {
   const __m512 one = _mm512_set1_ps(1.f);
-  for (; c + 16 <= width; c += 16) {
+  for (int64_t c = 0; c + 16 <= width; c += 16) {
     __m512 g = clex_cpu::load16(gate + c);
     __m512 activated = clex_cpu::round16<T>(
         _mm512_div_ps(g, _mm512_add_ps(one, clex_cpu::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
     clex_cpu::store16(o + c, _mm512_mul_ps(activated, clex_cpu::load16(up + c)));
   }
-  for (; c < width; ++c) {
-    float g = static_cast<float>(gate[c]);
-    float activated = rounded<T>(g / (1.f + std::exp(-g)));
-    o[c] = static_cast<T>(activated * static_cast<float>(up[c]));
+}
+
+// The same on AVX2, a 16 as two vectors of 8 (exp8 is exp16 bit for bit): the AVX-512 body's bits.
+template <typename T>
+AVX2 void silu_and_mul_16s_avx2(const T* gate, const T* up, T* o, int64_t width) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (int64_t c = 0; c + 8 <= width / 16 * 16; c += 8) {
+    __m256 g = clex_cpu::load8(gate + c);
+    __m256 activated = clex_cpu::round8<T>(
+        _mm256_div_ps(g, _mm256_add_ps(one, clex_cpu::exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)))));
+    clex_cpu::store8(o + c, _mm256_mul_ps(activated, clex_cpu::load8(up + c)));
   }
 }
 
-// The same on AVX2, a 16 as two vectors of 8 (exp8 is exp16 bit for bit) and the tail past the last whole
-// 16 scalar, as above: the results are the AVX-512 body's bit for bit.
+// The row past its last whole 16, one element at a time.
 template <typename T>
-AVX2 void silu_and_mul_row_avx2(const T* gate, const T* up, T* o, int64_t width) {
-  int64_t c = 0;
-  const __m256 one = _mm256_set1_ps(1.f);
-  for (; c + 16 <= width; c += 16) {
-    for (int64_t h = c; h < c + 16; h += 8) {
-      __m256 g = clex_cpu::load8(gate + h);
-      __m256 activated = clex_cpu::round8<T>(
-          _mm256_div_ps(g, _mm256_add_ps(one, clex_cpu::exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)))));
-      clex_cpu::store8(o + h, _mm256_mul_ps(activated, clex_cpu::load8(up + h)));
-    }
-  }
-  for (; c < width; ++c) {
+void silu_and_mul_tail(const T* gate, const T* up, T* o, int64_t width) {
+  for (int64_t c = width / 16 * 16; c < width; ++c) {
     float g = static_cast<float>(gate[c]);
     float activated = rounded<T>(g / (1.f + std::exp(-g)));
     o[c] = static_cast<T>(activated * static_cast<float>(up[c]));
@@ -73,8 +68,9 @@ void silu_and_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
     for (int64_t r = first; r < last; ++r) {
       const T* gate = gate_up.data_ptr<T>() + r * gate_up.stride(0);
       T* o = out.data_ptr<T>() + r * out.stride(0);
-      if (avx512) silu_and_mul_row<T>(gate, gate + width, o, width);
-      else silu_and_mul_row_avx2<T>(gate, gate + width, o, width);
+      if (avx512) silu_and_mul_16s<T>(gate, gate + width, o, width);
+      else silu_and_mul_16s_avx2<T>(gate, gate + width, o, width);
+      silu_and_mul_tail<T>(gate, gate + width, o, width);
     }
   });
 }

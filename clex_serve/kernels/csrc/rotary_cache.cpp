@@ -39,12 +39,12 @@ AVX512 inline void store_masked(c10::BFloat16* p, __m512 v, __mmask16 m) {  // v
 }
 
 // One head of one token: x * cos + rotate_half(x) * sin over the rotary channels (each product and the sum
-// rounded to the dtype, as the eager ops do), then times the query scale if any; other channels pass
-// (scaled too, for queries). Sixteen channels of each half at a time; the rounding is c10's to nearest
+// rounded to the dtype, as the eager ops do), then times the query scale if any (rotate_head_on_cpu passes
+// the other channels). Sixteen channels of each half at a time; the rounding is c10's to nearest
 // even (``round16``), so the results are the scalar ones bit for bit.
 template <typename T>
-AVX512 void rotate_head(const T* source, T* target, const T* cos, const T* sin, int64_t head_dim,
-                        int64_t rotary_dim, const float* scale) {
+AVX512 void rotate_head(const T* source, T* target, const T* cos, const T* sin, int64_t rotary_dim,
+                        const float* scale) {
   const int64_t half = rotary_dim / 2;
   const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
   const __m512 factor = _mm512_set1_ps(scale ? *scale : 1.f);
@@ -59,15 +59,13 @@ AVX512 void rotate_head(const T* source, T* target, const T* cos, const T* sin, 
     store_masked(target + i, out1, m);
     store_masked(target + half + i, out2, m);
   }
-  for (int64_t i = rotary_dim; i < head_dim; ++i)
-    target[i] = scale ? static_cast<T>(static_cast<float>(source[i]) * *scale) : source[i];
 }
 
 // rotate_head's AVX2 body: eight channels of each half at a time, the last few of a half in scalar lanes
 // (load_first), with the same roundings.
 template <typename T>
-AVX2 void rotate_head_avx2(const T* source, T* target, const T* cos, const T* sin, int64_t head_dim,
-                           int64_t rotary_dim, const float* scale) {
+AVX2 void rotate_head_avx2(const T* source, T* target, const T* cos, const T* sin, int64_t rotary_dim,
+                           const float* scale) {
   using clex_cpu::round8;
   const int64_t half = rotary_dim / 2;
   const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u)));
@@ -83,15 +81,16 @@ AVX2 void rotate_head_avx2(const T* source, T* target, const T* cos, const T* si
     clex_cpu::store_part(target + i, out1, n);  // rounded already: store8's rounding changes nothing
     clex_cpu::store_part(target + half + i, out2, n);
   }
-  for (int64_t i = rotary_dim; i < head_dim; ++i)
-    target[i] = scale ? static_cast<T>(static_cast<float>(source[i]) * *scale) : source[i];
 }
 
+// One head on the ISA's body; the channels past the rotary ones pass (scaled too, for queries).
 template <typename T>
-void rotate_head_on_cpu(const T* source, T* target, const T* cos, const T* sin, int64_t head_dim,
+void rotate_head_on_cpu(bool avx512, const T* source, T* target, const T* cos, const T* sin, int64_t head_dim,
                         int64_t rotary_dim, const float* scale) {
-  if (clex_cpu::avx512_active()) rotate_head<T>(source, target, cos, sin, head_dim, rotary_dim, scale);
-  else rotate_head_avx2<T>(source, target, cos, sin, head_dim, rotary_dim, scale);
+  if (avx512) rotate_head<T>(source, target, cos, sin, rotary_dim, scale);
+  else rotate_head_avx2<T>(source, target, cos, sin, rotary_dim, scale);
+  for (int64_t i = rotary_dim; i < head_dim; ++i)
+    target[i] = scale ? static_cast<T>(static_cast<float>(source[i]) * *scale) : source[i];
 }
 
 template <typename T>
@@ -101,6 +100,7 @@ void rotate_and_cache_impl(const at::Tensor& q, const at::Tensor& k, const at::T
   const int64_t tokens = q.size(0), heads = q.size(1), kv_heads = k.size(1), head_dim = q.size(2);
   const int64_t rotary_dim = cos.size(1);
   const int64_t* slot = slots.data_ptr<int64_t>();
+  const bool avx512 = clex_cpu::avx512_active();
   at::parallel_for(0, tokens, kRowsPerTask, [&](int64_t first, int64_t last) {
     for (int64_t t = first; t < last; ++t) {
       const T* c = cos.data_ptr<T>() + t * cos.stride(0);
@@ -109,13 +109,13 @@ void rotate_and_cache_impl(const at::Tensor& q, const at::Tensor& k, const at::T
       float scale_value = query_scale.defined() ? static_cast<float>(query_scale.data_ptr<T>()[t]) : 1.f;
       const float* scale = query_scale.defined() ? &scale_value : nullptr;
       for (int64_t h = 0; h < heads; ++h)
-        rotate_head_on_cpu<T>(q.data_ptr<T>() + t * q.stride(0) + h * q.stride(1),
-                       q_out.data_ptr<T>() + t * q_out.stride(0) + h * q_out.stride(1), c, s, head_dim, rotary_dim,
-                       scale);
+        rotate_head_on_cpu<T>(avx512, q.data_ptr<T>() + t * q.stride(0) + h * q.stride(1),
+                              q_out.data_ptr<T>() + t * q_out.stride(0) + h * q_out.stride(1), c, s, head_dim,
+                              rotary_dim, scale);
       for (int64_t h = 0; h < kv_heads; ++h) {
         T* key = k_out.data_ptr<T>() + t * k_out.stride(0) + h * k_out.stride(1);
-        rotate_head_on_cpu<T>(k.data_ptr<T>() + t * k.stride(0) + h * k.stride(1), key, c, s, head_dim, rotary_dim,
-                       nullptr);
+        rotate_head_on_cpu<T>(avx512, k.data_ptr<T>() + t * k.stride(0) + h * k.stride(1), key, c, s, head_dim,
+                              rotary_dim, nullptr);
         T* cached_key = k_cache.data_ptr<T>() + slot[t] * k_cache.stride(0) + h * k_cache.stride(1);
         T* cached_value = v_cache.data_ptr<T>() + slot[t] * v_cache.stride(0) + h * v_cache.stride(1);
         const T* value = v.data_ptr<T>() + t * v.stride(0) + h * v.stride(1);

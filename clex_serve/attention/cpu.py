@@ -8,14 +8,15 @@ for every layer (``RunPlan``). Measured faster than the padded gather of ``SdpaA
 batch size and context tried (8-64 streams of 128-7,000 tokens); sliding windows stay with that backend.
 
 With the C++ kernels (``kernels.cpu_ops``, chosen once when the backend is made), the rotary and cache write
-is one call, and every decode of a step is attended in one call per layer; without them the runs are
-attended with PyTorch's CPU flash kernel, one call per run (``segments``).
+is one call, every decode of a step is attended in one call per layer, and a prompt chunk whose context is
+one run (a whole prompt, or a chunk after its cached prefix) in one flash-style call; without them the runs
+are attended with PyTorch's CPU flash kernel, one call per run (``segments``).
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
@@ -35,6 +36,15 @@ def decode_kernel_fits(head_dim: int, num_heads: int, num_kv_heads: int) -> bool
     """The C++ decode attention keeps a head's query and accumulators in registers: up to 256 dimensions and
     16 query heads per KV head (every supported checkpoint); other shapes attend run by run."""
     return head_dim <= cpu_ops.DECODE_MAX_HEAD_DIM and num_heads // num_kv_heads <= cpu_ops.DECODE_MAX_GROUP
+
+
+def prefill_kernel_fits(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
+    """The C++ prompt attention serves this chunk: head sizes up to 256 and 64 query heads per KV head. Not
+    bfloat16 where the CPU has AMX: PyTorch's flash kernel runs bfloat16 on the tiles there (674 GFLOP/s
+    measured at 7,000 tokens), past what vector units reach."""
+    if dtype == torch.bfloat16 and cpu_ops.amx_bf16_supported():
+        return False
+    return head_dim <= cpu_ops.PREFILL_MAX_HEAD_DIM and num_heads // num_kv_heads <= cpu_ops.PREFILL_MAX_GROUP
 
 
 def cpu_rotate_and_write(
@@ -103,10 +113,12 @@ class RunPlan:
     # Per sequence, the slot runs it reads from the cache: a decode its whole context (its new key is
     # already there), a prompt chunk what was cached before it.
     runs: list[list[tuple[int, int]]]
-    # Prompt chunks whose cached context and own slots are one run: that run and the end-aligned causal mask
-    # of their one fused call (None for a whole prompt: causal from the start).
-    one_run: dict[int, tuple[tuple[int, int], torch.Tensor | None]]
+    # Prompt chunks whose cached context and own slots are one run: that run, attended in one call.
+    one_run: dict[int, tuple[int, int]]
     decodes: DecodeRuns | None  # with the C++ kernels, where the step has decodes
+    # The end-aligned causal masks of PyTorch's fused call for chunks in one run after a cached prefix (rows
+    # repeated per query head of a KV head), made when a layer first needs one (not for the C++ kernel).
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def every_sequence_decodes(self) -> bool:
         return self.decodes is not None and len(self.decodes.rows) == len(self.runs)
@@ -136,17 +148,14 @@ class CpuAttentionBackend(AttentionBackend):
             slot_runs(index, context if new == 1 else context - new)
             for index, (context, new) in enumerate(zip(meta.context_lens_host, meta.query_lens))
         ]
-        # A prompt chunk whose cached context and own slots are one run: one fused call with an end-aligned
-        # causal mask (built here once for all layers) instead of two calls and a merge.
-        # A whole prompt (nothing cached before it) needs no mask: its causal mask is the start-aligned one
-        # the fused kernel applies itself, skipping the tiles above the diagonal (None below).
+        # A prompt chunk whose cached context and own slots are one run: one call, causal from the end of the
+        # run, instead of two calls and a merge.
         one_run = {}
         for index, (new, context) in enumerate(zip(meta.query_lens, meta.context_lens_host)):
             if new > 1:
                 whole = slot_runs(index, context)
                 if len(whole) == 1:
-                    mask = None if new == context else segments.causal_mask_at_end(new, context, meta.cos.dtype)
-                    one_run[index] = (whole[0], mask)
+                    one_run[index] = whole[0]
         decodes = None
         rows = [index for index, new in enumerate(meta.query_lens) if new == 1]
         if self.kernels and rows:  # every decode of the step in one kernel call per layer: their runs as one tensor
@@ -198,16 +207,18 @@ class CpuAttentionBackend(AttentionBackend):
                 outputs.append(self._chunk(plan, index, q[start:end], k[start:end], v[start:end], flat_k, flat_v))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
-    @staticmethod
-    def _chunk(plan: RunPlan, index, q, k, v, flat_k, flat_v) -> torch.Tensor:
+    def _chunk(self, plan: RunPlan, index, q, k, v, flat_k, flat_v) -> torch.Tensor:
         """Sequence ``index``'s prompt chunk over its cached runs and its own keys."""
-        if index in plan.one_run:
-            run, mask = plan.one_run[index]
-            if mask is None:
-                return whole_prompt_in_one_run(q, flat_k, flat_v, run)
+        if index not in plan.one_run:
+            return segments.prefill_one(q, k, v, flat_k, flat_v, plan.runs[index])
+        start, end = plan.one_run[index]
+        if self.kernels and prefill_kernel_fits(q.dtype, q.shape[-1], q.shape[1], flat_k.shape[1]):
+            return cpu_ops.prefill_attention(q, flat_k, flat_v, start, end - start, q.shape[-1] ** -0.5)
+        if q.shape[0] == end - start:  # a whole prompt: causal from the start, as the fused kernel applies it
+            return whole_prompt_in_one_run(q, flat_k, flat_v, (start, end))
+        mask = plan.masks.get(index)
+        if mask is None:  # once a step, for all layers
             group = q.shape[1] // flat_k.shape[1]
-            if mask.shape[0] != group * q.shape[0]:  # grouped-query heads: rows per query head, once a step
-                mask = mask.repeat(group, 1)
-                plan.one_run[index] = (run, mask)
-            return segments.prefill_in_one_run(q, flat_k, flat_v, run, mask)
-        return segments.prefill_one(q, k, v, flat_k, flat_v, plan.runs[index])
+            mask = segments.causal_mask_at_end(q.shape[0], end - start, q.dtype).repeat(group, 1)
+            plan.masks[index] = mask
+        return segments.prefill_in_one_run(q, flat_k, flat_v, (start, end), mask)

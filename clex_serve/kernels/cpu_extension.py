@@ -47,6 +47,7 @@ SOURCES = [
         "activation.cpp",
         "rotary_cache.cpp",
         "decode_attention.cpp",
+        "prefill_attention.cpp",
         "decoder_layer.cpp",
         "sampling.cpp",
         "penalties.cpp",

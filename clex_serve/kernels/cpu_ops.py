@@ -19,6 +19,9 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 # per KV head up to these (every supported checkpoint; csrc/decode_attention.cpp's kMaxDim, kMaxGroup).
 DECODE_MAX_HEAD_DIM = 256
 DECODE_MAX_GROUP = 16
+# ``prefill_attention``'s bounds (csrc/prefill_attention.cpp's kMaxDim, kMaxGroup).
+PREFILL_MAX_HEAD_DIM = 256
+PREFILL_MAX_GROUP = 64
 
 
 def cpu_supported() -> bool:
@@ -104,6 +107,16 @@ def decode_attention(
     consecutive positions of one sequence (each row's runs a prefix of the next row's), attended together
     so that their keys are read once; every row's result is the one it has alone."""
     return torch.ops.clex_cpu.decode_attention(q, flat_k_cache, flat_v_cache, runs, run_offsets, scale, row_groups)
+
+
+def prefill_attention(
+    q: torch.Tensor, flat_k_cache: torch.Tensor, flat_v_cache: torch.Tensor, start: int, context: int, scale: float
+) -> torch.Tensor:
+    """A prompt chunk's queries q [L, Hq, D] over the one run of slots ``[start, start + context)`` of the
+    [slots, Hkv, D] cache views that holds its cached prefix and its own keys, causal and aligned to the run's
+    end (query i sees the keys up to ``context - L + i``) -> [L, Hq, D]. Grouped-query heads read their shared
+    KV head in place."""
+    return torch.ops.clex_cpu.prefill_attention(q, flat_k_cache, flat_v_cache, start, context, scale)
 
 
 class DecodeLayerWeights(NamedTuple):

@@ -35,14 +35,34 @@ def test_ode_is_solved_from_the_checkpoint_projection(name):
     assert difference > 1e-4
 
 
+@pytest.mark.parametrize("layout", ["scattered", "one run"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,length", list(_cases("prefill")))
-def test_prefill_logits(name, length, device, reference_runner):
+def test_prefill_logits(name, length, device, layout, reference_runner):
     cases = reference_cases(name)
-    sequence = SingleSequence(reference_runner(name, device=device), max_len=128)
+    sequence = SingleSequence(reference_runner(name, device=device), max_len=128, one_run=layout == "one run")
     result = sequence.feed(cases["sequence"][:length].tolist(), all_logits=True)
     torch.testing.assert_close(result.all_logits[0].cpu(), cases[f"prefill_{length}"], atol=TOLERANCE, rtol=0)
     torch.testing.assert_close(result.last_logits[0].cpu(), cases[f"prefill_{length}"][-1], atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,length", [case for case in _cases("prefill") if "logscale" not in case[0]])
+def test_prefill_in_two_chunks_in_one_run(name, length, device, reference_runner):
+    """A second chunk attends the first's cached keys and its own in one run (causal from the end): the
+    logits of a prefill of the whole, where CLEX makes chunking exact, i.e. the first chunk already at the
+    whole's scale (and no log scale, which depends on a pass's length)."""
+    runner = reference_runner(name, device=device)
+    scale = runner.rope.scale_for_length(length)
+    first = max(length // 2, next(n for n in range(1, length + 1) if runner.rope.scale_for_length(n) == scale))
+    if first == length:
+        pytest.skip(f"no shorter first chunk has the scale of {length} tokens")
+    cases = reference_cases(name)
+    tokens = cases["sequence"][:length].tolist()
+    sequence = SingleSequence(runner, max_len=128, one_run=True)
+    sequence.feed(tokens[:first])
+    result = sequence.feed(tokens[first:], all_logits=True)
+    torch.testing.assert_close(result.all_logits[0].cpu(), cases[f"prefill_{length}"][first:], atol=TOLERANCE, rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

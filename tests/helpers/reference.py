@@ -23,15 +23,18 @@ def reference_cases(name: str) -> dict[str, torch.Tensor]:
 
 
 class SingleSequence:
-    """Drives the model runner for one sequence, with a deliberately scattered block table."""
+    """Drives the model runner for one sequence, with a deliberately scattered block table, or with its blocks
+    one run of consecutive ones (``one_run``: what the block manager aims for, and what the CPU's prompt
+    attention kernel reads in one call)."""
 
-    def __init__(self, runner: ModelRunner, max_len: int) -> None:
+    def __init__(self, runner: ModelRunner, max_len: int, one_run: bool = False) -> None:
         self.runner = runner
         blocks_needed = -(-max_len // runner.block_size)
         # Non-contiguous, descending blocks: positions must go through the block table to be found.
         num_blocks = runner.kv_cache.num_blocks
         scattered = list(range(num_blocks - 1, -1, -2)) + list(range(num_blocks - 2, -1, -2))
-        self.block_table = scattered[:blocks_needed]
+        self.block_table = list(range(1, num_blocks)) if one_run else scattered
+        self.block_table = self.block_table[:blocks_needed]
         assert len(self.block_table) == blocks_needed, "test pool too small"
         self.num_cached = 0
         self.scale = 1

@@ -47,6 +47,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                             const at::Tensor& runs, const at::Tensor& run_offsets, double scale,
                             const std::optional<at::Tensor>& row_groups);
 
+// prefill_attention.cpp
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start,
+                             int64_t context, double scale);
+
 // decoder_layer.cpp
 at::Tensor llama_decode_layer(const at::Tensor& hidden, const at::Tensor& input_norm, const at::Tensor& post_norm,
                               double eps, const at::Tensor& qkv, const std::optional<at::Tensor>& qkv_bias,

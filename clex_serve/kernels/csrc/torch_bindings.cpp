@@ -17,6 +17,7 @@ TORCH_LIBRARY(clex_cpu, m) {
         "Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache) -> (Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor runs, Tensor run_offsets, "
         "float scale, Tensor? row_groups=None) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, int start, int context, float scale) -> Tensor");
   m.def("llama_decode_layer(Tensor hidden, Tensor input_norm, Tensor post_norm, float eps, Tensor qkv, "
         "Tensor? qkv_bias, Tensor o, Tensor? o_bias, Tensor gate_up, Tensor? gate_up_bias, Tensor down, "
         "Tensor? down_bias, int heads, int kv_heads, int head_dim, int hidden_size, int intermediate_size, "
@@ -42,6 +43,7 @@ TORCH_LIBRARY_IMPL(clex_cpu, CPU, m) {
   m.impl("silu_and_mul", &clex_cpu::silu_and_mul);
   m.impl("rotate_and_cache", &clex_cpu::rotate_and_cache);
   m.impl("decode_attention", &clex_cpu::decode_attention);
+  m.impl("prefill_attention", &clex_cpu::prefill_attention);
   m.impl("llama_decode_layer", &clex_cpu::llama_decode_layer);
   m.impl("argmax_rows", &clex_cpu::argmax_rows);
   m.impl("apply_token_bitmask", &clex_cpu::apply_token_bitmask);

@@ -46,6 +46,7 @@ def pool(kv_heads, slots, dim, dtype):
         (50, 200, 6, 2, 36),  # 3 query heads a KV head (64 rows are not whole positions), head size not a 16
         (20, 90, 32, 2, 256),  # 16 query heads a KV head, the largest head size
         (5, 5, 64, 1, 16),  # 64 query heads on one KV head: one position a task
+        (40, 100, 4, 2, 33),  # an odd head size: bfloat16 widened to float32 (no pairs) on every CPU
     ],
 )
 def test_prompt_attention_is_causal_from_the_end_of_its_run(dtype, length, context, heads, kv_heads, dim):

@@ -50,6 +50,10 @@ AMX_MAX_ROWS = 16
 BLOCKED_MAX_ROWS_WITHOUT_ONEDNN_BF16 = 256
 # bfloat16 weights in input pairs for vdpbf16ps where the CPU has AVX512_BF16 (else the widening layout).
 BF16_PAIRS = True
+# bfloat16 in pairs where vdpbf16ps issues as often as an FMA (Zen 4): the kernel takes up to this many rows,
+# at or past oneDNN's speed (8 layers and the head of the benchmark model, ms, kernel / oneDNN: 16 rows 4.9 /
+# 6.0, 64 rows 14.2 / 15.1, 256 rows 50.6 / 51.4); longer prompts go to oneDNN's GEMM.
+BLOCKED_MAX_ROWS_AT_DOT_RATE = 256
 # The row count oneDNN tunes its packed layout for; any count runs, this is a common decode batch.
 _ONEDNN_ROWS_HINT = 16
 
@@ -106,6 +110,9 @@ class CpuLinear(nn.Module):
         # The plain copy, where nothing reads it, keeps a parameter of its dtype without its bytes.
         self.weight = linear.weight if keep_plain else nn.Parameter(weight.new_empty(0), requires_grad=False)
         self.max_blocked_rows = AMX_MAX_ROWS if self.amx else BLOCKED_MAX_ROWS[weight.dtype]
+        if self.blocked_weight is not None and self.blocked_weight.dim() == 4 and not self.amx:
+            if cpu_ops.bf16_dot_at_fma_rate():
+                self.max_blocked_rows = BLOCKED_MAX_ROWS_AT_DOT_RATE
         # bfloat16 blocked without oneDNN's bf16 path: larger batches widen the weight for MKL's GEMM.
         self.widened_gemm = (
             self.blocked_weight is not None and weight.dtype == torch.bfloat16 and not self.amx and not onednn

@@ -202,6 +202,22 @@ def bf16_dot_supported() -> bool:
     return torch.ops.clex_cpu.bf16_dot_supported()
 
 
+def bf16_dot_at_fma_rate() -> bool:
+    """``vdpbf16ps`` issues as often as a float32 FMA here (twice the work per instruction; measured once)."""
+    return torch.ops.clex_cpu.bf16_dot_at_fma_rate()
+
+
+def bf16_dot_rows() -> int:
+    """bfloat16 linear calls of up to this many rows take ``vdpbf16ps``, larger ones float32 FMAs (every row
+    count where ``bf16_dot_at_fma_rate``, else 2)."""
+    return torch.ops.clex_cpu.bf16_dot_rows()
+
+
+def select_bf16_dot_rows(rows: int) -> int:
+    """Set ``bf16_dot_rows`` (0: FMAs at every count), for tests and measurements."""
+    return torch.ops.clex_cpu.select_bf16_dot_rows(rows)
+
+
 def stream_read(data: torch.Tensor) -> float:
     """Every torch thread sums its own share of ``data`` (float32, contiguous) with 64-byte loads; the sum."""
     return torch.ops.clex_cpu.stream_read(data)

@@ -16,6 +16,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(params=["vdpbf16ps past 2 rows", "FMAs past 2 rows"])
+def dot_rows(request):
+    """Both ways of multiplying more than two rows, whichever this CPU takes by default."""
+    previous = cpu_ops.bf16_dot_rows()
+    cpu_ops.select_bf16_dot_rows(1 << 40 if request.param.startswith("vdpbf16ps") else 2)
+    yield request.param
+    cpu_ops.select_bf16_dot_rows(previous)
+
+
+@pytest.mark.usefixtures("dot_rows")
 @pytest.mark.parametrize(("outputs", "inputs"), [(1000, 1408), (130, 65), (40, 7)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_pairs_give_pytorchs_bf16_linear_within_one_rounding(outputs, inputs, with_bias):
@@ -23,7 +33,7 @@ def test_pairs_give_pytorchs_bf16_linear_within_one_rounding(outputs, inputs, wi
     weight = torch.randn(outputs, inputs, dtype=torch.bfloat16)
     bias = torch.randn(outputs, dtype=torch.bfloat16) if with_bias else None
     padded_bias = to_blocked(bias[:, None]).flatten() if with_bias else None
-    for rows in range(1, 9):
+    for rows in [*range(1, 9), 16, 40]:
         x = torch.randn(rows, inputs, dtype=torch.bfloat16)
         out = cpu_ops.blocked_linear(x, to_pairs(weight), padded_bias, outputs)
         exact = nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
@@ -93,8 +103,18 @@ def test_a_bf16_layer_on_amx_keeps_one_copy_of_its_weight():
 
 @pytest.mark.parametrize("inputs", [1400, 65])
 def test_more_than_two_rows_give_the_blocked_kernels_bits(inputs):
-    # Past two rows the pairs are multiplied with float32 FMAs in the blocked kernel's order, where AMX does
-    # not take them (input sizes not a multiple of 32, as here, or no tiles).
+    # Where vdpbf16ps issues at half an FMA's rate, past two rows the pairs are multiplied with float32 FMAs
+    # in the blocked kernel's order, where AMX does not take them (input sizes not a multiple of 32, as
+    # here, or no tiles).
+    previous = cpu_ops.bf16_dot_rows()
+    cpu_ops.select_bf16_dot_rows(2)
+    try:
+        check_fma_rows_give_the_blocked_kernels_bits(inputs)
+    finally:
+        cpu_ops.select_bf16_dot_rows(previous)
+
+
+def check_fma_rows_give_the_blocked_kernels_bits(inputs):
     torch.manual_seed(3)
     weight, bias = torch.randn(200, inputs, dtype=torch.bfloat16), torch.randn(200, dtype=torch.bfloat16)
     padded_bias = to_blocked(bias[:, None]).flatten()
@@ -104,6 +124,7 @@ def test_more_than_two_rows_give_the_blocked_kernels_bits(inputs):
         assert torch.equal(pairs, cpu_ops.blocked_linear(x, to_blocked(weight), padded_bias, 200))
 
 
+@pytest.mark.usefixtures("dot_rows")
 def test_pairs_give_the_same_bits_on_any_number_of_threads():
     torch.manual_seed(0)
     weight = torch.randn(100, 255, dtype=torch.bfloat16)  # 2 blocks, one partial; odd K
@@ -136,3 +157,14 @@ def test_cpu_linear_lays_bf16_out_in_pairs_and_float32_in_blocks():
     assert model[0].blocked_weight.shape == (2, 64, 64)
     assert model[1].blocked_weight.shape == (2, 32, 64, 2)
     torch.testing.assert_close(model[1](x).float(), expected.float(), atol=2e-2, rtol=1.6e-2)
+
+
+def test_where_vdpbf16ps_runs_at_the_fma_rate_the_kernel_takes_batches_up_to_256_rows():
+    model = nn.Sequential(nn.Linear(512, 300).to(torch.bfloat16))
+    replace_cpu_linear_layers(model, blocked=True)
+    if cpu_ops.amx_bf16_supported():
+        assert model[0].max_blocked_rows == 16
+    elif cpu_ops.bf16_dot_at_fma_rate():
+        assert cpu_ops.bf16_dot_rows() > 256 and model[0].max_blocked_rows == 256
+    else:
+        assert cpu_ops.bf16_dot_rows() == 2 and model[0].max_blocked_rows == 6

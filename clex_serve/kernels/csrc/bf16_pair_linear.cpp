@@ -7,8 +7,10 @@
 // column), and each pair of x is broadcast as one 32-bit value: for every pair, four 64-byte loads of W
 // and four vdpbf16ps per row of x into 64 float32 accumulators.
 //
-// Calls of more than kDotRows rows (several streams) multiply the same layout with float32 FMAs instead,
-// which this CPU issues at twice vdpbf16ps's rate (docs/cpu.md).
+// Calls of more rows (several streams) share each load of W among more rows, and where the CPU issues
+// vdpbf16ps at half an FMA's rate (Sapphire Rapids) they multiply the same layout with float32 FMAs instead,
+// past 2 rows; where it issues as often (Zen 4) every row count takes vdpbf16ps (``bf16_dot_rows``,
+// measured once per process; docs/cpu.md).
 //
 // What rounds where: bfloat16 x and W enter as they are (no rounding), every product of two bfloat16 is
 // exact in float32, the sums accumulate in float32 in order of k, and the output rounds once to bfloat16
@@ -28,6 +30,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
+#include <limits>
 #include <cstring>
 #include <type_traits>
 
@@ -39,7 +43,13 @@ constexpr int64_t kBlock = 64;
 constexpr int kVectors = kBlock / 16;
 constexpr int64_t kPrefetchPairs = 32;  // pairs of a block ahead that are prefetched (8 KB)
 constexpr int kMaxRows = 6;
-constexpr int kDotRows = 2;  // row groups up to this many use vdpbf16ps (measured crossover, docs/cpu.md)
+constexpr int64_t kDotRowsAtHalfRate = 2;  // calls up to this many rows use vdpbf16ps there (measured, docs/cpu.md)
+constexpr int64_t kEveryRow = std::numeric_limits<int64_t>::max();
+
+std::atomic<int64_t>& dot_rows() {
+  static std::atomic<int64_t> rows{clex_cpu::bf16_dot_at_fma_rate() ? kEveryRow : kDotRowsAtHalfRate};
+  return rows;
+}
 constexpr bool AMX_ROWS = true;  // 3-16 rows on AMX tiles where the CPU has them (amx_pair_linear.cpp)
 
 using clex_cpu::load16;
@@ -51,11 +61,10 @@ inline uint32_t pair_of(const c10::BFloat16* x, int64_t p, int64_t K) {
   return uint32_t(lo) | (uint32_t(hi) << 16);
 }
 
-// Rows [0, ROWS) of x times one block of W in pairs. Calls of up to kDotRows rows: vdpbf16ps on x in bfloat16
-// pairs; more rows share each load of W better as float32 FMAs (vdpbf16ps issues at half the rate of an FMA here
-// and does half the work per weight of two FMAs), with each 64-byte load split into its even inputs (a
-// shift) and odd ones (a mask): fewer instructions than widening the plain blocked layout, and the same sums
-// in the same order as the blocked kernel, bit for bit.
+// Rows [0, ROWS) of x times one block of W in pairs. kDot: vdpbf16ps on x in bfloat16 pairs. Otherwise float32
+// FMAs (where vdpbf16ps issues at half an FMA's rate, more rows share each load of W better so), with each
+// 64-byte load split into its even inputs (a shift) and odd ones (a mask): fewer instructions than widening
+// the plain blocked layout, and the same sums in the same order as the blocked kernel, bit for bit.
 template <int ROWS, bool kDot>
 AVX512_BF16 void pair_block_rows(const c10::BFloat16* x, const float* x_float, int64_t K,
                                  const c10::BFloat16* block, int64_t pairs, const c10::BFloat16* bias,
@@ -124,9 +133,10 @@ at::Tensor bf16_pair_linear(const at::Tensor& x, const at::Tensor& w, const at::
   if (AMX_ROWS && amx_pair_linear_fits(M, K)) return amx_pair_linear(x, w, bias, N);
   at::Tensor y = at::empty({M, N}, x.options());
   const auto* xp = x.data_ptr<c10::BFloat16>();
-  // x in float32 once for the FMA path (groups of more than kDotRows rows), as the blocked kernel does.
-  const at::Tensor x_float = M > kDotRows ? x.to(at::kFloat) : at::Tensor();
-  const float* xf = M > kDotRows ? x_float.data_ptr<float>() : nullptr;
+  const bool dot = M <= dot_rows().load(std::memory_order_relaxed);
+  // x in float32 once for the FMA path, as the blocked kernel does.
+  const at::Tensor x_float = dot ? at::Tensor() : x.to(at::kFloat);
+  const float* xf = dot ? nullptr : x_float.data_ptr<float>();
   const auto* wp = w.data_ptr<c10::BFloat16>();
   const auto* bp = bias ? bias->data_ptr<c10::BFloat16>() : nullptr;
   auto* yp = y.data_ptr<c10::BFloat16>();
@@ -159,9 +169,17 @@ at::Tensor bf16_pair_linear(const at::Tensor& x, const at::Tensor& w, const at::
       }
     });
   };
-  if (M <= kDotRows) run(std::true_type{});
+  if (dot) run(std::true_type{});
   else run(std::false_type{});
   return y;
+}
+
+int64_t bf16_dot_rows() { return dot_rows().load(std::memory_order_relaxed); }
+
+int64_t select_bf16_dot_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 0, "select_bf16_dot_rows: a row count, or 0 for FMAs at every count");
+  dot_rows().store(rows, std::memory_order_relaxed);
+  return rows;
 }
 
 }  // namespace clex_cpu

@@ -21,6 +21,8 @@ at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& w, const std::o
 
 // bf16_pair_linear.cpp (blocked_linear's path for bfloat16 weights in pairs; needs AVX512_BF16)
 at::Tensor bf16_pair_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, int64_t N);
+int64_t bf16_dot_rows();  // calls of up to this many rows take vdpbf16ps, larger ones float32 FMAs
+int64_t select_bf16_dot_rows(int64_t rows);  // for tests and measurements
 
 // amx_pair_linear.cpp (bf16_pair_linear's path for 3-16 rows where the CPU has AMX)
 bool amx_pair_linear_fits(int64_t M, int64_t K);
@@ -70,6 +72,7 @@ at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& temperatures,
 
 // yardsticks.cpp (the benchmark's measures of the machine)
 bool bf16_dot_supported();
+bool bf16_dot_at_fma_rate();  // vdpbf16ps issues as often as an FMA (measured once)
 double stream_read(const at::Tensor& data);
 double fma_peak(int64_t iterations);
 double bf16_dot_peak(int64_t iterations);

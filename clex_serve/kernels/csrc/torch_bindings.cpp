@@ -24,6 +24,9 @@ TORCH_LIBRARY(clex_cpu, m) {
         "Tensor cos, Tensor sin, Tensor? query_scale, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor runs, Tensor run_offsets, Tensor? row_groups=None) -> Tensor");
   m.def("bf16_dot_supported() -> bool", &clex_cpu::bf16_dot_supported);
+  m.def("bf16_dot_at_fma_rate() -> bool", &clex_cpu::bf16_dot_at_fma_rate);
+  m.def("bf16_dot_rows() -> int", &clex_cpu::bf16_dot_rows);
+  m.def("select_bf16_dot_rows(int rows) -> int", &clex_cpu::select_bf16_dot_rows);
   m.def("stream_read(Tensor data) -> float", &clex_cpu::stream_read);
   m.def("fma_peak(int iterations) -> float", &clex_cpu::fma_peak);
   m.def("bf16_dot_peak(int iterations) -> float", &clex_cpu::bf16_dot_peak);

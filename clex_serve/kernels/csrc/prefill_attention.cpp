@@ -483,7 +483,7 @@ void prefill_attention_impl(const Problem<T>& p, int64_t queries, int64_t kv_hea
   std::atomic<int64_t> next{0};
   const int64_t count = static_cast<int64_t>(tasks.size());
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), count), 1, [&](int64_t begin, int64_t end) {
-    auto scratch = std::make_unique<Scratch>();
+    std::unique_ptr<Scratch> scratch(new Scratch);  // not value-initialised: every array is written before read
     for (int64_t worker = begin; worker < end; ++worker)
       for (int64_t t = next.fetch_add(1); t < count; t = next.fetch_add(1))
         attend_task(p, tasks[t], body, *scratch);

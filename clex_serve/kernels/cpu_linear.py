@@ -110,9 +110,9 @@ class CpuLinear(nn.Module):
         # The plain copy, where nothing reads it, keeps a parameter of its dtype without its bytes.
         self.weight = linear.weight if keep_plain else nn.Parameter(weight.new_empty(0), requires_grad=False)
         self.max_blocked_rows = AMX_MAX_ROWS if self.amx else BLOCKED_MAX_ROWS[weight.dtype]
-        if self.blocked_weight is not None and self.blocked_weight.dim() == 4 and not self.amx:
-            if cpu_ops.bf16_dot_at_fma_rate():
-                self.max_blocked_rows = BLOCKED_MAX_ROWS_AT_DOT_RATE
+        pairs_at_dot_rate = self.blocked_weight is not None and self.blocked_weight.dim() == 4 and not self.amx
+        if pairs_at_dot_rate and cpu_ops.bf16_dot_at_fma_rate():
+            self.max_blocked_rows = BLOCKED_MAX_ROWS_AT_DOT_RATE
         # bfloat16 blocked without oneDNN's bf16 path: larger batches widen the weight for MKL's GEMM.
         self.widened_gemm = (
             self.blocked_weight is not None and weight.dtype == torch.bfloat16 and not self.amx and not onednn

@@ -8,7 +8,7 @@
 // and four vdpbf16ps per row of x into 64 float32 accumulators.
 //
 // Calls of more rows (several streams) share each load of W among more rows, and where the CPU issues
-// vdpbf16ps at half an FMA's rate (Sapphire Rapids) they multiply the same layout with float32 FMAs instead,
+// vdpbf16ps at half an FMA's rate (the AMX Xeon of docs/cpu.md) they multiply the same layout with float32 FMAs instead,
 // past 2 rows; where it issues as often (Zen 4) every row count takes vdpbf16ps (``bf16_dot_rows``,
 // measured once per process; docs/cpu.md).
 //

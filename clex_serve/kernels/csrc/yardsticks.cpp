@@ -162,7 +162,7 @@ bool amx_bf16_supported() {
 }
 
 // Whether vdpbf16ps issues as often as a float32 FMA on this core (Zen 4: then it does twice an FMA's work),
-// or at half its rate (Sapphire Rapids), measured once on the calling thread: the fastest of 5 runs of each
+// or at half its rate (the AMX Xeon of docs/cpu.md), measured once on the calling thread: the fastest of 5 runs of each
 // chain kernel, 20,000 iterations (a fraction of a millisecond each).
 bool bf16_dot_at_fma_rate() {
   static const bool answer = [] {

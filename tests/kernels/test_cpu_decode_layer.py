@@ -42,6 +42,7 @@ def test_fused_decode_layer_equals_the_layer_by_layer_path(name, dtype, monkeypa
     with_fused, fused_scales = batched_decode_logits(runner, tokens, prompt_lens, steps=12)
     assert sum(used) == 12 * runner.config.num_hidden_layers  # every decode step, every layer; prefills not
     monkeypatch.setattr(CpuLlamaDecoderLayer, "forward", LlamaDecoderLayer.forward)  # the layer-by-layer path
+    runner.cpu_decode = None  # which the whole-step fast path (test_cpu_decode_step) would bypass
     layer_by_layer, scales = batched_decode_logits(runner, tokens, prompt_lens, steps=12)
     assert sum(used) == 12 * runner.config.num_hidden_layers
     assert fused_scales == scales and max(scales) > 1

@@ -50,6 +50,8 @@ class KVCachePool:
         self.tensor = torch.zeros(shape, dtype=dtype, device=device)
         # Every layer's (K, V) views, made once: a step's metadata hands them to the layers.
         self.layer_views = [(self.tensor[layer, 0], self.tensor[layer, 1]) for layer in range(layers)]
+        # The same as [slots, kv_heads, head_dim] views, for kernels that take slots in either layout.
+        self.flat_layer_views = [(flat_slots(k), flat_slots(v)) for k, v in self.layer_views]
 
     @property
     def num_layers(self) -> int:

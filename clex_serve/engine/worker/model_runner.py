@@ -20,6 +20,7 @@ from clex_serve.attention.selector import default_block_size, get_attention_back
 from clex_serve.engine.worker.cache_rotation import Rerotation, rerotate_all
 from clex_serve.engine.worker.cuda_graphs import DecodeCudaGraphs
 from clex_serve.engine.worker.kv_cache import KVCachePool
+from clex_serve.kernels.cpu_decode_step import CpuDecodeStep
 from clex_serve.kernels.device_layers import use_device_layers
 from clex_serve.loading.loader import LoadedModel
 
@@ -109,6 +110,8 @@ class ModelRunner:
             attention_backend, self.device, self.config.sliding_window, self.dtype
         )
         use_device_layers(self.model, self.device, self.dtype, self.backend)
+        # Pure decode steps of a model whose layers all fused, in a few calls (the CPU's decode graph).
+        self.cpu_decode = CpuDecodeStep.for_model(self.model, self.backend) if self.device.type == "cpu" else None
         self.block_size = block_size or default_block_size(self.backend)
         self.rope = self.model.rotary_emb
         self._log_base = torch.log(torch.tensor(float(self.config.max_position_embeddings)))
@@ -224,6 +227,8 @@ class ModelRunner:
         graphs = self.decode_graphs
         if graphs is not None and len(steps) <= graphs.max_batch_size and all(s.is_plain_decode for s in steps):
             return StepResult(self._run_decode_graph(steps, scales), {}, self.model.compute_logits)
+        if self.cpu_decode is not None and row_groups is None and self.cpu_decode.fits(steps):
+            return StepResult(self.cpu_decode.logits(steps, scales, self), {}, self.model.compute_logits)
         input_ids, meta = self._prepare(steps, scales)
         meta.row_groups = row_groups
         self.backend.prepare(meta)

@@ -49,6 +49,7 @@ SOURCES = [
         "decode_attention.cpp",
         "prefill_attention.cpp",
         "decoder_layer.cpp",
+        "decode_step.cpp",
         "sampling.cpp",
         "penalties.cpp",
         "yardsticks.cpp",

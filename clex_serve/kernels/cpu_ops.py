@@ -162,6 +162,58 @@ def llama_decode_layer(
     )
 
 
+def llama_decode_step(
+    ids: torch.Tensor,
+    embedding: torch.Tensor,
+    layers: list[torch.Tensor | None],
+    shape: DecodeLayerWeights,
+    final_norm: torch.Tensor,
+    final_eps: float,
+    head: torch.Tensor,
+    head_bias: torch.Tensor | None,
+    vocab: int,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+    query_scale: torch.Tensor | None,
+    slots: torch.Tensor,
+    flat_k_caches: list[torch.Tensor],
+    flat_v_caches: list[torch.Tensor],
+    runs: torch.Tensor,
+    run_offsets: torch.Tensor,
+) -> torch.Tensor:
+    """A pure decode step's float32 logits [B, vocab]: the embedding of ``ids``, the rotary rows of
+    ``positions`` at ``inv_freq`` [1 or B, rotary_dim / 2], ``llama_decode_layer`` for every layer (``layers``:
+    each layer's ten tensors in ``DecodeLayerWeights``' order, ``shape`` the sizes and eps they share), the
+    final RMSNorm and the head in the blocked layout; the step's other arguments as ``llama_decode_layer``
+    takes them, with each layer's cache views in order."""
+    return torch.ops.clex_cpu.llama_decode_step(
+        ids,
+        embedding,
+        layers,
+        shape.eps,
+        shape.heads,
+        shape.kv_heads,
+        shape.head_dim,
+        shape.hidden_size,
+        shape.intermediate_size,
+        final_norm,
+        final_eps,
+        head,
+        head_bias,
+        vocab,
+        positions,
+        inv_freq,
+        attention_scaling,
+        query_scale,
+        slots,
+        flat_k_caches,
+        flat_v_caches,
+        runs,
+        run_offsets,
+    )
+
+
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """In place, in each of ``rows``: logits [B, V] float32 contiguous become -inf where the row's bit in
     ``bitmask`` [>= B, ceil(V / 32)] int32 (xgrammar's layout) is clear."""

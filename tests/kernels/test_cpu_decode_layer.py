@@ -28,6 +28,7 @@ def test_fused_decode_layer_equals_the_layer_by_layer_path(name, dtype, monkeypa
         max_num_seqs=8,
     )
     assert all(isinstance(layer, CpuLlamaDecoderLayer) for layer in runner.model.model.layers)  # swapped in once
+    runner.cpu_decode = None  # decode steps through the modules (the whole-step call: test_cpu_decode_step)
     tokens = torch.randint(3, 200, (60,), generator=torch.Generator().manual_seed(0)).tolist()
     prompt_lens = [5, 14, 31]  # three sequences, whose lengths cross CLEX scales while decoding
 
@@ -42,7 +43,6 @@ def test_fused_decode_layer_equals_the_layer_by_layer_path(name, dtype, monkeypa
     with_fused, fused_scales = batched_decode_logits(runner, tokens, prompt_lens, steps=12)
     assert sum(used) == 12 * runner.config.num_hidden_layers  # every decode step, every layer; prefills not
     monkeypatch.setattr(CpuLlamaDecoderLayer, "forward", LlamaDecoderLayer.forward)  # the layer-by-layer path
-    runner.cpu_decode = None  # which the whole-step fast path (test_cpu_decode_step) would bypass
     layer_by_layer, scales = batched_decode_logits(runner, tokens, prompt_lens, steps=12)
     assert sum(used) == 12 * runner.config.num_hidden_layers
     assert fused_scales == scales and max(scales) > 1

@@ -110,7 +110,7 @@ class ModelRunner:
             attention_backend, self.device, self.config.sliding_window, self.dtype
         )
         use_device_layers(self.model, self.device, self.dtype, self.backend)
-        # Pure decode steps of a model whose layers all fused, in a few calls (the CPU's decode graph).
+        # Pure decode steps of a model whose layers all fused, in one call (the CPU's decode graph).
         self.cpu_decode = CpuDecodeStep.for_model(self.model, self.backend) if self.device.type == "cpu" else None
         self.block_size = block_size or default_block_size(self.backend)
         self.rope = self.model.rotary_emb
@@ -341,15 +341,18 @@ class ModelRunner:
     def _rotary_tables(
         self, positions: torch.Tensor, scales: list[int], query_lens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rope.cos_sin(positions, self.rotary_inv_freq(scales, query_lens))
+        return cos.to(self.dtype), sin.to(self.dtype)
+
+    def rotary_inv_freq(self, scales: list[int], query_lens: torch.Tensor) -> torch.Tensor:
+        """Every new token's inverse frequencies at its sequence's scale [tokens, rotary_dim / 2], or one row
+        [1, rotary_dim / 2] shared by all when the step has one scale."""
         distinct = sorted(set(scales))
         if len(distinct) == 1:
-            inv_freq = self.rope.inv_freq_for_scale(distinct[0])[None, :]
-        else:
-            rows = torch.stack([self.rope.inv_freq_for_scale(scale) for scale in distinct])
-            row_of_sequence = torch.tensor([distinct.index(scale) for scale in scales])
-            inv_freq = rows[row_of_sequence.repeat_interleave(query_lens).to(rows.device)]
-        cos, sin = self.rope.cos_sin(positions, inv_freq)
-        return cos.to(self.dtype), sin.to(self.dtype)
+            return self.rope.inv_freq_for_scale(distinct[0])[None, :]
+        rows = torch.stack([self.rope.inv_freq_for_scale(scale) for scale in distinct])
+        row_of_sequence = torch.tensor([distinct.index(scale) for scale in scales])
+        return rows[row_of_sequence.repeat_interleave(query_lens).to(rows.device)]
 
     def _query_scale(
         self, steps: list[SequenceStep], positions: torch.Tensor, query_lens: torch.Tensor

@@ -2,6 +2,7 @@
 // each as torch.ops.clex_cpu.<name>, and kernels that compose others (decoder_layer.cpp) call them here.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -64,6 +65,17 @@ at::Tensor llama_decode_layer(const at::Tensor& hidden, const at::Tensor& input_
                               const std::optional<at::Tensor>& query_scale, const at::Tensor& slots,
                               at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& runs,
                               const at::Tensor& run_offsets, const std::optional<at::Tensor>& row_groups);
+
+// decode_step.cpp
+at::Tensor llama_decode_step(const at::Tensor& ids, const at::Tensor& embedding,
+                             const c10::List<std::optional<at::Tensor>>& layers, double eps, int64_t heads,
+                             int64_t kv_heads, int64_t head_dim, int64_t hidden_size, int64_t intermediate_size,
+                             const at::Tensor& final_norm, double final_eps, const at::Tensor& head,
+                             const std::optional<at::Tensor>& head_bias, int64_t vocab, const at::Tensor& positions,
+                             const at::Tensor& inv_freq, double attention_scaling,
+                             const std::optional<at::Tensor>& query_scale, const at::Tensor& slots,
+                             at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& runs,
+                             const at::Tensor& run_offsets);
 
 // sampling.cpp
 at::Tensor argmax_rows(const at::Tensor& x);

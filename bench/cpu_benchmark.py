@@ -205,8 +205,9 @@ def arrivals_table(clex: Path, token_budget: int | None) -> None:
 
 
 def host_time_per_step(folder: Path, streams: int = 64, new_tokens: int = 256) -> None:
-    """Step wall time minus the model's forward and logits, with ``streams`` greedy streams on a 2-layer model; early
-    steps (short contexts) against late ones, which shows whether host work grows with the tokens."""
+    """Step wall time minus the model's forward and logits (or the whole-step decode call), with ``streams``
+    greedy streams on a 2-layer model; early steps (short contexts) against late ones, which shows whether host
+    work grows with the tokens."""
     _, tiny = build(folder / "two_layers", num_layers=2, base_window=BASE_WINDOW)
     llm = LLM(
         str(tiny),
@@ -217,9 +218,12 @@ def host_time_per_step(folder: Path, streams: int = 64, new_tokens: int = 256) -
         kv_cache_memory_gib=1.0,
     )
     engine = llm.engine
-    model = engine.worker.runner.model
+    runner = engine.worker.runner
+    model = runner.model
     forward_time = [0.0]
     originals = {name: getattr(model, name) for name in ("forward", "compute_logits")}
+    # Decode steps that the whole-step C++ call takes (CpuDecodeStep) run neither: its call is their forward.
+    fast_path = runner.cpu_decode
 
     def timed(function):
         def run(*args, **kwargs):
@@ -232,6 +236,8 @@ def host_time_per_step(folder: Path, streams: int = 64, new_tokens: int = 256) -
 
     for name, function in originals.items():
         setattr(model, name, timed(function))
+    if fast_path is not None:
+        fast_path.logits = timed(fast_path.logits)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for index in range(streams):
         engine.add_request({"prompt_token_ids": prompt_ids(64, 500 + index)}, params)
@@ -247,6 +253,8 @@ def host_time_per_step(folder: Path, streams: int = 64, new_tokens: int = 256) -
         host.append(elapsed - forward_time[0])
     for name in originals:
         delattr(model, name)  # back to the class's methods
+    if fast_path is not None:
+        del fast_path.logits
     early, late = slice(0, 32), slice(-33, -1)
     print(f"\nhost time per step, {streams} streams, 2-layer model, float32 (ms; median over 32 steps)")
     print("| steps | step | forward + logits | host (the rest) |\n| --- | --- | --- | --- |")

@@ -7,7 +7,8 @@ the blocked layout (``cpu_linear``), head shapes the decode kernel takes, under 
 with the kernels. Per step it applies to pure decode steps that the blocked kernel takes in one call (at
 most ``BLOCKED_MAX_ROWS`` streams); anything else (prompt chunks, mixed steps, bfloat16 batches past the
 blocked kernel's rows, where oneDNN runs, another runner's backend over the same model) takes the
-layer-by-layer path.
+layer-by-layer path. The runner's whole-step call (``cpu_decode_step``) makes the same call from C++ for
+every layer of a pure decode step, so this module's ``forward`` serves the steps that call does not take.
 """
 
 from __future__ import annotations

@@ -150,11 +150,7 @@ class CpuAttentionBackend(AttentionBackend):
         kept = meta.block_runs_host or [None] * len(meta.query_lens)
 
         def slot_runs(index: int, length: int) -> list[tuple[int, int]]:
-            """Sequence ``index``'s first ``length`` slots as runs: from the runs the block manager keeps,
-            else by scanning its table."""
-            if kept[index] is not None:
-                return segments.slot_runs(kept[index], length, meta.block_size)
-            return segments.contiguous_runs(meta.block_tables_host[index], length, meta.block_size)
+            return segments.sequence_runs(kept[index], meta.block_tables_host[index], length, meta.block_size)
 
         runs = [
             slot_runs(index, context if new == 1 else context - new)

@@ -49,6 +49,16 @@ def slot_runs(runs: list[list[int]], num_tokens: int, block_size: int) -> list[t
     return slots
 
 
+def sequence_runs(
+    block_runs: list[list[int]] | None, block_table: list[int], num_tokens: int, block_size: int
+) -> list[tuple[int, int]]:
+    """A sequence's first ``num_tokens`` slots as runs: from the block runs the block manager keeps, else by
+    scanning its table."""
+    if block_runs is not None:
+        return slot_runs(block_runs, num_tokens, block_size)
+    return contiguous_runs(block_table, num_tokens, block_size)
+
+
 def attend_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:

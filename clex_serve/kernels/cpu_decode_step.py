@@ -15,6 +15,7 @@ The logits are those of the path through the modules bit for bit (tested).
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +29,9 @@ from clex_serve.kernels.cpu_linear import CpuLinear
 from clex_serve.layers.rotary.base import RotaryEmbedding
 from clex_serve.models.base import CausalLM, DecoderModel
 
+if TYPE_CHECKING:
+    from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
+
 # The sizes every layer shares, as the fused call takes them once for all.
 SHARED_FIELDS = ("eps", "heads", "kv_heads", "head_dim", "hidden_size", "intermediate_size")
 
@@ -40,20 +44,7 @@ class CpuDecodeStep:
         layers = [layer.weights for layer in model.model.layers]
         self.shape = layers[0]
         self.layer_tensors: list[torch.Tensor | None] = [
-            tensor
-            for weights in layers
-            for tensor in (
-                weights.input_norm,
-                weights.post_norm,
-                weights.qkv,
-                weights.qkv_bias,
-                weights.o,
-                weights.o_bias,
-                weights.gate_up,
-                weights.gate_up_bias,
-                weights.down,
-                weights.down_bias,
-            )
+            getattr(weights, name) for weights in layers for name in cpu_ops.DECODE_STEP_LAYER_FIELDS
         ]
         self.embedding = model.model.embed_tokens.weight
         self.norm = model.model.norm
@@ -93,11 +84,11 @@ class CpuDecodeStep:
             return None
         return cls(model)
 
-    def fits(self, steps: list) -> bool:
+    def fits(self, steps: list[SequenceStep]) -> bool:
         """Every sequence decodes one token at its own length, and the fused calls take the batch in one."""
         return len(steps) <= self.max_rows and all(step.is_plain_decode for step in steps)
 
-    def logits(self, steps: list, scales: list[int], runner) -> torch.Tensor:
+    def logits(self, steps: list[SequenceStep], scales: list[int], runner: ModelRunner) -> torch.Tensor:
         """[B, vocab] float32 next-token logits of ``steps`` (``fits``), with the runner's pool and rotary."""
         pool = runner.kv_cache
         block_size = runner.block_size
@@ -105,15 +96,11 @@ class CpuDecodeStep:
         # ids, positions, slots, run offsets and runs, in one tensor (each torch.tensor call costs its own).
         ids, positions, slots, runs, offsets = [], [], [], [], [0]
         for step in steps:
-            if len(step.block_table) * block_size < step.total_len:
-                raise ValueError("block table too short for the sequence: allocate blocks before running")
+            step.check_blocks(block_size)
             ids.append(step.token_ids[0])
             positions.append(step.num_cached)
             slots.append(pool.slot(step.block_table, step.num_cached))
-            if step.block_runs is not None:
-                own = segments.slot_runs(step.block_runs, step.total_len, block_size)
-            else:
-                own = segments.contiguous_runs(step.block_table, step.total_len, block_size)
+            own = segments.sequence_runs(step.block_runs, step.block_table, step.total_len, block_size)
             runs.extend(itertools.chain.from_iterable(own))
             offsets.append(offsets[-1] + len(own))
         packed = torch.tensor(ids + positions + slots + offsets + runs, dtype=torch.long)
@@ -121,7 +108,7 @@ class CpuDecodeStep:
         offsets_t = packed[3 * count : 4 * count + 1]
         runs_t = packed[4 * count + 1 :].view(-1, 2)
         ones = torch.ones(count, dtype=torch.long)
-        query_scale = runner._query_scale(steps, positions_t, ones)
+        query_scale = runner.query_scale(steps, positions_t, ones)
         views = pool.flat_layer_views
         return cpu_ops.llama_decode_step(
             ids_t,

@@ -162,6 +162,21 @@ def llama_decode_layer(
     )
 
 
+# A layer's tensors as ``llama_decode_step`` takes them, ten per layer, in this order.
+DECODE_STEP_LAYER_FIELDS = (
+    "input_norm",
+    "post_norm",
+    "qkv",
+    "qkv_bias",
+    "o",
+    "o_bias",
+    "gate_up",
+    "gate_up_bias",
+    "down",
+    "down_bias",
+)
+
+
 def llama_decode_step(
     ids: torch.Tensor,
     embedding: torch.Tensor,
@@ -184,7 +199,7 @@ def llama_decode_step(
 ) -> torch.Tensor:
     """A pure decode step's float32 logits [B, vocab]: the embedding of ``ids``, the rotary rows of
     ``positions`` at ``inv_freq`` [1 or B, rotary_dim / 2], ``llama_decode_layer`` for every layer (``layers``:
-    each layer's ten tensors in ``DecodeLayerWeights``' order, ``shape`` the sizes and eps they share), the
+    each layer's ten tensors in ``DECODE_STEP_LAYER_FIELDS``' order, ``shape`` the sizes and eps they share), the
     final RMSNorm and the head in the blocked layout; the step's other arguments as ``llama_decode_layer``
     takes them, with each layer's cache views in order."""
     return torch.ops.clex_cpu.llama_decode_step(

@@ -57,6 +57,11 @@ class SequenceStep:
     def rotary_len(self) -> int:
         return self.scale_len or self.total_len
 
+    def check_blocks(self, block_size: int) -> None:
+        """The block table holds every position the step writes."""
+        if len(self.block_table) * block_size < self.total_len:
+            raise ValueError("block table too short for the sequence: allocate blocks before running")
+
     @property
     def is_plain_decode(self) -> bool:
         """One new token rotated at its own length: the step a captured decode graph computes."""
@@ -279,8 +284,7 @@ class ModelRunner:
 
     def _run_decode_graph(self, steps: list[SequenceStep], scales: list[int]) -> torch.Tensor:
         for step in steps:
-            if len(step.block_table) * self.block_size < step.total_len:
-                raise ValueError("block table too short for the sequence: allocate blocks before running")
+            step.check_blocks(self.block_size)
         positions = [step.num_cached for step in steps]
         slots = [self.kv_cache.slot(step.block_table, step.num_cached) for step in steps]
         logits = self.decode_graphs.run(
@@ -294,8 +298,7 @@ class ModelRunner:
         positions: list[int] = []
         slot_mapping: list[int] = []
         for step in steps:
-            if len(step.block_table) * block_size < step.total_len:
-                raise ValueError("block table too short for the sequence: allocate blocks before running")
+            step.check_blocks(block_size)
             input_ids.extend(step.token_ids)
             for position in range(step.num_cached, step.total_len):
                 positions.append(position)
@@ -323,7 +326,7 @@ class ModelRunner:
             slot_mapping=on_device(slot_mapping, torch.long),
             cos=cos,
             sin=sin,
-            query_scale=self._query_scale(steps, positions_t, query_lens_t),
+            query_scale=self.query_scale(steps, positions_t, query_lens_t),
             query_lens=query_lens,
             context_lens_host=context_lens,
             context_lens=on_device(context_lens, torch.int32),
@@ -354,7 +357,7 @@ class ModelRunner:
         row_of_sequence = torch.tensor([distinct.index(scale) for scale in scales])
         return rows[row_of_sequence.repeat_interleave(query_lens).to(rows.device)]
 
-    def _query_scale(
+    def query_scale(
         self, steps: list[SequenceStep], positions: torch.Tensor, query_lens: torch.Tensor
     ) -> torch.Tensor | None:
         """CLEX log_scale: queries of a pass that leaves L tokens are multiplied by log(L) / log(L0)."""

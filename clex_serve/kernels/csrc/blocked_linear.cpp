@@ -78,14 +78,17 @@ AVX512 void block_rows(const float* x, int64_t x_stride, const T* block, int64_t
       acc[m][v] = pass.from ? _mm512_load_ps(pass.from + m * kBlock + v * 16)
                   : pass.bias ? load16(pass.bias + v * 16)
                               : _mm512_setzero_ps();
+  // The first k of this pass's share of the prefetches (no division per k: this is the decode's inner loop).
+  int64_t next_prefetch = k_begin + ((pass.phase - k_begin % pass.every) % pass.every + pass.every) % pass.every;
   for (int64_t k = k_begin; k < k_end; ++k) {
     const T* w = block + k * kBlock;
     // Into L2, not L1: a prefetch to L1 holds one of the core's few line-fill buffers until memory
     // answers, and with the later passes running from L1 those were what limited the stream.
-    if (pass.prefetch && k % pass.every == pass.phase) {
+    if (pass.prefetch && k == next_prefetch) {
       const char* ahead = reinterpret_cast<const char*>(w + kPrefetchRows * kBlock);
       for (int64_t line = 0; line < static_cast<int64_t>(kBlock * sizeof(T)); line += 64)
         _mm_prefetch(ahead + line, _MM_HINT_T1);
+      next_prefetch += pass.every;
     }
     __m512 wv[kVectors];
     for (int v = 0; v < kVectors; ++v) wv[v] = load16(w + v * 16);

@@ -36,6 +36,7 @@ from torch import nn
 
 from clex_serve.kernels import cpu_ops
 from clex_serve.kernels.cpu_extension import cpu_kernels_available
+from clex_serve.kernels.huge_pages import HugePageArena
 from clex_serve.layers.linear import PackedLinear
 from clex_serve.layers.replace import replace_modules
 
@@ -82,9 +83,12 @@ def unblocked(blocked: torch.Tensor, out_features: int) -> torch.Tensor:
 class CpuLinear(nn.Module):
     """An ``nn.Linear`` on the CPU with its weight in the layouts above, made once from the layer it replaces
     (``replace_cpu_linear_layers``). ``weight`` is the plain weight where something still reads it (a tied
-    embedding, float32 without the blocked kernel), else an empty parameter of its dtype."""
+    embedding, float32 without the blocked kernel), else an empty parameter of its dtype. ``arena``: where the
+    blocked weight, which every decode step streams, is put (2 MB pages, ``huge_pages``); else the heap."""
 
-    def __init__(self, linear: nn.Linear, blocked: bool, onednn: bool, keep_plain: bool) -> None:
+    def __init__(
+        self, linear: nn.Linear, blocked: bool, onednn: bool, keep_plain: bool, arena: HugePageArena | None = None
+    ) -> None:
         super().__init__()
         weight = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -93,6 +97,8 @@ class CpuLinear(nn.Module):
         if blocked:
             pairs = weight.dtype == torch.bfloat16 and BF16_PAIRS and cpu_ops.bf16_dot_supported()
             self.blocked_weight = to_pairs(weight) if pairs else to_blocked(weight)
+            if arena is not None:
+                self.blocked_weight = arena.copy(self.blocked_weight)
         self.blocked_bias: torch.Tensor | None = None
         if blocked and linear.bias is not None:
             self.blocked_bias = to_blocked(linear.bias.detach()[:, None]).flatten()
@@ -151,8 +157,10 @@ class CpuLinear(nn.Module):
 class CpuPackedLinear(CpuLinear):
     """A ``PackedLinear`` (q/k/v, gate/up) on the CPU: the same, and its projections split apart."""
 
-    def __init__(self, linear: PackedLinear, blocked: bool, onednn: bool, keep_plain: bool) -> None:
-        super().__init__(linear, blocked, onednn, keep_plain)
+    def __init__(
+        self, linear: PackedLinear, blocked: bool, onednn: bool, keep_plain: bool, arena: HugePageArena | None = None
+    ) -> None:
+        super().__init__(linear, blocked, onednn, keep_plain, arena)
         self.shard_sizes = dict(linear.shard_sizes)
 
     def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -166,6 +174,7 @@ def replace_cpu_linear_layers(model: nn.Module, shared: set[int] = frozenset(), 
     CPU kernels build)."""
     if blocked is None:
         blocked = cpu_kernels_available()
+    arena = HugePageArena()  # the model's blocked weights side by side in 2 MB pages
 
     def replacement(module: nn.Module) -> nn.Module | None:
         if not isinstance(module, nn.Linear) or module.weight.dtype not in cpu_ops.KERNEL_DTYPES:
@@ -178,7 +187,7 @@ def replace_cpu_linear_layers(model: nn.Module, shared: set[int] = frozenset(), 
         # at one row).
         keep_plain = id(module.weight) in shared or (not blocked and dtype == torch.float32)
         kind = CpuPackedLinear if isinstance(module, PackedLinear) else CpuLinear
-        return kind(module, blocked, onednn, keep_plain)
+        return kind(module, blocked, onednn, keep_plain, arena)
 
     return replace_modules(model, replacement)
 

@@ -18,6 +18,7 @@ import torch
 
 from clex_serve.attention.metadata import cache_slot, flat_slots
 from clex_serve.config import ModelConfig
+from clex_serve.kernels.huge_pages import HugePageArena
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -47,7 +48,10 @@ class KVCachePool:
             if head_major
             else (layers, 2, num_blocks + 1, block_size, heads, head_dim)
         )
-        self.tensor = torch.zeros(shape, dtype=dtype, device=device)
+        if device.type == "cpu":  # read by every decode step: in 2 MB pages (huge_pages), touched now
+            self.tensor = HugePageArena().empty(shape, dtype).zero_()
+        else:
+            self.tensor = torch.zeros(shape, dtype=dtype, device=device)
         # Every layer's (K, V) views, made once: a step's metadata hands them to the layers.
         self.layer_views = [(self.tensor[layer, 0], self.tensor[layer, 1]) for layer in range(layers)]
         # The same as [slots, kv_heads, head_dim] views, for kernels that take slots in either layout.

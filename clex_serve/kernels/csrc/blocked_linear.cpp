@@ -21,6 +21,7 @@
 
 #include "avx2_math.h"
 #include "avx512_math.h"
+#include "balanced_tasks.h"
 #include "clex_cpu.h"
 
 #include <immintrin.h>
@@ -224,10 +225,13 @@ void blocked_linear_impl(const at::Tensor& x, const at::Tensor& w, const at::Ten
                              : M > 1 && M <= (kBfloat16 ? kMaxWidenedRows : kMaxSlicedRows);
   const bool widened = kBfloat16 && !avx512 && sliced && M >= kMinWidenedRows;
   const int64_t slice = sliced ? kSliceRows : K;
-  at::parallel_for(0, blocks * splits, 1, [&](int64_t first, int64_t last) {
+  // Tasks balanced between the threads (balanced_tasks.h). The 33 matrices of the benchmark model at 16
+  // float32 rows, against even shares, alternating in one process, medians of six rounds: 11.07 -> 9.72
+  // ms and, another time, 9.63 -> 9.42; 4 rows 6.89 -> 6.44, 8 rows 7.11 -> 7.00, 1 and 32 rows unchanged.
+  clex_cpu::parallel_tasks(blocks * splits, [&](const auto& for_each) {
     alignas(64) float partial[kMaxWidenedRows * kBlock];
     alignas(64) float widened_slice[kSliceRows * kBlock];
-    for (int64_t task = first; task < last; ++task) {
+    for_each([&](int64_t task) {
       const int64_t b = task / splits, begin = task % splits * rows_per_split;
       const int64_t end = std::min(M, begin + rows_per_split);
       const int64_t groups = (end - begin + kMaxRows - 1) / kMaxRows;
@@ -257,7 +261,7 @@ void blocked_linear_impl(const at::Tensor& x, const at::Tensor& w, const at::Ten
           }
         }
       }
-    }
+    });
   });
 }
 

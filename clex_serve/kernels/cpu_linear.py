@@ -10,7 +10,8 @@ number of rows:
   ``[N / 64, K / 2, 64, 2]``, multiplied as stored by ``vdpbf16ps`` (``csrc/bf16_pair_linear.cpp``), else
   widened in registers. Larger float32 batches (long prompts) copy the plain weight out of its blocks per
   call and run MKL's GEMM on it (a 7,000-token prompt: 160 ms a layer against 217 for ``torch.matmul``
-  over the blocks; the copy is a few MB), so float32 keeps one copy of its weights.
+  over the blocks; the copy is a few MB), or from 512 rows oneDNN's on that copy packed for it (1.35-1.5x
+  MKL's on Zen 4, the packing included), so float32 keeps one copy of its weights.
 - **oneDNN packed** (``torch.ops.mkldnn``, weights reordered ahead of time as vLLM's CPU backend and
   inductor's freezing do): bfloat16 batches of more rows than the blocked kernel handles well run on the
   CPU's bf16 matrix units. bfloat16 therefore keeps both layouts, the bytes of one float32 copy, except
@@ -55,6 +56,11 @@ BF16_PAIRS = True
 # at or past oneDNN's speed (8 layers and the head of the benchmark model, ms, kernel / oneDNN: 16 rows 4.9 /
 # 6.0, 64 rows 14.2 / 15.1, 256 rows 50.6 / 51.4); longer prompts go to oneDNN's GEMM.
 BLOCKED_MAX_ROWS_AT_DOT_RATE = 256
+# float32 rows from which a GEMM runs on oneDNN (the weight packed for it each call, after the copy out of
+# the blocks) rather than on MKL: one layer of the benchmark model (4 matrices), 2 Zen 4 threads, medians of
+# seven alternating runs, MKL / oneDNN with its packing: 300 rows 20.7 / 22.3 ms, 1,024 rows 62.2 / 46.0,
+# 3,000 rows 178 / 121 (108 against 159 GFLOP/s).
+ONEDNN_FLOAT32_MIN_ROWS = 512
 # The row count oneDNN tunes its packed layout for; any count runs, this is a common decode batch.
 _ONEDNN_ROWS_HINT = 16
 
@@ -125,6 +131,8 @@ class CpuLinear(nn.Module):
         )
         if self.widened_gemm:
             self.max_blocked_rows = BLOCKED_MAX_ROWS_WITHOUT_ONEDNN_BF16
+        # float32 prompts of many rows: oneDNN's GEMM on the weight packed per call, where it is faster.
+        self.onednn_float32_prompts = self.blocked_weight is not None and weight.dtype == torch.float32 and onednn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -140,8 +148,13 @@ class CpuLinear(nn.Module):
                 out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
         elif self.widened_gemm:
             out = self._widened_gemm(rows)
-        else:  # float32 past the blocked kernel's rows: MKL's GEMM on the weight copied out of its blocks
-            out = nn.functional.linear(rows, unblocked(self.blocked_weight, self.out_features), self.bias)
+        else:  # float32 past the blocked kernel's rows: a GEMM on the weight copied out of its blocks
+            weight = unblocked(self.blocked_weight, self.out_features)
+            if self.onednn_float32_prompts and count >= ONEDNN_FLOAT32_MIN_ROWS:
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, count)
+                out = torch.ops.mkldnn._linear_pointwise(rows, packed, self.bias, "none", [], "")
+            else:
+                out = nn.functional.linear(rows, weight, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     def _widened_gemm(self, rows: torch.Tensor) -> torch.Tensor:

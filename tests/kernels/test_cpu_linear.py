@@ -10,6 +10,7 @@ from clex_serve.kernels.cpu_extension import cpu_kernels_available
 from clex_serve.kernels.cpu_linear import (
     BLOCKED_MAX_ROWS,
     BLOCKED_MAX_ROWS_WITHOUT_ONEDNN_BF16,
+    ONEDNN_FLOAT32_MIN_ROWS,
     onednn_available,
     replace_cpu_linear_layers,
     to_blocked,
@@ -42,8 +43,10 @@ def test_prepared_layers_equal_plain_ones_for_any_row_count(blocked, dtype):
     model = nn.Sequential(
         nn.Linear(64, 96, bias=True), nn.Linear(96, 130, bias=False), nn.Linear(130, 40, bias=True)
     ).to(dtype)
+    # ONEDNN_FLOAT32_MIN_ROWS: a float32 prompt's GEMM on oneDNN's packing of the blocked weight.
     row_counts = sorted(
         {1, 3, BLOCKED_MAX_ROWS[dtype], BLOCKED_MAX_ROWS[dtype] + 1, 16, 70, BLOCKED_MAX_ROWS_WITHOUT_ONEDNN_BF16 + 1}
+        | {ONEDNN_FLOAT32_MIN_ROWS}
     )
     inputs = {rows: torch.randn(rows, 64, dtype=dtype) for rows in row_counts}
     expected = {rows: model(x).float() for rows, x in inputs.items()}

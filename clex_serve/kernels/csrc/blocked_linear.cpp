@@ -65,7 +65,8 @@ struct BlockPass {
   // phase. Sliced (AVX-512), every group of rows asks for its share: when the first group asked for all of
   // it, its pass issued a slice's prefetches in one burst and the later groups none, and 8 and 16 rows ran
   // 6-8% slower (the benchmark model's 33 matrices in float32: 7.12 against 6.53 ms at 8 rows, 11.09 against
-  // 10.47 at 16, medians of five alternating rounds; 32 rows unchanged). Whole blocks, only the first.
+  // 10.47 at 16, medians of five alternating rounds; 32 rows unchanged). Whole blocks: none with AVX-512,
+  // the first group with AVX2.
   bool prefetch;
   int64_t phase, every;
 };
@@ -244,9 +245,15 @@ void blocked_linear_impl(const at::Tensor& x, const at::Tensor& w, const at::Ten
         for (int64_t m = begin; m < end; m += kMaxRows) {
           float* sums = partial + (m - begin) * kBlock;
           const bool shared = avx512 && sliced;  // every group asks for its share of the stream ahead
+          // An AVX-512 pass over a whole block (up to six rows) asks for nothing ahead: with the weights in
+          // 2 MB pages (huge_pages.py) the hardware prefetchers stream it faster than these prefetches
+          // did (the 33 matrices of the benchmark model in float32, alternating in one process, medians
+          // of six to eight rounds: 1 row 4.67 -> 3.95 ms, 4 rows 6.65 -> 5.89, 6 rows 7.66 -> 6.77).
+          // Sliced passes still need them (16 rows without: 9.08 -> 11.44 ms).
+          const bool prefetch = shared || (!avx512 && m == begin);
           const BlockPass<T> pass{bp ? bp + b * kBlock : nullptr, k > 0 ? sums : nullptr,
                                   k_end < K ? sums : nullptr, yp + m * N + b * kBlock, N,
-                                  std::min(kBlock, N - b * kBlock), shared || m == begin,
+                                  std::min(kBlock, N - b * kBlock), prefetch,
                                   shared ? (m - begin) / kMaxRows : 0, shared ? groups : 1};
           const int64_t rows = std::min<int64_t>(kMaxRows, end - m);
           if (avx512) {

@@ -1,14 +1,13 @@
 """Host tensors in 2 MB pages, for what every CPU decode step streams: the prepared weights and the KV cache.
 
 A decode step reads every weight once. In 4 KB pages, which is what the heap gives, a 58M bfloat16 model's
-84 MB of weights are some 20,000 pages a step, each a TLB miss, scattered over physical memory; in 2 MB
-pages they are 42. On a Zen 4 machine the linear layers of the benchmark model, the same tensors copied
+84 MB of weights are some 20,000 pages a step, far more than a TLB holds, scattered over physical memory;
+in 2 MB pages they are 42. On a Zen 4 machine the linear layers of the benchmark model, the same tensors copied
 into such pages and the two alternating in one process (medians of six rounds): bfloat16 one row 2.65 ->
-2.26 ms (31.8 -> 37.3 GB/s), float32 one row 6.59 -> 6.47 ms, float32 16 rows 9.85 -> 9.21 ms. This is
-the ``--hugepages`` of llama.cpp's loader and the 2 MB pages that vLLM's and IPEX's CPU guides ask for,
-without root: an anonymous mapping advised with ``MADV_HUGEPAGE`` gets transparent huge pages wherever the
-kernel's setting is ``madvise`` or ``always`` (most distributions), and stays in 4 KB pages, as before,
-where it is ``never`` or the platform has no such advice.
+2.26 ms (31.8 -> 37.3 GB/s), float32 one row 6.59 -> 6.47 ms, float32 16 rows 9.85 -> 9.21 ms. No root
+and no preload are needed: an anonymous mapping advised with ``MADV_HUGEPAGE`` gets transparent huge pages
+wherever the kernel's setting is ``madvise`` or ``always``, and stays in 4 KB pages, as before, where it
+is ``never`` or the platform has no such advice.
 
 ``HugePageArena`` carves tensors out of such mappings, 2 MB aligned, a chunk shared by many small tensors so
 that a model's hundreds of weights do not each round up to a page; a chunk is unmapped when the last

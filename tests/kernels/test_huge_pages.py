@@ -17,13 +17,14 @@ needs_madvise = pytest.mark.skipif(not huge_pages.huge_pages_supported(), reason
 def vm_flags_of(address: int) -> list[str]:
     """The VmFlags of the mapping holding ``address`` (Linux's /proc/self/smaps)."""
     inside = False
-    for line in open("/proc/self/smaps"):
-        head = line.split()[0]
-        if "-" in head and ":" not in head:
-            start, end = (int(part, 16) for part in head.split("-"))
-            inside = start <= address < end
-        elif inside and head == "VmFlags:":
-            return line.split()[1:]
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                start, end = (int(part, 16) for part in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
     raise AssertionError("address not mapped")
 
 

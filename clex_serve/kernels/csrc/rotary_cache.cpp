@@ -101,23 +101,28 @@ void rotate_and_cache_impl(const at::Tensor& q, const at::Tensor& k, const at::T
   const int64_t rotary_dim = cos.size(1);
   const int64_t* slot = slots.data_ptr<int64_t>();
   const bool avx512 = clex_cpu::avx512_active();
-  // The pointers once: data_ptr checks the dtype on every call, and at 16 tokens a call per head was a
-  // tenth of this kernel.
+  // The pointers once: data_ptr checks the dtype on every call, and this loop called it for every head.
   const T *q_in = q.data_ptr<T>(), *k_in = k.data_ptr<T>(), *v_in = v.data_ptr<T>();
   const T *cos_rows = cos.data_ptr<T>(), *sin_rows = sin.data_ptr<T>();
   const T* scales = query_scale.defined() ? query_scale.data_ptr<T>() : nullptr;
   T *q_rotated = q_out.data_ptr<T>(), *k_rotated = k_out.data_ptr<T>();
   T *k_slots = k_cache.data_ptr<T>(), *v_slots = v_cache.data_ptr<T>();
   const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(T));
+  auto cached_key = [&](int64_t t, int64_t h) {
+    return k_slots + slot[t] * k_cache.stride(0) + h * k_cache.stride(1);
+  };
+  auto cached_value = [&](int64_t t, int64_t h) {
+    return v_slots + slot[t] * v_cache.stride(0) + h * v_cache.stride(1);
+  };
   at::parallel_for(0, tokens, kRowsPerTask, [&](int64_t first, int64_t last) {
     // The cache lines the keys and values go to, asked for (to write) before any is written: a slot's
     // lines are seldom in cache, and a copy into one waits for memory to hand them over; asked for
-    // together, those waits overlap (they were most of a 16-token decode step's time in this kernel).
+    // together, those waits overlap (perf at 16 float32 streams: the copies were half of this kernel).
     for (int64_t t = first; t < last; ++t)
       for (int64_t h = 0; h < kv_heads; ++h)
         for (int64_t line = 0; line < row_bytes; line += 64) {
-          _m_prefetchw(reinterpret_cast<char*>(k_slots + slot[t] * k_cache.stride(0) + h * k_cache.stride(1)) + line);
-          _m_prefetchw(reinterpret_cast<char*>(v_slots + slot[t] * v_cache.stride(0) + h * v_cache.stride(1)) + line);
+          _m_prefetchw(reinterpret_cast<char*>(cached_key(t, h)) + line);
+          _m_prefetchw(reinterpret_cast<char*>(cached_value(t, h)) + line);
         }
     for (int64_t t = first; t < last; ++t) {
       const T* c = cos_rows + t * cos.stride(0);
@@ -133,9 +138,8 @@ void rotate_and_cache_impl(const at::Tensor& q, const at::Tensor& k, const at::T
         T* key = k_rotated + t * k_out.stride(0) + h * k_out.stride(1);
         rotate_head_on_cpu<T>(avx512, k_in + t * k.stride(0) + h * k.stride(1), key, c, s, head_dim, rotary_dim,
                               nullptr);
-        std::memcpy(k_slots + slot[t] * k_cache.stride(0) + h * k_cache.stride(1), key, row_bytes);
-        std::memcpy(v_slots + slot[t] * v_cache.stride(0) + h * v_cache.stride(1),
-                    v_in + t * v.stride(0) + h * v.stride(1), row_bytes);
+        std::memcpy(cached_key(t, h), key, row_bytes);
+        std::memcpy(cached_value(t, h), v_in + t * v.stride(0) + h * v.stride(1), row_bytes);
       }
     }
   });

@@ -31,7 +31,8 @@ def prompt_ids(length: int, seed: int) -> list[int]:
 
 
 def engine_decode_rate(llm: LLM, prompt_len: int, new_tokens: int) -> float:
-    """Tokens/s of one stream's decode steps (the prefill step excluded)."""
+    """Tokens/s of one stream's decode steps (the prefill step and its token excluded). Counted in tokens,
+    not steps: a step of a greedy run yields several (``engine/core/decode_runs.py``)."""
     engine = llm.engine
     engine.add_request(
         {"prompt_token_ids": prompt_ids(prompt_len, 1)},
@@ -39,11 +40,9 @@ def engine_decode_rate(llm: LLM, prompt_len: int, new_tokens: int) -> float:
     )
     engine.step()  # prefill and first token
     start = time.perf_counter()
-    steps = 0
     while engine.has_unfinished_requests():
         engine.step()
-        steps += 1
-    return steps / (time.perf_counter() - start)
+    return (new_tokens - 1) / (time.perf_counter() - start)
 
 
 ROUNDS = 5  # each rate is the median of this many runs, alternating with its baseline

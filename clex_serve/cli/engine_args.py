@@ -129,6 +129,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help='speculative decoding by prompt lookup, as JSON with vLLM\'s keys: \'{"method": "ngram", '
         '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}\' (default: off)',
     )
+    group.add_argument(
+        "--greedy-run-steps",
+        type=positive_int,
+        help="greedy decodes run this many steps in one go when a step has nothing else; their tokens stream "
+        "in groups (default: 8 on the CPU's fused decode path, else 1)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -157,4 +163,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         log_scale=args.log_scale,
         speculative_config=args.speculative_config,
+        greedy_run_steps=args.greedy_run_steps,
     )

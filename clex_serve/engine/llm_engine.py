@@ -16,7 +16,12 @@ from clex_serve.engine.core.block_manager import BlockManager, PrefixKey
 from clex_serve.engine.core.request import Request
 from clex_serve.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from clex_serve.engine.core.sequence import Sequence
-from clex_serve.engine.engine_config import EngineConfig, default_prefill_tokens_with_decodes, num_kv_blocks
+from clex_serve.engine.engine_config import (
+    EngineConfig,
+    default_greedy_run_steps,
+    default_prefill_tokens_with_decodes,
+    num_kv_blocks,
+)
 from clex_serve.engine.errors import QueueFullError
 from clex_serve.engine.input_processor import InputProcessor, ProcessedPrompt
 from clex_serve.engine.output_processor import OutputProcessor
@@ -108,6 +113,7 @@ class LLMEngine:
             self.eos_token_ids,
             self.max_model_len,
             drafter=self.drafter,
+            max_run_steps=config.greedy_run_steps or default_greedy_run_steps(runner.cpu_decode is not None),
         )
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len, self.grammars)

@@ -88,6 +88,59 @@ class CpuDecodeStep:
         """Every sequence decodes one token at its own length, and the fused calls take the batch in one."""
         return len(steps) <= self.max_rows and all(step.is_plain_decode for step in steps)
 
+    def greedy_run(self, steps: list[SequenceStep], scales: list[int], runner: ModelRunner, count: int) -> torch.Tensor:
+        """The tokens [count, B] of ``count`` greedy decode steps from ``steps`` (``fits``), each step's argmax
+        the next one's token, in one call; the block tables hold every position the run writes, and every step
+        of a row runs at its scale in ``scales`` (the scheduler's ``decode_runs`` plans them so)."""
+        pool = runner.kv_cache
+        block_size = runner.block_size
+        batch = len(steps)
+        ids, positions, slots, lengths = [], [], [[] for _ in range(count)], [[] for _ in range(count)]
+        runs, offsets = [], [[0] for _ in range(count)]
+        for step in steps:
+            if len(step.block_table) * block_size < step.total_len + count - 1:
+                raise ValueError("block table too short for the decode run: allocate blocks before running")
+            ids.append(step.token_ids[0])
+            positions.append(step.num_cached)
+        for j in range(count):
+            for step in steps:
+                slots[j].append(pool.slot(step.block_table, step.num_cached + j))
+                lengths[j].append(step.rotary_len + j)
+                own = segments.sequence_runs(step.block_runs, step.block_table, step.total_len + j, block_size)
+                runs.extend(itertools.chain.from_iterable(own))
+                offsets[j].append(offsets[j][-1] + len(own))
+            if j + 1 < count:
+                offsets[j + 1][0] = offsets[j][-1]
+        packed = torch.tensor(ids + positions + list(itertools.chain(*slots, *offsets)) + runs, dtype=torch.long)
+        at = 2 * batch + count * batch
+        slots_t = packed[2 * batch : at].view(count, batch)
+        offsets_t = packed[at : at + count * (batch + 1)].view(count, batch + 1)
+        runs_t = packed[at + count * (batch + 1) :].view(-1, 2)
+        query_scales = None
+        if runner.config.applies_log_scale:
+            query_scales = runner.log_scale(torch.tensor(lengths, dtype=torch.float32))
+        views = pool.flat_layer_views
+        return cpu_ops.llama_decode_greedy_run(
+            packed[:batch],
+            self.embedding,
+            self.layer_tensors,
+            self.shape,
+            self.norm.weight,
+            self.norm.eps,
+            self.lm_head.blocked_weight,
+            self.lm_head.blocked_bias,
+            self.lm_head.out_features,
+            packed[batch : 2 * batch],
+            runner.rotary_inv_freq(scales, torch.ones(batch, dtype=torch.long)),
+            self.rope.attention_scaling,
+            query_scales,
+            slots_t,
+            [k for k, _ in views],
+            [v for _, v in views],
+            runs_t,
+            offsets_t,
+        )
+
     def logits(self, steps: list[SequenceStep], scales: list[int], runner: ModelRunner) -> torch.Tensor:
         """[B, vocab] float32 next-token logits of ``steps`` (``fits``), with the runner's pool and rotary."""
         pool = runner.kv_cache

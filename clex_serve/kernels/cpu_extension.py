@@ -50,6 +50,7 @@ SOURCES = [
         "prefill_attention.cpp",
         "decoder_layer.cpp",
         "decode_step.cpp",
+        "decode_run.cpp",
         "sampling.cpp",
         "penalties.cpp",
         "yardsticks.cpp",

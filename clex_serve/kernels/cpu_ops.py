@@ -229,6 +229,56 @@ def llama_decode_step(
     )
 
 
+def llama_decode_greedy_run(
+    ids: torch.Tensor,
+    embedding: torch.Tensor,
+    layers: list[torch.Tensor | None],
+    shape: DecodeLayerWeights,
+    final_norm: torch.Tensor,
+    final_eps: float,
+    head: torch.Tensor,
+    head_bias: torch.Tensor | None,
+    vocab: int,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+    query_scales: torch.Tensor | None,
+    slots: torch.Tensor,
+    flat_k_caches: list[torch.Tensor],
+    flat_v_caches: list[torch.Tensor],
+    runs: torch.Tensor,
+    run_offsets: torch.Tensor,
+) -> torch.Tensor:
+    """``slots.shape[0]`` greedy decode steps in one call -> their tokens [steps, B] int64: step j is
+    ``llama_decode_step`` at ``positions + j`` with row j of ``query_scales``, ``slots`` and ``run_offsets``
+    ([steps, B + 1], into ``runs``), fed the argmax of step j - 1 (``argmax_rows``; step 0 is fed ``ids``)."""
+    return torch.ops.clex_cpu.llama_decode_greedy_run(
+        ids,
+        embedding,
+        layers,
+        shape.eps,
+        shape.heads,
+        shape.kv_heads,
+        shape.head_dim,
+        shape.hidden_size,
+        shape.intermediate_size,
+        final_norm,
+        final_eps,
+        head,
+        head_bias,
+        vocab,
+        positions,
+        inv_freq,
+        attention_scaling,
+        query_scales,
+        slots,
+        flat_k_caches,
+        flat_v_caches,
+        runs,
+        run_offsets,
+    )
+
+
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """In place, in each of ``rows``: logits [B, V] float32 contiguous become -inf where the row's bit in
     ``bitmask`` [>= B, ceil(V / 32)] int32 (xgrammar's layout) is clear."""

@@ -32,10 +32,11 @@ def test_generate_streams_a_completion(tmp_path):
     assert "Loading weights" not in result.stderr  # no progress bar for a load that takes no time
 
 
-def test_bad_flag_is_named_without_a_traceback():
-    result = run_cli("generate", "--max-num-seqs", "0")
+@pytest.mark.parametrize("flag", ["--max-num-seqs", "--greedy-run-steps"])
+def test_bad_flag_is_named_without_a_traceback(flag):
+    result = run_cli("generate", flag, "0")
     assert result.returncode == 2
-    assert "argument --max-num-seqs: must be a positive integer" in result.stderr
+    assert f"argument {flag}: must be a positive integer" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -38,6 +38,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from clex_serve.engine.core.block_manager import BlockManager
+from clex_serve.engine.core.decode_runs import plan_greedy_run
 from clex_serve.engine.core.sequence import Sequence, SequenceStatus
 from clex_serve.engine.core.step_plan import ScheduledChunk, SchedulerOutput
 from clex_serve.engine.core.verify_planning import add_drafts, take_verify_result
@@ -94,11 +95,13 @@ class Scheduler:
         eos_token_ids: list[int] = (),
         max_model_len: int | None = None,
         drafter=None,
+        max_run_steps: int = 1,
     ) -> None:
         """``cache_follows_scale``: cached keys are re-rotated when their sequence's scale changes (CLEX);
         False where keys keep the rotation they were written with (dynamic NTK, as in transformers).
         ``eos_token_ids`` and ``max_model_len`` end sequences as their tokens arrive. ``drafter``
-        (``spec_decode.drafter.Drafter``): decodes carry drafted tokens to verify; None: no speculation."""
+        (``spec_decode.drafter.Drafter``): decodes carry drafted tokens to verify; None: no speculation.
+        ``max_run_steps``: the most steps a plan of greedy decodes runs in one go (``decode_runs``)."""
         self.config = config
         self.eos_token_ids = list(eos_token_ids)
         self.max_model_len = max_model_len
@@ -107,6 +110,7 @@ class Scheduler:
         self.cache_follows_scale = cache_follows_scale
         self.prefix_key = prefix_key
         self.drafter = drafter
+        self.max_run_steps = max_run_steps
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -180,7 +184,12 @@ class Scheduler:
             short_budget = min(budget, self.config.short_prompt_tokens_with_decodes)
             budget = min(budget, self.config.max_prefill_tokens_with_decodes)
         prefills = self._schedule_prefills(budget, not preempted, copies, short_budget)
-        return SchedulerOutput(decodes, prefills, preempted, copies)
+        run_steps = 1
+        if not prefills and not preempted and self.drafter is None:
+            run_steps = plan_greedy_run(
+                decodes, self.block_manager, self.scale_for_length, self.max_run_steps, self.max_model_len
+            )
+        return SchedulerOutput(decodes, prefills, preempted, copies, run_steps)
 
     def _needs_rescale(self, seq: Sequence, scale: int) -> bool:
         return self.cache_follows_scale and seq.num_cached_tokens > 0 and scale != seq.cache_scale

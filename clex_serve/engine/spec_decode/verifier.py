@@ -79,7 +79,7 @@ class DraftVerifier:
         the generator's state before each row's draw."""
         sampler = self.sampler
         if seq.params.greedy:
-            return sampler._argmax(logits).tolist(), []
+            return sampler.argmax(logits).tolist(), []
         rows = logits.shape[0]
         generator = self._generator(seq)
         states, draws = [], []

@@ -218,8 +218,40 @@ class ModelRunner:
             return self._execute_decode_rows(steps)
         return self._execute(steps)
 
-    def _execute(self, steps: list[SequenceStep], row_groups: list[int] | None = None) -> StepResult:
+    @torch.inference_mode()
+    def greedy_run(
+        self, steps: list[SequenceStep], count: int, argmax: Callable[[torch.Tensor], torch.Tensor]
+    ) -> list[list[int]]:
+        """``count`` greedy decode steps of plain decodes ``steps``, each sequence's argmax (``argmax`` of
+        [B, vocab] float32 logits -> [B]) the token of its next step: every sequence's ``count`` tokens. The
+        block tables hold the run's positions and its steps keep each sequence's scale (the scheduler's
+        ``decode_runs``). The CPU's fused path runs them in one call; elsewhere they run one by one."""
+        if count < 1 or not all(step.is_plain_decode and not step.decode_rows for step in steps):
+            raise ValueError("a greedy run takes plain decode steps and at least one step")
         scales = [step.scale for step in steps]
+        if self.cpu_decode is not None and self.cpu_decode.fits(steps):
+            self._rerotate(steps, scales)
+            return self.cpu_decode.greedy_run(steps, scales, self, count).t().tolist()
+        tokens: list[list[int]] = [[] for _ in steps]
+        for _ in range(count):
+            chosen = argmax(self._execute(steps).last_logits).tolist()
+            for row, token in enumerate(chosen):
+                tokens[row].append(token)
+            steps = [
+                SequenceStep(
+                    [token],
+                    step.num_cached + 1,
+                    step.block_table,
+                    step.scale,
+                    scale=step.scale,
+                    block_runs=step.block_runs,
+                )
+                for step, token in zip(steps, chosen)
+            ]
+        return tokens
+
+    def _rerotate(self, steps: list[SequenceStep], scales: list[int]) -> None:
+        """Bring each sequence's cached keys from the scale they carry to the step's (where they differ)."""
         if self.rope.cache_follows_scale:
             rerotate_all(
                 self.kv_cache,
@@ -229,6 +261,10 @@ class ModelRunner:
                     for step, scale in zip(steps, scales)
                 ],
             )
+
+    def _execute(self, steps: list[SequenceStep], row_groups: list[int] | None = None) -> StepResult:
+        scales = [step.scale for step in steps]
+        self._rerotate(steps, scales)
         graphs = self.decode_graphs
         if graphs is not None and len(steps) <= graphs.max_batch_size and all(s.is_plain_decode for s in steps):
             return StepResult(self._run_decode_graph(steps, scales), {}, self.model.compute_logits)
@@ -369,8 +405,11 @@ class ModelRunner:
             own_length = positions.cpu().float() + 1
             replay = torch.tensor([step.per_token_scale for step in steps]).repeat_interleave(query_lens)
             per_token = torch.where(replay, own_length, per_token)
-        factors = torch.log(per_token) / self._log_base
-        return factors.to(self.device, self.dtype)[:, None, None]
+        return self.log_scale(per_token)[:, None, None]
+
+    def log_scale(self, lengths: torch.Tensor) -> torch.Tensor:
+        """CLEX log_scale factors log(L) / log(L0) of float32 ``lengths`` (any shape), in the model's dtype."""
+        return (torch.log(lengths) / self._log_base).to(self.device, self.dtype)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole cache blocks (all layers, K and V): copy-on-write before a shared block changes."""

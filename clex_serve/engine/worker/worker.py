@@ -48,6 +48,8 @@ class Worker:
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         chunks = plan.chunks
         self.runner.copy_blocks(plan.block_copies)
+        if plan.run_steps > 1:
+            return self._execute_greedy_run(plan)
         rows = [row for row, chunk in enumerate(chunks) if chunk.samples and not chunk.draft_token_ids]
         self.sampler.token_masks.fill_ahead([chunks[row].seq for row in rows])  # beside the forward pass
         result = self.runner.execute([self._sequence_step(chunk) for chunk in chunks])
@@ -65,6 +67,17 @@ class Worker:
             seqs = [chunks[row].seq for row in rows]
             for seq, token in zip(seqs, self.sampler.sample(logits, seqs, self.eos_token_ids)):
                 output.sampled[seq.seq_id] = [token]
+        return output
+
+    def _execute_greedy_run(self, plan: SchedulerOutput) -> RunnerOutput:
+        """A plan of greedy decodes run ``plan.run_steps`` steps ahead in one go (``decode_runs``): every
+        sequence's tokens, as the sampler's argmax would have picked them step by step."""
+        chunks = plan.decodes
+        steps = [self._sequence_step(chunk) for chunk in chunks]
+        tokens = self.runner.greedy_run(steps, plan.run_steps, self.sampler.argmax)
+        output = RunnerOutput()
+        for chunk, row in zip(chunks, tokens):
+            output.sampled[chunk.seq.seq_id] = [SampledToken(token, None) for token in row]
         return output
 
     def release(self, seq: Sequence) -> None:

@@ -40,9 +40,9 @@ from cpu_prompts_batches import batch_table, prefill_table  # noqa: E402
 from cpu_yardsticks import Yardsticks  # noqa: E402
 from decode_benchmark import (  # noqa: E402
     RATIO_LEGEND,
+    ROUNDS,
     concurrency_run,
     engine_decode_rate,
-    median_rates,
     print_table,
     prompt_ids,
     ratio_rows,
@@ -81,9 +81,12 @@ def kv_bytes_per_token(llm: LLM) -> int:
 def single_stream_table(clex: Path, yardsticks: Yardsticks, new_tokens: int) -> None:
     """Both dtypes are loaded at once and, at each context, measured in alternating runs (median of
     ``ROUNDS`` each), so that a shared machine's slow spells hit float32 and bfloat16 alike. Each row's
-    yardstick is the read bandwidth of a buffer of its own bytes per token (weights + KV), measured right
-    after it: what a decode re-reads every token, from the last-level cache as far as it fits (a bfloat16
-    model of 84 MB largely does), and never below the 1 GiB figure, which is printed beside it."""
+    yardstick is the read bandwidth of a buffer of its own bytes per token (weights + KV), read after each
+    of the row's runs, in the same moments, and the highest of those reads: what a decode re-reads every
+    token, from the last-level cache as far as it fits, and never below the 1 GiB figure, which is printed
+    beside it. (Measured only once after the row, a read in a fast spell of the machine's memory put rows at
+    0.62 of it and one in a slow spell at 1.17: its bandwidth moves between about 25 and 55 GB/s within
+    seconds.)"""
     yardsticks.remeasure()
     rates: dict[tuple[str, int], float] = {}
     rows: list[tuple[int, str, float, int, int, float]] = []
@@ -101,14 +104,19 @@ def single_stream_table(clex: Path, yardsticks: Yardsticks, new_tokens: int) -> 
     for llm in engines.values():
         engine_decode_rate(llm, 32, 8)  # warm up
     for context in CONTEXTS:
-        measured = median_rates(
-            *(lambda llm=llm, context=context: engine_decode_rate(llm, context, new_tokens) for llm in engines.values())
-        )
-        for (dtype, llm), rate in zip(engines.items(), measured):
-            rates[dtype, context] = rate
-            kv = kv_bytes_per_token(llm) * (context + new_tokens // 2)
-            weights = weight_bytes(llm)
-            rows.append((context, dtype, rate, weights, kv, yardsticks.bandwidth_at(weights + kv)))
+        sizes = {
+            dtype: (weight_bytes(llm), kv_bytes_per_token(llm) * (context + new_tokens // 2))
+            for dtype, llm in engines.items()
+        }
+        runs: dict[str, list[float]] = {dtype: [] for dtype in engines}
+        reads: dict[str, list[float]] = {dtype: [] for dtype in engines}
+        for _ in range(ROUNDS):
+            for dtype, llm in engines.items():
+                runs[dtype].append(engine_decode_rate(llm, context, new_tokens))
+                reads[dtype].append(yardsticks.bandwidth_at(sum(sizes[dtype]), runs=3))
+        for dtype in engines:
+            rates[dtype, context] = rate = statistics.median(runs[dtype])
+            rows.append((context, dtype, rate, *sizes[dtype], max(reads[dtype])))
     del engines
     rows.sort(key=lambda row: DTYPES.index(row[1]))
     print(

@@ -29,8 +29,8 @@ def default_greedy_run_steps(fused_cpu_decode: bool) -> int:
     """8 where the CPU's fused decode runs a greedy run in one call; elsewhere 1, each step alone (a CUDA
     step's host work overlaps the GPU's). The benchmark model on this CPU, one engine per setting alternating
     in one process, median of five: one stream after 200 tokens, bfloat16 272 tok/s a step at a time, 312
-    at 4 steps a run, 315 at 8, 318 at 16; float32 180, 196 at 4, 202 at 8. 16 streams (4 steps a run by
-    ``MAX_RUN_TOKENS``): bfloat16 1,341-1,385 -> 1,502-1,570 tok/s, float32 817-924 -> 935-981."""
+    at 4 steps a run, 315 at 8, 318 at 16; float32 180, 196 at 4, 202 at 8. 16 streams, 4 steps a run:
+    bfloat16 1,341-1,385 -> 1,502-1,570 tok/s, float32 817-924 -> 935-981 (8 steps: ``MAX_RUN_TOKENS``)."""
     return 8 if fused_cpu_decode else 1
 
 

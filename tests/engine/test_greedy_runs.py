@@ -184,7 +184,7 @@ def test_a_run_stops_at_the_scale_boundary_max_tokens_and_the_token_bound():
     steps, _ = _plan([_decoding(4, 16)], 16, manager)
     assert steps == 1  # its next token already changes the scale: nothing to run ahead
     many = [_decoding(10 + i, 9) for i in range(MAX_RUN_TOKENS // 4)]
-    steps, _ = _plan(many, 16, BlockManager(num_blocks=512, block_size=4))
+    steps, _ = _plan(many, 16, BlockManager(num_blocks=4096, block_size=4))
     assert steps == 4  # rows times steps within MAX_RUN_TOKENS
 
 

@@ -187,9 +187,9 @@ def arrivals_table(clex: Path, token_budget: int | None) -> None:
         kv_cache_memory_gib=2.0,
         max_prefill_tokens_with_decodes=token_budget,
         # Every token its own step, in both windows: what is compared is what a prompt adds to a step.
-        # (A greedy run, where nothing but decodes is planned, would deliver the quiet window's tokens in
+        # (A decode run, where nothing but decodes is planned, would deliver the quiet window's tokens in
         # groups, and its inter-token latency would be that of a group.)
-        greedy_run_steps=1,
+        decode_run_steps=1,
     )
     budget = llm.engine.scheduler.config.max_prefill_tokens_with_decodes
     start = time.perf_counter()

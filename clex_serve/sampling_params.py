@@ -134,6 +134,11 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def truncates(self) -> bool:
+        """top-k, top-p or min-p narrow the distribution a token is sampled from."""
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0
+
+    @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 

@@ -130,10 +130,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}\' (default: off)',
     )
     group.add_argument(
-        "--greedy-run-steps",
+        "--decode-run-steps",
         type=positive_int,
-        help="greedy decodes run this many steps in one go when a step has nothing else; their tokens stream "
-        "in groups (default: 8 on the CPU's fused decode path, else 1)",
+        help="decodes that are greedy or sample at a plain temperature run this many steps in one go when a "
+        "step has nothing else; their tokens stream in groups (default: 8 on the CPU's fused decode path, else 1)",
     )
 
 
@@ -163,5 +163,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         log_scale=args.log_scale,
         speculative_config=args.speculative_config,
-        greedy_run_steps=args.greedy_run_steps,
+        decode_run_steps=args.decode_run_steps,
     )

@@ -25,8 +25,8 @@ def default_prefill_tokens_with_decodes(device_type: str) -> int:
     return 12 if device_type == "cpu" else 2048
 
 
-def default_greedy_run_steps(fused_cpu_decode: bool) -> int:
-    """8 where the CPU's fused decode runs a greedy run in one call; elsewhere 1, each step alone (a CUDA
+def default_decode_run_steps(fused_cpu_decode: bool) -> int:
+    """8 where the CPU's fused decode runs a decode run in one call; elsewhere 1, each step alone (a CUDA
     step's host work overlaps the GPU's). The benchmark model on this CPU, one engine per setting alternating
     in one process, median of five: one stream after 200 tokens, bfloat16 272 tok/s a step at a time, 312
     at 4 steps a run, 315 at 8, 318 at 16; float32 180, 196 at 4, 202 at 8. 16 streams, 4 steps a run:
@@ -67,9 +67,10 @@ class EngineConfig:
     # Speculative decoding: vLLM's keys (``spec_decode/config.py``), as a dict, its JSON text or the config
     # itself; None (the default): off.
     speculative_config: SpeculativeConfig | dict | str | None = None
-    # Greedy decodes run this many steps ahead in one go when a step is nothing else (``decode_runs``, as
-    # vLLM's --num-scheduler-steps). None: ``default_greedy_run_steps``; 1: every step alone.
-    greedy_run_steps: int | None = None
+    # Decodes that sample alone (greedy, or at a temperature with no filter, penalty or grammar) run this many
+    # steps ahead in one go when a step is nothing else (``decode_runs``, as vLLM's --num-scheduler-steps).
+    # None: ``default_decode_run_steps``; 1: every step alone.
+    decode_run_steps: int | None = None
 
     def __post_init__(self) -> None:
         """Messages name the Python parameter; the command line checks its flags itself, in its own words."""
@@ -90,7 +91,7 @@ class EngineConfig:
             "block_size",
             "max_queued_requests",
             "threads",
-            "greedy_run_steps",
+            "decode_run_steps",
         ):
             integer(name)
         for name in ("max_num_seqs", "seed"):
@@ -123,8 +124,8 @@ class EngineConfig:
         check(self.block_size is None or self.block_size >= 1, f"block_size must be positive, got {self.block_size}")
         check(self.threads is None or self.threads >= 1, f"threads must be at least 1, got {self.threads}")
         check(
-            self.greedy_run_steps is None or self.greedy_run_steps >= 1,
-            f"greedy_run_steps must be at least 1, got {self.greedy_run_steps}",
+            self.decode_run_steps is None or self.decode_run_steps >= 1,
+            f"decode_run_steps must be at least 1, got {self.decode_run_steps}",
         )
         check(
             self.max_queued_requests is None or self.max_queued_requests >= 0,

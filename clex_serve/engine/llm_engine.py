@@ -18,7 +18,7 @@ from clex_serve.engine.core.scheduler import Scheduler, SchedulerConfig, Schedul
 from clex_serve.engine.core.sequence import Sequence
 from clex_serve.engine.engine_config import (
     EngineConfig,
-    default_greedy_run_steps,
+    default_decode_run_steps,
     default_prefill_tokens_with_decodes,
     num_kv_blocks,
 )
@@ -113,7 +113,7 @@ class LLMEngine:
             self.eos_token_ids,
             self.max_model_len,
             drafter=self.drafter,
-            max_run_steps=config.greedy_run_steps or default_greedy_run_steps(runner.cpu_decode is not None),
+            max_run_steps=config.decode_run_steps or default_decode_run_steps(runner.cpu_decode is not None),
         )
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len, self.grammars)

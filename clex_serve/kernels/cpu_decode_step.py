@@ -31,6 +31,7 @@ from clex_serve.models.base import CausalLM, DecoderModel
 
 if TYPE_CHECKING:
     from clex_serve.engine.worker.model_runner import ModelRunner, SequenceStep
+    from clex_serve.engine.worker.sampler import RunSampling
 
 # The sizes every layer shares, as the fused call takes them once for all.
 SHARED_FIELDS = ("eps", "heads", "kv_heads", "head_dim", "hidden_size", "intermediate_size")
@@ -88,10 +89,18 @@ class CpuDecodeStep:
         """Every sequence decodes one token at its own length, and the fused calls take the batch in one."""
         return len(steps) <= self.max_rows and all(step.is_plain_decode for step in steps)
 
-    def greedy_run(self, steps: list[SequenceStep], scales: list[int], runner: ModelRunner, count: int) -> torch.Tensor:
-        """The tokens [count, B] of ``count`` greedy decode steps from ``steps`` (``fits``), each step's argmax
-        the next one's token, in one call; the block tables hold every position the run writes, and every step
-        of a row runs at its scale in ``scales`` (the scheduler's ``decode_runs`` plans them so)."""
+    def run(
+        self,
+        steps: list[SequenceStep],
+        scales: list[int],
+        runner: ModelRunner,
+        count: int,
+        sampling: RunSampling | None = None,
+    ) -> torch.Tensor:
+        """The tokens [count, B] of ``count`` decode steps from ``steps`` (``fits``) in one call, each step's
+        tokens (the argmax, or sampled by ``sampling``) the next one's input; the block tables hold every
+        position the run writes, and every step of a row runs at its scale in ``scales`` (the scheduler's
+        ``decode_runs`` plans them so)."""
         pool = runner.kv_cache
         block_size = runner.block_size
         batch = len(steps)
@@ -120,7 +129,7 @@ class CpuDecodeStep:
         if runner.config.applies_log_scale:
             query_scales = runner.log_scale(torch.tensor(lengths, dtype=torch.float32))
         views = pool.flat_layer_views
-        return cpu_ops.llama_decode_greedy_run(
+        return cpu_ops.llama_decode_run(
             packed[:batch],
             self.embedding,
             self.layer_tensors,
@@ -139,6 +148,7 @@ class CpuDecodeStep:
             [v for _, v in views],
             runs_t,
             offsets_t,
+            *((sampling.temperatures, sampling.uniforms, sampling.greedy_rows) if sampling is not None else ()),
         )
 
     def logits(self, steps: list[SequenceStep], scales: list[int], runner: ModelRunner) -> torch.Tensor:

@@ -229,7 +229,7 @@ def llama_decode_step(
     )
 
 
-def llama_decode_greedy_run(
+def llama_decode_run(
     ids: torch.Tensor,
     embedding: torch.Tensor,
     layers: list[torch.Tensor | None],
@@ -248,11 +248,16 @@ def llama_decode_greedy_run(
     flat_v_caches: list[torch.Tensor],
     runs: torch.Tensor,
     run_offsets: torch.Tensor,
+    temperatures: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
+    greedy_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``slots.shape[0]`` greedy decode steps in one call -> their tokens [steps, B] int64: step j is
+    """``slots.shape[0]`` decode steps in one call -> their tokens [steps, B] int64: step j is
     ``llama_decode_step`` at ``positions + j`` with row j of ``query_scales``, ``slots`` and ``run_offsets``
-    ([steps, B + 1], into ``runs``), fed the argmax of step j - 1 (``argmax_rows``; step 0 is fed ``ids``)."""
-    return torch.ops.clex_cpu.llama_decode_greedy_run(
+    ([steps, B + 1], into ``runs``), fed the tokens step j - 1 picked (step 0 is fed ``ids``): the argmax
+    (``argmax_rows``), or with ``temperatures`` [B] float32 and ``uniforms`` [steps, B] float64,
+    ``sample_rows`` with row j of the uniforms, and the argmax where ``greedy_rows`` [B] bool is set."""
+    return torch.ops.clex_cpu.llama_decode_run(
         ids,
         embedding,
         layers,
@@ -276,6 +281,9 @@ def llama_decode_greedy_run(
         flat_v_caches,
         runs,
         run_offsets,
+        temperatures,
+        uniforms,
+        greedy_rows,
     )
 
 

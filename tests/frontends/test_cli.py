@@ -32,7 +32,7 @@ def test_generate_streams_a_completion(tmp_path):
     assert "Loading weights" not in result.stderr  # no progress bar for a load that takes no time
 
 
-@pytest.mark.parametrize("flag", ["--max-num-seqs", "--greedy-run-steps"])
+@pytest.mark.parametrize("flag", ["--max-num-seqs", "--decode-run-steps"])
 def test_bad_flag_is_named_without_a_traceback(flag):
     result = run_cli("generate", flag, "0")
     assert result.returncode == 2

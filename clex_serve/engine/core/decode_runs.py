@@ -1,12 +1,14 @@
-"""Greedy decode runs: a step that is nothing but greedy decodes runs several steps ahead in one go.
+"""Decode runs: a step of nothing but decodes that sample alone runs several steps ahead in one go.
 
 Between two decode steps the engine's Python plans the step, packs its tensors, samples, and takes the
 token in. On the CPU, with the benchmark's small model, that was 0.55-0.65 ms of a 3.85 ms bfloat16 step
-of one stream, and it runs cold, after the step's weights have streamed through the caches. A greedy
-sequence's next tokens depend on nothing but the model (no random numbers, penalties, grammar or
-logprobs), so when a step is only such decodes the scheduler plans ``run_steps`` of them at once and the
-worker runs them in one call (the CPU's fused ``llama_decode_greedy_run``; elsewhere the steps one by
-one), as vLLM's multi-step scheduling did. Every token is the one its step alone would have picked.
+of one stream, and it runs cold, after the step's weights have streamed through the caches. A sequence
+that is greedy, or samples at a temperature with nothing else (no top-k/p, penalties, bias, grammar or
+logprobs: ``samples_alone``), needs nothing between its steps but the model and the sampler's uniform
+numbers, so when a step is only such decodes the scheduler plans ``run_steps`` of them at once and the
+worker runs them in one call (the CPU's fused ``llama_decode_run``, with the uniforms drawn ahead in the
+sampler's order; elsewhere the steps one by one through the sampler), as vLLM's multi-step scheduling
+did. Every token is the one its step alone would have picked: a seeded request samples the same tokens.
 
 Bounds. A run stops where a sequence's scale would change: every step rotates at the scale planned for the
 first, as the positions of a verify chunk do (``draft_limit``); the next step re-rotates the cache first.
@@ -35,11 +37,13 @@ if TYPE_CHECKING:
 MAX_RUN_TOKENS = 128
 
 
-def decodes_greedily(seq: Sequence) -> bool:
-    """The sampler would take the argmax of the model's own logits for every next token of ``seq``."""
+def samples_alone(seq: Sequence) -> bool:
+    """Every next token of ``seq`` is the argmax of the model's own logits, or a sample of them at a
+    temperature: nothing truncates, penalises, biases or masks them, no logprobs are reported and no stop is
+    held back, so nothing but the uniform numbers the sampler draws comes between two steps."""
     params = seq.params
     return (
-        params.greedy
+        (params.greedy or not params.truncates)
         and params.logprobs is None
         and not params.has_penalties
         and not params.logit_bias
@@ -48,7 +52,7 @@ def decodes_greedily(seq: Sequence) -> bool:
     )
 
 
-def plan_greedy_run(
+def plan_decode_run(
     decodes: list[ScheduledChunk],
     block_manager: BlockManager,
     scale_for_length: Callable[[int], int],
@@ -57,7 +61,7 @@ def plan_greedy_run(
 ) -> int:
     """How many steps the planned decodes run in one go (1: a step as usual). Above 1, their blocks for the
     run's positions are taken and each chunk's ``end`` counts the steps after its first."""
-    if max_steps < 2 or not decodes or not all(decodes_greedily(chunk.seq) for chunk in decodes):
+    if max_steps < 2 or not decodes or not all(samples_alone(chunk.seq) for chunk in decodes):
         return 1
     steps = min(max_steps, MAX_RUN_TOKENS // len(decodes))
     for chunk in decodes:

@@ -38,7 +38,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from clex_serve.engine.core.block_manager import BlockManager
-from clex_serve.engine.core.decode_runs import plan_greedy_run
+from clex_serve.engine.core.decode_runs import plan_decode_run
 from clex_serve.engine.core.sequence import Sequence, SequenceStatus
 from clex_serve.engine.core.step_plan import ScheduledChunk, SchedulerOutput
 from clex_serve.engine.core.verify_planning import add_drafts, take_verify_result
@@ -101,7 +101,7 @@ class Scheduler:
         False where keys keep the rotation they were written with (dynamic NTK, as in transformers).
         ``eos_token_ids`` and ``max_model_len`` end sequences as their tokens arrive. ``drafter``
         (``spec_decode.drafter.Drafter``): decodes carry drafted tokens to verify; None: no speculation.
-        ``max_run_steps``: the most steps a plan of greedy decodes runs in one go (``decode_runs``)."""
+        ``max_run_steps``: the most steps a plan of decodes runs in one go (``decode_runs``)."""
         self.config = config
         self.eos_token_ids = list(eos_token_ids)
         self.max_model_len = max_model_len
@@ -186,7 +186,7 @@ class Scheduler:
         prefills = self._schedule_prefills(budget, not preempted, copies, short_budget)
         run_steps = 1
         if not prefills and not preempted and self.drafter is None:
-            run_steps = plan_greedy_run(
+            run_steps = plan_decode_run(
                 decodes, self.block_manager, self.scale_for_length, self.max_run_steps, self.max_model_len
             )
         return SchedulerOutput(decodes, prefills, preempted, copies, run_steps)

@@ -20,6 +20,7 @@ from clex_serve.attention.selector import default_block_size, get_attention_back
 from clex_serve.engine.worker.cache_rotation import Rerotation, rerotate_all
 from clex_serve.engine.worker.cuda_graphs import DecodeCudaGraphs
 from clex_serve.engine.worker.kv_cache import KVCachePool
+from clex_serve.engine.worker.sampler import RunSampling
 from clex_serve.kernels.cpu_decode_step import CpuDecodeStep
 from clex_serve.kernels.device_layers import use_device_layers
 from clex_serve.loading.loader import LoadedModel
@@ -218,23 +219,34 @@ class ModelRunner:
             return self._execute_decode_rows(steps)
         return self._execute(steps)
 
+    def fuses_decode_runs(self, steps: list[SequenceStep]) -> bool:
+        """A run of decode steps of ``steps`` goes to the CPU's fused call (``decode_run`` with ``sampling``)."""
+        return self.cpu_decode is not None and self.cpu_decode.fits(steps)
+
     @torch.inference_mode()
-    def greedy_run(
-        self, steps: list[SequenceStep], count: int, argmax: Callable[[torch.Tensor], torch.Tensor]
+    def decode_run(
+        self,
+        steps: list[SequenceStep],
+        count: int,
+        pick: Callable[[torch.Tensor], list[int]] | None = None,
+        sampling: RunSampling | None = None,
     ) -> list[list[int]]:
-        """``count`` greedy decode steps of plain decodes ``steps``, each sequence's argmax (``argmax`` of
-        [B, vocab] float32 logits -> [B]) the token of its next step: every sequence's ``count`` tokens. The
-        block tables hold the run's positions and its steps keep each sequence's scale (the scheduler's
-        ``decode_runs``). The CPU's fused path runs them in one call; elsewhere they run one by one."""
+        """``count`` decode steps of plain decodes ``steps``, each sequence's picked token the input of its next
+        step: every sequence's ``count`` tokens. The block tables hold the run's positions and its steps keep
+        each sequence's scale (the scheduler's ``decode_runs``). Where ``fuses_decode_runs``, one call runs
+        them, picking by ``sampling`` (None: the argmax); elsewhere they run one by one and ``pick`` (logits
+        [B, vocab] float32 -> a token id per row) picks each step's tokens."""
         if count < 1 or not all(step.is_plain_decode and not step.decode_rows for step in steps):
-            raise ValueError("a greedy run takes plain decode steps and at least one step")
+            raise ValueError("a decode run takes plain decode steps and at least one step")
         scales = [step.scale for step in steps]
-        if self.cpu_decode is not None and self.cpu_decode.fits(steps):
+        if self.fuses_decode_runs(steps):
             self._rerotate(steps, scales)
-            return self.cpu_decode.greedy_run(steps, scales, self, count).t().tolist()
+            return self.cpu_decode.run(steps, scales, self, count, sampling).t().tolist()
+        if pick is None:
+            raise ValueError("a decode run off the fused path needs ``pick``")
         tokens: list[list[int]] = [[] for _ in steps]
         for _ in range(count):
-            chosen = argmax(self._execute(steps).last_logits).tolist()
+            chosen = pick(self._execute(steps).last_logits)
             for row, token in enumerate(chosen):
                 tokens[row].append(token)
             steps = [

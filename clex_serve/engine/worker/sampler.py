@@ -26,7 +26,16 @@ class SampledToken:
 
 
 def _needs_filter(seqs: list[Sequence]) -> bool:
-    return any(seq.params.top_k > 0 or seq.params.top_p < 1.0 or seq.params.min_p > 0 for seq in seqs)
+    return any(seq.params.truncates for seq in seqs)
+
+
+@dataclass
+class RunSampling:
+    """How a fused decode run picks the tokens of a batch that samples (``Sampler.run_sampling``)."""
+
+    temperatures: torch.Tensor  # [B] float32, 1.0 for greedy rows (as ``sample`` passes them)
+    uniforms: torch.Tensor  # [steps, B] float64: row j is what step j alone would have drawn
+    greedy_rows: torch.Tensor | None  # [B] bool: the rows that take the argmax; None: no such row
 
 
 def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -122,6 +131,19 @@ class Sampler:
                 logprobs = token_logprobs(raw_logprobs[row], token_id, seq.params.logprobs)
             results.append(SampledToken(token_id, logprobs))
         return results
+
+    def run_sampling(self, seqs: list[Sequence], steps: int) -> RunSampling | None:
+        """What a fused run of ``steps`` decode steps of ``seqs`` (which neither truncate, penalise, bias nor
+        report logprobs: ``decode_runs``) picks with: None when every row is greedy (the argmax), else the
+        rows' temperatures and the uniform numbers ``sample`` would draw at each step, drawn now in the same
+        order, so that every seeded row samples what it samples step by step."""
+        greedy = [seq.params.greedy for seq in seqs]
+        if all(greedy):
+            return None
+        device = torch.device("cpu")
+        temperatures = torch.tensor([seq.params.temperature or 1.0 for seq in seqs])
+        uniforms = torch.stack([self._uniforms(seqs, greedy, device) for _ in range(steps)])
+        return RunSampling(temperatures, uniforms, torch.tensor(greedy) if any(greedy) else None)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits.argmax(dim=-1)``; on the CPU the C++ kernel's (PyTorch's compares one value at a time: 3 ms

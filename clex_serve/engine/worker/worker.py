@@ -49,7 +49,7 @@ class Worker:
         chunks = plan.chunks
         self.runner.copy_blocks(plan.block_copies)
         if plan.run_steps > 1:
-            return self._execute_greedy_run(plan)
+            return self._execute_decode_run(plan)
         rows = [row for row, chunk in enumerate(chunks) if chunk.samples and not chunk.draft_token_ids]
         self.sampler.token_masks.fill_ahead([chunks[row].seq for row in rows])  # beside the forward pass
         result = self.runner.execute([self._sequence_step(chunk) for chunk in chunks])
@@ -69,16 +69,31 @@ class Worker:
                 output.sampled[seq.seq_id] = [token]
         return output
 
-    def _execute_greedy_run(self, plan: SchedulerOutput) -> RunnerOutput:
-        """A plan of greedy decodes run ``plan.run_steps`` steps ahead in one go (``decode_runs``): every
-        sequence's tokens, as the sampler's argmax would have picked them step by step."""
+    def _execute_decode_run(self, plan: SchedulerOutput) -> RunnerOutput:
+        """A plan of decodes run ``plan.run_steps`` steps ahead in one go (``decode_runs``): every sequence's
+        tokens, as the sampler would have picked them step by step."""
         chunks = plan.decodes
+        seqs = [chunk.seq for chunk in chunks]
         steps = [self._sequence_step(chunk) for chunk in chunks]
-        tokens = self.runner.greedy_run(steps, plan.run_steps, self.sampler.argmax)
+        if self._fuses(steps, seqs):
+            sampling = self.sampler.run_sampling(seqs, plan.run_steps)
+            tokens = self.runner.decode_run(steps, plan.run_steps, sampling=sampling)
+        else:
+
+            def pick(logits: torch.Tensor) -> list[int]:
+                return [token.token_id for token in self.sampler.sample(logits, seqs, self.eos_token_ids)]
+
+            tokens = self.runner.decode_run(steps, plan.run_steps, pick)
         output = RunnerOutput()
         for chunk, row in zip(chunks, tokens):
             output.sampled[chunk.seq.seq_id] = [SampledToken(token, None) for token in row]
         return output
+
+    def _fuses(self, steps: list[SequenceStep], seqs: list[Sequence]) -> bool:
+        """The run goes to the fused call, which samples as the sampler's C++ kernel does."""
+        return self.runner.fuses_decode_runs(steps) and (
+            self.sampler.cpu_kernels or all(seq.params.greedy for seq in seqs)
+        )
 
     def release(self, seq: Sequence) -> None:
         """A finished or aborted sequence leaves the device-side state (penalty tables)."""

@@ -78,15 +78,16 @@ at::Tensor llama_decode_step(const at::Tensor& ids, const at::Tensor& embedding,
                              const at::Tensor& run_offsets);
 
 // decode_run.cpp
-at::Tensor llama_decode_greedy_run(const at::Tensor& ids, const at::Tensor& embedding,
-                                   const c10::List<std::optional<at::Tensor>>& layers, double eps, int64_t heads,
-                                   int64_t kv_heads, int64_t head_dim, int64_t hidden_size,
-                                   int64_t intermediate_size, const at::Tensor& final_norm, double final_eps,
-                                   const at::Tensor& head, const std::optional<at::Tensor>& head_bias, int64_t vocab,
-                                   const at::Tensor& positions, const at::Tensor& inv_freq, double attention_scaling,
-                                   const std::optional<at::Tensor>& query_scales, const at::Tensor& slots,
-                                   at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& runs,
-                                   const at::Tensor& run_offsets);
+at::Tensor llama_decode_run(const at::Tensor& ids, const at::Tensor& embedding,
+                            const c10::List<std::optional<at::Tensor>>& layers, double eps, int64_t heads,
+                            int64_t kv_heads, int64_t head_dim, int64_t hidden_size, int64_t intermediate_size,
+                            const at::Tensor& final_norm, double final_eps, const at::Tensor& head,
+                            const std::optional<at::Tensor>& head_bias, int64_t vocab, const at::Tensor& positions,
+                            const at::Tensor& inv_freq, double attention_scaling,
+                            const std::optional<at::Tensor>& query_scales, const at::Tensor& slots,
+                            at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& runs,
+                            const at::Tensor& run_offsets, const std::optional<at::Tensor>& temperatures,
+                            const std::optional<at::Tensor>& uniforms, const std::optional<at::Tensor>& greedy_rows);
 
 // sampling.cpp
 at::Tensor argmax_rows(const at::Tensor& x);

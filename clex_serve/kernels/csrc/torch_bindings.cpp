@@ -28,11 +28,11 @@ TORCH_LIBRARY(clex_cpu, m) {
         "Tensor? head_bias, int vocab, Tensor positions, Tensor inv_freq, float attention_scaling, "
         "Tensor? query_scale, Tensor slots, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor runs, "
         "Tensor run_offsets) -> Tensor");
-  m.def("llama_decode_greedy_run(Tensor ids, Tensor embedding, Tensor?[] layers, float eps, int heads, "
+  m.def("llama_decode_run(Tensor ids, Tensor embedding, Tensor?[] layers, float eps, int heads, "
         "int kv_heads, int head_dim, int hidden_size, int intermediate_size, Tensor final_norm, float final_eps, "
         "Tensor head, Tensor? head_bias, int vocab, Tensor positions, Tensor inv_freq, float attention_scaling, "
         "Tensor? query_scales, Tensor slots, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor runs, "
-        "Tensor run_offsets) -> Tensor");
+        "Tensor run_offsets, Tensor? temperatures=None, Tensor? uniforms=None, Tensor? greedy_rows=None) -> Tensor");
   m.def("bf16_dot_supported() -> bool", &clex_cpu::bf16_dot_supported);
   m.def("bf16_dot_at_fma_rate() -> bool", &clex_cpu::bf16_dot_at_fma_rate);
   m.def("bf16_dot_rows() -> int", &clex_cpu::bf16_dot_rows);
@@ -59,7 +59,7 @@ TORCH_LIBRARY_IMPL(clex_cpu, CPU, m) {
   m.impl("prefill_attention", &clex_cpu::prefill_attention);
   m.impl("llama_decode_layer", &clex_cpu::llama_decode_layer);
   m.impl("llama_decode_step", &clex_cpu::llama_decode_step);
-  m.impl("llama_decode_greedy_run", &clex_cpu::llama_decode_greedy_run);
+  m.impl("llama_decode_run", &clex_cpu::llama_decode_run);
   m.impl("argmax_rows", &clex_cpu::argmax_rows);
   m.impl("apply_token_bitmask", &clex_cpu::apply_token_bitmask);
   m.impl("sample_rows", &clex_cpu::sample_rows);

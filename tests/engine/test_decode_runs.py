@@ -1,13 +1,14 @@
-"""Greedy decode runs (``engine/core/decode_runs.py``): a step of nothing but greedy decodes runs several
-steps in one call. Their outputs equal the golden ones and those of every step alone, across CLEX scale
-boundaries, batched, through the fused CPU call and through the step-by-step fallback, with stops inside a
-run; the plan stops at scale boundaries, max_tokens and the token bound, and only greedy steps run ahead."""
+"""Decode runs (``engine/core/decode_runs.py``): a step of nothing but decodes that sample alone runs several
+steps in one call. Greedy outputs equal the golden ones, and every output (greedy, seeded sampling, stops
+inside a run) equals that of every step alone, across CLEX scale boundaries, batched, through the fused CPU
+call and through the step-by-step fallback; the plan stops at scale boundaries, max_tokens and the token
+bound, and a step with a sequence that truncates, penalises or reports logprobs runs alone."""
 
 import pytest
 
 from clex_serve import LLM, SamplingParams
 from clex_serve.engine.core.block_manager import BlockManager
-from clex_serve.engine.core.decode_runs import MAX_RUN_TOKENS, plan_greedy_run
+from clex_serve.engine.core.decode_runs import MAX_RUN_TOKENS, plan_decode_run
 from clex_serve.engine.core.scheduler import Scheduler, SchedulerConfig
 from clex_serve.engine.core.step_plan import ScheduledChunk
 from helpers.models import model_with_tokenizer
@@ -66,7 +67,7 @@ class RunRecorder:
 def test_greedy_runs_give_the_golden_outputs_alone_and_batched(name, engines):
     """Alone to the model's limit (128 tokens, four scales of a base window of 32), then batched with riders
     at other lengths: token for token the official implementation's greedy continuations."""
-    llm = engines(name, block_size=4, greedy_run_steps=8)
+    llm = engines(name, block_size=4, decode_run_steps=8)
     cases = reference_cases(name)
     with RunRecorder(llm.engine) as runs:
         for prompt_len in (7, 35):
@@ -78,7 +79,7 @@ def test_greedy_runs_give_the_golden_outputs_alone_and_batched(name, engines):
     outputs = llm.generate([_prompt(name, 7), _prompt(name, 35), *riders], [GREEDY_TO_LIMIT] * 2 + [short] * 3)
     for prompt_len, output in zip((7, 35), outputs):
         assert output.outputs[0].token_ids == cases[f"greedy_from_{prompt_len}"].tolist()
-    alone = engines(name, block_size=4, greedy_run_steps=1).generate(riders, short)
+    alone = engines(name, block_size=4, decode_run_steps=1).generate(riders, short)
     assert [o.outputs[0].token_ids for o in outputs[2:]] == [o.outputs[0].token_ids for o in alone]
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
@@ -87,12 +88,12 @@ def test_the_fused_call_and_the_step_by_step_fallback_agree(engines, monkeypatch
     """The Llama checkpoint with log_scale runs its runs in the fused CPU call; without it (as on CUDA, or a
     model the fused step does not take) the runner loops over single steps. Both give the golden tokens."""
     name = "llama_logscale"
-    fused = engines(name, block_size=4, greedy_run_steps=8)
+    fused = engines(name, block_size=4, decode_run_steps=8)
     runner = fused.engine.worker.runner
     assert runner.cpu_decode is not None
     calls = []
-    greedy_run = runner.cpu_decode.greedy_run
-    monkeypatch.setattr(runner.cpu_decode, "greedy_run", lambda *a: calls.append(a[-1]) or greedy_run(*a))
+    run = runner.cpu_decode.run
+    monkeypatch.setattr(runner.cpu_decode, "run", lambda *a: calls.append(a[3]) or run(*a))
     [output] = fused.generate(_prompt(name, 7), GREEDY_TO_LIMIT)
     assert calls and max(calls) == 8
     golden = reference_cases(name)["greedy_from_7"].tolist()
@@ -108,8 +109,8 @@ def test_stops_inside_a_run_give_what_single_steps_give(name, engines):
     """A stop token, a stop string, EOS and max_tokens met part-way through a run: the tokens after them are
     dropped, and outputs, texts and finish reasons equal those of every step alone; no block is kept."""
     golden = reference_cases(name)["greedy_from_7"].tolist()
-    llm = engines(name, block_size=4, greedy_run_steps=8)
-    plain = engines(name, block_size=4, greedy_run_steps=1)
+    llm = engines(name, block_size=4, decode_run_steps=8)
+    plain = engines(name, block_size=4, decode_run_steps=1)
     text = llm.engine.tokenizer.decode(golden[:12])
     first_new = next(i for i in range(3, len(golden)) if golden[i] not in golden[:i])  # stops there, not before
     params = [
@@ -139,12 +140,12 @@ def test_stops_inside_a_run_give_what_single_steps_give(name, engines):
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
 
-def test_only_steps_of_greedy_decodes_run_ahead(engines):
-    """A sampled, penalised or logprob-reporting sequence in the batch, or prompt work in the step: one step."""
-    llm = engines("llama", block_size=4, greedy_run_steps=8)
+def test_only_steps_of_decodes_that_sample_alone_run_ahead(engines):
+    """A sequence that truncates, penalises or reports logprobs in the batch: every step alone."""
+    llm = engines("llama", block_size=4, decode_run_steps=8)
     greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     for other in (
-        SamplingParams(temperature=0.8, seed=1, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=20, ignore_eos=True),
         SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=1),
         SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, repetition_penalty=1.3),
     ):
@@ -154,6 +155,33 @@ def test_only_steps_of_greedy_decodes_run_ahead(engines):
     with RunRecorder(llm.engine) as runs:
         llm.generate([_prompt("llama", 7), _prompt("llama", 9)], greedy)
     assert max(runs.steps) == 8
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_seeded_sampling_in_runs_samples_what_single_steps_sample(fused, engines, monkeypatch):
+    """Seeded rows at a temperature, beside a greedy row and an unseeded one, over scale boundaries: the
+    seeded and greedy outputs equal those of every step alone, through the fused call (uniforms drawn ahead)
+    and through the sampler step by step."""
+    name = "llama_logscale"
+    llm = engines(name, block_size=4, decode_run_steps=8)
+    plain = engines(name, block_size=4, decode_run_steps=1)
+    if not fused:
+        monkeypatch.setattr(llm.engine.worker.runner, "cpu_decode", None)
+    params = [
+        SamplingParams(temperature=0.9, seed=11, max_tokens=90, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=90, ignore_eos=True),
+        SamplingParams(temperature=1.3, seed=12, max_tokens=70, ignore_eos=True),
+        SamplingParams(temperature=0.7, max_tokens=50, ignore_eos=True),
+    ]
+    prompts = [_prompt(name, n) for n in (7, 20, 35, 3)]
+    with RunRecorder(llm.engine) as runs:
+        ran = llm.generate(prompts, params)
+    assert max(runs.steps) == 8
+    alone = plain.generate(prompts, params)
+    for row in (0, 1, 2):
+        assert ran[row].outputs[0].token_ids == alone[row].outputs[0].token_ids
+    assert len(ran[3].outputs[0].token_ids) == 50
+    assert len(set(ran[0].outputs[0].token_ids)) > 5  # it sampled, not a repeated token
 
 
 def _decoding(seq_id, length, params=None):
@@ -166,7 +194,7 @@ def _plan(seqs, max_steps, manager, max_model_len=None):
     for seq in seqs:
         manager.allocate(seq)
     chunks = [ScheduledChunk(seq, len(seq) - 1, len(seq), None, False, False) for seq in seqs]
-    return plan_greedy_run(chunks, manager, clex_scale, max_steps, max_model_len), chunks
+    return plan_decode_run(chunks, manager, clex_scale, max_steps, max_model_len), chunks
 
 
 def test_a_run_stops_at_the_scale_boundary_max_tokens_and_the_token_bound():
@@ -188,13 +216,14 @@ def test_a_run_stops_at_the_scale_boundary_max_tokens_and_the_token_bound():
     assert steps == 4  # rows times steps within MAX_RUN_TOKENS
 
 
-def test_a_run_takes_only_free_blocks_and_greedy_sequences():
+def test_a_run_takes_only_free_blocks_and_sequences_that_sample_alone():
     manager = BlockManager(num_blocks=3, block_size=4)
     steps, [chunk] = _plan([_decoding(0, 9)], 8, manager)  # 9 + 7 positions need a fourth block
     assert steps == 1 and chunk.end == 9 and len(chunk.seq.block_table) == 3
     manager = BlockManager(num_blocks=64, block_size=4)
-    sampled = _decoding(1, 9, SamplingParams(temperature=0.5))
-    assert _plan([_decoding(2, 9), sampled], 8, manager)[0] == 1
+    truncated = _decoding(1, 9, SamplingParams(temperature=0.5, top_k=40))
+    assert _plan([_decoding(2, 9), truncated], 8, manager)[0] == 1
+    assert _plan([_decoding(4, 9), _decoding(5, 9, SamplingParams(temperature=0.5))], 8, manager)[0] == 8
     waiting = SamplingParams(temperature=0, min_tokens=5)
     assert _plan([_decoding(3, 9, waiting)], 8, manager)[0] == 1  # min_tokens holds back EOS: the sampler's
 
@@ -219,8 +248,8 @@ def test_the_scheduler_runs_ahead_only_when_the_step_has_nothing_but_decodes():
     assert [(c.start, c.end) for c in out.decodes] == [(4, 8), (2, 6)]
 
 
-def test_greedy_run_steps_is_validated():
+def test_decode_run_steps_is_validated():
     from clex_serve.engine.engine_config import EngineConfig
 
-    with pytest.raises(ValueError, match="greedy_run_steps must be at least 1"):
-        EngineConfig(greedy_run_steps=0)
+    with pytest.raises(ValueError, match="decode_run_steps must be at least 1"):
+        EngineConfig(decode_run_steps=0)

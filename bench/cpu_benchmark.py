@@ -219,7 +219,8 @@ def arrivals_table(clex: Path, token_budget: int | None) -> None:
 def host_time_per_step(folder: Path, streams: int = 64, new_tokens: int = 256) -> None:
     """Step wall time minus the model's forward and logits (or the whole-step decode call), with ``streams``
     greedy streams on a 2-layer model; early steps (short contexts) against late ones, which shows whether host
-    work grows with the tokens."""
+    work grows with the tokens. Every step alone (no decode runs, which spread the host work over a run's
+    steps): what the host adds to a step."""
     _, tiny = build(folder / "two_layers", num_layers=2, base_window=BASE_WINDOW)
     llm = LLM(
         str(tiny),
@@ -228,6 +229,7 @@ def host_time_per_step(folder: Path, streams: int = 64, new_tokens: int = 256) -
         show_progress=False,
         max_model_len=BASE_WINDOW * 16,
         kv_cache_memory_gib=1.0,
+        decode_run_steps=1,
     )
     engine = llm.engine
     runner = engine.worker.runner

@@ -126,3 +126,18 @@ def test_a_row_gets_the_same_bits_however_many_rows_share_the_call(dtype):
     alone = torch.cat([cpu_ops.blocked_linear(x[m : m + 1], blocked, bias, 130) for m in range(40)])
     for rows in (6, 7, 12, 16, 32, 33, 40):
         assert torch.equal(cpu_ops.blocked_linear(x[:rows], blocked, bias, 130), alone[:rows]), rows
+
+
+@pytest.mark.skipif(not cpu_kernels_available(), reason="CPU kernels do not build here")
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((2, 32, 63), "w \\[N/64, K, 64\\] or"),  # blocks of 63 columns would be read as 64
+        ((2, 31, 64), "with x's K"),
+        ((2, 32, 64, 1), "w \\[N/64, K, 64\\] or"),
+    ],
+)
+def test_the_blocked_kernel_rejects_a_weight_of_another_layout(shape, message):
+    x = torch.randn(3, 32)
+    with pytest.raises(RuntimeError, match=message):
+        cpu_ops.blocked_linear(x, torch.randn(shape), None, 100)

@@ -280,7 +280,7 @@ namespace clex_cpu {
 at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                           int64_t N) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "blocked_linear: x [M, K] contiguous");
-  TORCH_CHECK(w.dim() == 3 || (w.dim() == 4 && w.size(2) == kBlock && w.size(3) == 2),
+  TORCH_CHECK((w.dim() == 3 && w.size(2) == kBlock) || (w.dim() == 4 && w.size(2) == kBlock && w.size(3) == 2),
               "blocked_linear: w [N/64, K, 64] or, bfloat16 in pairs, [N/64, ceil(K/2), 64, 2]");
   TORCH_CHECK(w.dim() == 4 || w.size(1) == x.size(1), "blocked_linear: w [N/64, K, 64] with x's K");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "blocked_linear: x and w of one dtype");

@@ -73,7 +73,7 @@ def amx_peak(runs: int = 7) -> float | None:
 
 
 class Yardsticks:
-    """Measured once at the start of the benchmark; ``bandwidth_at`` measures a size when asked."""
+    """Measured once at the start of the benchmark (a read at another size: ``read_bandwidth``)."""
 
     def __init__(self) -> None:
         self.memory = self.float32 = 0.0
@@ -89,11 +89,6 @@ class Yardsticks:
         bf16_dot, amx = compute_peak("bfloat16"), amx_peak()
         self.bf16_dot = max(self.bf16_dot or 0.0, bf16_dot) if bf16_dot else None
         self.amx = max(self.amx or 0.0, amx) if amx else None
-
-    def bandwidth_at(self, nbytes: int, runs: int = 7) -> float:
-        """The read bandwidth at ``nbytes`` (a decode's bytes per token; highest of ``runs``): what fits the
-        last-level cache is read from there by the stream as by the decode; never below the 1 GiB figure."""
-        return max(read_bandwidth(nbytes, runs), self.memory)
 
     def peak(self, dtype: str) -> float:
         """The compute peak a dtype's GEMMs run against: float32 FMAs; bfloat16 AMX tiles where present

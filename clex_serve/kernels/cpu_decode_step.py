@@ -85,6 +85,20 @@ class CpuDecodeStep:
             return None
         return cls(model)
 
+    def _model_arguments(self) -> tuple:
+        """What the fused calls take of the model, in their order: embedding to the head."""
+        head = self.lm_head
+        return (
+            self.embedding,
+            self.layer_tensors,
+            self.shape,
+            self.norm.weight,
+            self.norm.eps,
+            head.blocked_weight,
+            head.blocked_bias,
+            head.out_features,
+        )
+
     def fits(self, steps: list[SequenceStep]) -> bool:
         """Every sequence decodes one token at its own length, and the fused calls take the batch in one."""
         return len(steps) <= self.max_rows and all(step.is_plain_decode for step in steps)
@@ -131,14 +145,7 @@ class CpuDecodeStep:
         views = pool.flat_layer_views
         return cpu_ops.llama_decode_run(
             packed[:batch],
-            self.embedding,
-            self.layer_tensors,
-            self.shape,
-            self.norm.weight,
-            self.norm.eps,
-            self.lm_head.blocked_weight,
-            self.lm_head.blocked_bias,
-            self.lm_head.out_features,
+            *self._model_arguments(),
             packed[batch : 2 * batch],
             runner.rotary_inv_freq(scales, torch.ones(batch, dtype=torch.long)),
             self.rope.attention_scaling,
@@ -175,14 +182,7 @@ class CpuDecodeStep:
         views = pool.flat_layer_views
         return cpu_ops.llama_decode_step(
             ids_t,
-            self.embedding,
-            self.layer_tensors,
-            self.shape,
-            self.norm.weight,
-            self.norm.eps,
-            self.lm_head.blocked_weight,
-            self.lm_head.blocked_bias,
-            self.lm_head.out_features,
+            *self._model_arguments(),
             positions_t,
             runner.rotary_inv_freq(scales, ones),
             self.rope.attention_scaling,

@@ -6,39 +6,15 @@ bound, and a step with a sequence that truncates, penalises or reports logprobs 
 
 import pytest
 
-from clex_serve import LLM, SamplingParams
+from clex_serve import SamplingParams
 from clex_serve.engine.core.block_manager import BlockManager
 from clex_serve.engine.core.decode_runs import MAX_RUN_TOKENS, plan_decode_run
 from clex_serve.engine.core.scheduler import Scheduler, SchedulerConfig
 from clex_serve.engine.core.step_plan import ScheduledChunk
-from helpers.models import model_with_tokenizer
-from helpers.reference import REFERENCE_MODELS, reference_cases
+from helpers.reference import REFERENCE_MODELS, reference_cases, reference_prompt
 from helpers.sequences import clex_scale, make_sequence
 
 GREEDY_TO_LIMIT = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {name: model_with_tokenizer(name, root) for name in REFERENCE_MODELS}
-
-
-@pytest.fixture(scope="module")
-def engines(model_dirs):
-    cache = {}
-
-    def get(name, **kwargs):
-        key = (name, repr(sorted(kwargs.items())))
-        if key not in cache:
-            cache[key] = LLM(str(model_dirs[name]), dtype="float32", device="cpu", show_progress=False, **kwargs)
-        return cache[key]
-
-    return get
-
-
-def _prompt(name, length):
-    return {"prompt_token_ids": reference_cases(name)["sequence"][:length].tolist()}
 
 
 class RunRecorder:
@@ -71,12 +47,14 @@ def test_greedy_runs_give_the_golden_outputs_alone_and_batched(name, engines):
     cases = reference_cases(name)
     with RunRecorder(llm.engine) as runs:
         for prompt_len in (7, 35):
-            [output] = llm.generate(_prompt(name, prompt_len), GREEDY_TO_LIMIT)
+            [output] = llm.generate(reference_prompt(name, prompt_len), GREEDY_TO_LIMIT)
             assert output.outputs[0].token_ids == cases[f"greedy_from_{prompt_len}"].tolist()
     assert max(runs.steps) == 8
-    riders = [_prompt(name, n) for n in (60, 90, 3)]
+    riders = [reference_prompt(name, n) for n in (60, 90, 3)]
     short = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    outputs = llm.generate([_prompt(name, 7), _prompt(name, 35), *riders], [GREEDY_TO_LIMIT] * 2 + [short] * 3)
+    outputs = llm.generate(
+        [reference_prompt(name, 7), reference_prompt(name, 35), *riders], [GREEDY_TO_LIMIT] * 2 + [short] * 3
+    )
     for prompt_len, output in zip((7, 35), outputs):
         assert output.outputs[0].token_ids == cases[f"greedy_from_{prompt_len}"].tolist()
     alone = engines(name, block_size=4, decode_run_steps=1).generate(riders, short)
@@ -94,13 +72,13 @@ def test_the_fused_call_and_the_step_by_step_fallback_agree(engines, monkeypatch
     calls = []
     run = runner.cpu_decode.run
     monkeypatch.setattr(runner.cpu_decode, "run", lambda *a: calls.append(a[3]) or run(*a))
-    [output] = fused.generate(_prompt(name, 7), GREEDY_TO_LIMIT)
+    [output] = fused.generate(reference_prompt(name, 7), GREEDY_TO_LIMIT)
     assert calls and max(calls) == 8
     golden = reference_cases(name)["greedy_from_7"].tolist()
     assert output.outputs[0].token_ids == golden
     monkeypatch.setattr(runner, "cpu_decode", None)
     with RunRecorder(fused.engine) as runs:
-        [output] = fused.generate(_prompt(name, 7), GREEDY_TO_LIMIT)
+        [output] = fused.generate(reference_prompt(name, 7), GREEDY_TO_LIMIT)
     assert max(runs.steps) == 8 and output.outputs[0].token_ids == golden
 
 
@@ -119,7 +97,7 @@ def test_stops_inside_a_run_give_what_single_steps_give(name, engines):
         SamplingParams(temperature=0, max_tokens=13, ignore_eos=True),
         SamplingParams(temperature=0, max_tokens=40),
     ]
-    prompts = [_prompt(name, 7)] * len(params)
+    prompts = [reference_prompt(name, 7)] * len(params)
     with RunRecorder(llm.engine) as runs:
         ran = [llm.generate(prompt, p)[0] for prompt, p in zip(prompts, params)]
     assert max(runs.steps) > 1
@@ -150,10 +128,10 @@ def test_only_steps_of_decodes_that_sample_alone_run_ahead(engines):
         SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, repetition_penalty=1.3),
     ):
         with RunRecorder(llm.engine) as runs:
-            llm.generate([_prompt("llama", 7), _prompt("llama", 9)], [greedy, other])
+            llm.generate([reference_prompt("llama", 7), reference_prompt("llama", 9)], [greedy, other])
         assert set(runs.steps) == {1}
     with RunRecorder(llm.engine) as runs:
-        llm.generate([_prompt("llama", 7), _prompt("llama", 9)], greedy)
+        llm.generate([reference_prompt("llama", 7), reference_prompt("llama", 9)], greedy)
     assert max(runs.steps) == 8
 
 
@@ -173,7 +151,7 @@ def test_seeded_sampling_in_runs_samples_what_single_steps_sample(fused, engines
         SamplingParams(temperature=1.3, seed=12, max_tokens=70, ignore_eos=True),
         SamplingParams(temperature=0.7, max_tokens=50, ignore_eos=True),
     ]
-    prompts = [_prompt(name, n) for n in (7, 20, 35, 3)]
+    prompts = [reference_prompt(name, n) for n in (7, 20, 35, 3)]
     with RunRecorder(llm.engine) as runs:
         ran = llm.generate(prompts, params)
     assert max(runs.steps) == 8

@@ -4,35 +4,11 @@ preemption and with prefix caching; prompt logprobs; seeded sampling independent
 import pytest
 import torch
 
-from clex_serve import LLM, SamplingParams
-from helpers.models import model_with_tokenizer
-from helpers.reference import REFERENCE_MODELS, reference_cases
+from clex_serve import SamplingParams
+from helpers.reference import REFERENCE_MODELS, reference_cases, reference_prompt
 
 GREEDY_TO_LIMIT = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True, logprobs=2)
 GREEDY_PROMPTS = (7, 35)
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {name: model_with_tokenizer(name, root) for name in REFERENCE_MODELS}
-
-
-@pytest.fixture(scope="module")
-def engines(model_dirs):
-    cache = {}
-
-    def get(name, **kwargs):
-        key = (name, tuple(sorted(kwargs.items())))
-        if key not in cache:
-            cache[key] = LLM(str(model_dirs[name]), dtype="float32", device="cpu", show_progress=False, **kwargs)
-        return cache[key]
-
-    return get
-
-
-def _prompt(name, length):
-    return {"prompt_token_ids": reference_cases(name)["sequence"][:length].tolist()}
 
 
 def _assert_golden_greedy(name, prompt_len, completion):
@@ -52,7 +28,7 @@ def _assert_golden_greedy(name, prompt_len, completion):
 def test_greedy_alone_matches_golden(name, engines):
     llm = engines(name)
     for prompt_len in GREEDY_PROMPTS:
-        [output] = llm.generate(_prompt(name, prompt_len), GREEDY_TO_LIMIT)
+        [output] = llm.generate(reference_prompt(name, prompt_len), GREEDY_TO_LIMIT)
         _assert_golden_greedy(name, prompt_len, output.outputs[0])
 
 
@@ -60,8 +36,8 @@ def test_greedy_alone_matches_golden(name, engines):
 def test_greedy_in_a_mixed_batch_matches_golden(name, engines):
     """Both golden prompts plus riders of other lengths, so sequences at scales 1..4 share steps."""
     llm = engines(name)
-    riders = [_prompt(name, 60), _prompt(name, 90), _prompt(name, 3)]
-    prompts = [_prompt(name, p) for p in GREEDY_PROMPTS] + riders
+    riders = [reference_prompt(name, 60), reference_prompt(name, 90), reference_prompt(name, 3)]
+    prompts = [reference_prompt(name, p) for p in GREEDY_PROMPTS] + riders
     params = [GREEDY_TO_LIMIT] * 2 + [SamplingParams(temperature=0.7, seed=5, max_tokens=30, ignore_eos=True)] * 3
     outputs = llm.generate(prompts, params)
     for prompt_len, output in zip(GREEDY_PROMPTS, outputs):
@@ -73,7 +49,7 @@ def test_prompt_logprobs_are_the_log_softmax_of_prefill_logits(engines):
     llm = engines(name)
     cases = reference_cases(name)
     for length in (33, 103):
-        [output] = llm.generate(_prompt(name, length), SamplingParams(max_tokens=1, prompt_logprobs=1))
+        [output] = llm.generate(reference_prompt(name, length), SamplingParams(max_tokens=1, prompt_logprobs=1))
         expected = torch.log_softmax(cases[f"prefill_{length}"], dim=-1)
         tokens = output.prompt_token_ids
         assert output.prompt_logprobs[0] is None and len(output.prompt_logprobs) == length
@@ -87,12 +63,17 @@ def test_prompt_logprobs_are_the_log_softmax_of_prefill_logits(engines):
 def test_seeded_request_is_reproducible_inside_a_busy_batch(engines):
     llm = engines("mixtral")
     seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=40, ignore_eos=True)
-    [alone] = llm.generate(_prompt("mixtral", 20), seeded)
+    [alone] = llm.generate(reference_prompt("mixtral", 20), seeded)
     noise = SamplingParams(temperature=1.2, max_tokens=60, ignore_eos=True)
-    busy = llm.generate([_prompt("mixtral", 50), _prompt("mixtral", 20), _prompt("mixtral", 9)], [noise, seeded, noise])
+    busy = llm.generate(
+        [reference_prompt("mixtral", 50), reference_prompt("mixtral", 20), reference_prompt("mixtral", 9)],
+        [noise, seeded, noise],
+    )
     assert busy[1].outputs[0].token_ids == alone.outputs[0].token_ids
     other_seed = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=99, max_tokens=40, ignore_eos=True)
-    assert llm.generate(_prompt("mixtral", 20), other_seed)[0].outputs[0].token_ids != alone.outputs[0].token_ids
+    assert (
+        llm.generate(reference_prompt("mixtral", 20), other_seed)[0].outputs[0].token_ids != alone.outputs[0].token_ids
+    )
 
 
 @pytest.mark.parametrize("name", ["llama", "llama_logscale"])
@@ -107,7 +88,7 @@ def test_tiny_kv_pool_preempts_and_keeps_greedy_outputs(name, engines):
     llm = engines(name, block_size=4, kv_cache_memory_gib=41 * per_block / 2**30)
     engine = llm.engine
     assert engine.block_manager.num_blocks == 40
-    prompts = [_prompt(name, p) for p in (7, 35, 7, 35)]
+    prompts = [reference_prompt(name, p) for p in (7, 35, 7, 35)]
     outputs = llm.generate(prompts, GREEDY_TO_LIMIT)
     assert engine.scheduler.num_preemptions > 0
     for prompt_len, output in zip((7, 35, 7, 35), outputs):
@@ -118,7 +99,10 @@ def test_tiny_kv_pool_preempts_and_keeps_greedy_outputs(name, engines):
 def test_aborted_and_finished_requests_free_every_block(engines):
     llm = engines("llama", block_size=4)
     engine = llm.engine
-    ids = [engine.add_request(_prompt("llama", p), SamplingParams(max_tokens=50, ignore_eos=True)) for p in (5, 40, 70)]
+    ids = [
+        engine.add_request(reference_prompt("llama", p), SamplingParams(max_tokens=50, ignore_eos=True))
+        for p in (5, 40, 70)
+    ]
     for _ in range(4):
         engine.step()
     assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
@@ -171,7 +155,9 @@ def test_stop_strings_never_reach_streamed_or_final_text(engines):
 
 def test_n_samples_differ_and_eos_ends_a_sample(engines):
     llm = engines("mixtral")
-    [output] = llm.generate(_prompt("mixtral", 10), SamplingParams(n=3, temperature=1.5, seed=7, max_tokens=20))
+    [output] = llm.generate(
+        reference_prompt("mixtral", 10), SamplingParams(n=3, temperature=1.5, seed=7, max_tokens=20)
+    )
     assert [c.index for c in output.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in output.outputs}) == 3
     for completion in output.outputs:
@@ -192,10 +178,10 @@ def test_chunked_prompts_equal_one_pass(name, engines):
     """With 16 batched tokens per step, prompts run in chunks at the full prompt's scale: golden greedy
     outputs, and prompt logprobs equal to the one-pass prefill logits."""
     llm = engines(name, max_num_batched_tokens=16, block_size=4)
-    outputs = llm.generate([_prompt(name, p) for p in GREEDY_PROMPTS], GREEDY_TO_LIMIT)
+    outputs = llm.generate([reference_prompt(name, p) for p in GREEDY_PROMPTS], GREEDY_TO_LIMIT)
     for prompt_len, output in zip(GREEDY_PROMPTS, outputs):
         _assert_golden_greedy(name, prompt_len, output.outputs[0])
-    [output] = llm.generate(_prompt(name, 65), SamplingParams(max_tokens=1, prompt_logprobs=0))
+    [output] = llm.generate(reference_prompt(name, 65), SamplingParams(max_tokens=1, prompt_logprobs=0))
     expected = torch.log_softmax(reference_cases(name)["prefill_65"], dim=-1)
     assert len(output.prompt_logprobs) == 65
     for position in range(1, 65):
@@ -223,10 +209,10 @@ def test_copy_on_write_blocks_are_reserved_when_planned(engines, monkeypatch):
     monkeypatch.setattr(engine.worker.runner, "copy_blocks", lambda pairs: (copies.extend(pairs), original_copy(pairs)))
     preemptions = engine.scheduler.num_preemptions
 
-    engine.add_request(_prompt(name, 35), GREEDY_TO_LIMIT, "first")
+    engine.add_request(reference_prompt(name, 35), GREEDY_TO_LIMIT, "first")
     finished = {output.request_id: output for output in engine.step() if output.finished}
-    engine.add_request(_prompt(name, 35), GREEDY_TO_LIMIT, "shares-the-prefix")
-    engine.add_request(_prompt(name, 7), GREEDY_TO_LIMIT, "needs-a-block")
+    engine.add_request(reference_prompt(name, 35), GREEDY_TO_LIMIT, "shares-the-prefix")
+    engine.add_request(reference_prompt(name, 7), GREEDY_TO_LIMIT, "needs-a-block")
     for _ in range(1000):
         if not engine.has_unfinished_requests():
             break

@@ -7,9 +7,8 @@ they give without speculation."""
 import pytest
 import torch
 
-from clex_serve import LLM, SamplingParams
-from helpers.models import model_with_tokenizer
-from helpers.reference import REFERENCE_MODELS, reference_cases
+from clex_serve import SamplingParams
+from helpers.reference import REFERENCE_MODELS, reference_cases, reference_prompt
 
 GREEDY_TO_LIMIT = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True, logprobs=2)
 GREEDY_PROMPTS = (7, 35)
@@ -17,29 +16,6 @@ GREEDY_PROMPTS = (7, 35)
 # as the short golden sequences allow.
 EAGER_SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 EAGER_SPEC = {**EAGER_SPEC, "adaptive": False}
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {name: model_with_tokenizer(name, root) for name in REFERENCE_MODELS}
-
-
-@pytest.fixture(scope="module")
-def engines(model_dirs):
-    cache = {}
-
-    def get(name, **kwargs):
-        key = (name, repr(sorted(kwargs.items())))
-        if key not in cache:
-            cache[key] = LLM(str(model_dirs[name]), dtype="float32", device="cpu", show_progress=False, **kwargs)
-        return cache[key]
-
-    return get
-
-
-def _prompt(name, length):
-    return {"prompt_token_ids": reference_cases(name)["sequence"][:length].tolist()}
 
 
 def _assert_golden_greedy(name, prompt_len, completion):
@@ -75,10 +51,10 @@ class GoldenProposer:
 def test_greedy_with_ngram_drafts_matches_golden_alone_and_batched(name, engines):
     llm = engines(name, speculative_config=EAGER_SPEC)
     for prompt_len in GREEDY_PROMPTS:
-        [output] = llm.generate(_prompt(name, prompt_len), GREEDY_TO_LIMIT)
+        [output] = llm.generate(reference_prompt(name, prompt_len), GREEDY_TO_LIMIT)
         _assert_golden_greedy(name, prompt_len, output.outputs[0])
-    riders = [_prompt(name, 60), _prompt(name, 90), _prompt(name, 3)]
-    prompts = [_prompt(name, p) for p in GREEDY_PROMPTS] + riders
+    riders = [reference_prompt(name, 60), reference_prompt(name, 90), reference_prompt(name, 3)]
+    prompts = [reference_prompt(name, p) for p in GREEDY_PROMPTS] + riders
     params = [GREEDY_TO_LIMIT] * 2 + [SamplingParams(temperature=0.7, seed=5, max_tokens=30, ignore_eos=True)] * 3
     for prompt_len, output in zip(GREEDY_PROMPTS, llm.generate(prompts, params)):
         _assert_golden_greedy(name, prompt_len, output.outputs[0])
@@ -105,7 +81,7 @@ def test_drafts_stop_at_each_scale_boundary(name, engines):
 
     engine.scheduler.schedule = recording_schedule
     try:
-        [output] = llm.generate(_prompt(name, 7), GREEDY_TO_LIMIT)
+        [output] = llm.generate(reference_prompt(name, 7), GREEDY_TO_LIMIT)
     finally:
         del engine.scheduler.schedule
     _assert_golden_greedy(name, 7, output.outputs[0])
@@ -130,7 +106,7 @@ def test_preemption_with_drafts_keeps_golden_outputs(engines):
     per_block = bytes_per_block(ModelConfig.from_file(FIXTURES / name / "config.json"), 4, torch.float32)
     llm = engines(name, block_size=4, kv_cache_memory_gib=41 * per_block / 2**30, speculative_config=EAGER_SPEC)
     engine = llm.engine
-    outputs = llm.generate([_prompt(name, p) for p in (7, 35, 7, 35)], GREEDY_TO_LIMIT)
+    outputs = llm.generate([reference_prompt(name, p) for p in (7, 35, 7, 35)], GREEDY_TO_LIMIT)
     assert engine.scheduler.num_preemptions > 0 and engine.stats().spec_drafted_tokens > 0
     for prompt_len, output in zip((7, 35, 7, 35), outputs):
         _assert_golden_greedy(name, prompt_len, output.outputs[0])
@@ -141,7 +117,7 @@ def test_aborts_during_verification_leave_the_kv_pool_empty(engines):
     llm = engines("mixtral", block_size=4, speculative_config=EAGER_SPEC)
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
-    ids = [engine.add_request(_prompt("mixtral", p), params) for p in (5, 40, 70)]
+    ids = [engine.add_request(reference_prompt("mixtral", p), params) for p in (5, 40, 70)]
     verifying = False
     for _ in range(200):  # until a step has verify chunks in flight
         plan = engine.scheduler.schedule()
@@ -199,7 +175,7 @@ def test_request_parameters_give_the_same_outputs_with_drafts(name, engines):
     penalties (which draft nothing), and seeded sampling: each output equals the one without speculation."""
     plain = engines(name)
     spec = engines(name, speculative_config=EAGER_SPEC)
-    [free] = plain.generate(_prompt(name, 20), SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+    [free] = plain.generate(reference_prompt(name, 20), SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
     text = free.outputs[0].text
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     cases = [
@@ -213,7 +189,11 @@ def test_request_parameters_give_the_same_outputs_with_drafts(name, engines):
         SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=60, ignore_eos=True, logprobs=1),
         SamplingParams(temperature=0.8, min_p=0.1, seed=3, max_tokens=60),
     ]
-    prompts = [_prompt(name, 20)] * 6 + [_prompt(name, 9), _prompt(name, 30), _prompt(name, 40)]
+    prompts = [reference_prompt(name, 20)] * 6 + [
+        reference_prompt(name, 9),
+        reference_prompt(name, 30),
+        reference_prompt(name, 40),
+    ]
     before = spec.engine.stats().spec_accepted_tokens
     _same_outputs(plain.generate(prompts, cases), spec.generate(prompts, cases))
     assert spec.engine.stats().spec_accepted_tokens > before
@@ -225,5 +205,5 @@ def test_request_parameters_give_the_same_outputs_with_drafts(name, engines):
 def test_off_by_default(engines):
     llm = engines("llama")
     assert llm.engine.drafter is None and llm.engine.engine_config.speculative_config is None
-    llm.generate(_prompt("llama", 7), SamplingParams(temperature=0, max_tokens=20))
+    llm.generate(reference_prompt("llama", 7), SamplingParams(temperature=0, max_tokens=20))
     assert llm.engine.stats().spec_drafted_tokens == 0

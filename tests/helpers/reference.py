@@ -22,6 +22,11 @@ def reference_cases(name: str) -> dict[str, torch.Tensor]:
     return load_file(str(FIXTURES / name / "cases.safetensors"))
 
 
+def reference_prompt(name: str, length: int) -> dict[str, list[int]]:
+    """The first ``length`` tokens of reference model ``name``'s golden sequence, as a token-id prompt."""
+    return {"prompt_token_ids": reference_cases(name)["sequence"][:length].tolist()}
+
+
 class SingleSequence:
     """Drives the model runner for one sequence, with a deliberately scattered block table, or with its blocks
     one run of consecutive ones (``one_run``: what the block manager aims for, and what the CPU's prompt

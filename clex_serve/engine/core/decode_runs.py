@@ -39,8 +39,9 @@ MAX_RUN_TOKENS = 128
 
 def samples_alone(seq: Sequence) -> bool:
     """Every next token of ``seq`` is the argmax of the model's own logits, or a sample of them at a
-    temperature: nothing truncates, penalises, biases or masks them, no logprobs are reported and no stop is
-    held back, so nothing but the uniform numbers the sampler draws comes between two steps."""
+    temperature: nothing truncates, penalises, biases or masks them, no logprobs are reported and
+    ``min_tokens`` is met (EOS may end it), so nothing but the uniform numbers the sampler draws comes between
+    two steps. Stops need no check: a run's tokens after one are dropped."""
     params = seq.params
     return (
         (params.greedy or not params.truncates)

@@ -46,8 +46,9 @@ class SchedulerOutput:
     # (source, destination) KV blocks to copy before any re-rotation of this step: copy on write of
     # prefix-shared blocks whose sequence changes scale. Their destinations are already reserved.
     block_copies: list[tuple[int, int]] = field(default_factory=list)
-    # More than 1: the plan is only greedy decodes, each run this many steps ahead in one go, every step's
-    # argmax the next one's token (``decode_runs``); each decode's ``end`` counts the steps after its first.
+    # More than 1: the plan is only decodes that sample alone, each run this many steps ahead in one go, every
+    # step's picked token the next one's input (``decode_runs``); each decode's ``end`` counts the steps after
+    # its first.
     run_steps: int = 1
 
     @property

@@ -65,8 +65,8 @@ struct BlockPass {
   // phase. Sliced (AVX-512), every group of rows asks for its share: when the first group asked for all of
   // it, its pass issued a slice's prefetches in one burst and the later groups none, and 8 and 16 rows ran
   // 6-8% slower (the benchmark model's 33 matrices in float32: 7.12 against 6.53 ms at 8 rows, 11.09 against
-  // 10.47 at 16, medians of five alternating rounds; 32 rows unchanged). Whole blocks: none with AVX-512,
-  // the first group with AVX2.
+  // 10.47 at 16, medians of five alternating rounds; 32 rows unchanged). Whole blocks: none with AVX-512
+  // nor for one row with AVX2; the first group of AVX2's sliced passes.
   bool prefetch;
   int64_t phase, every;
 };
@@ -166,11 +166,72 @@ AVX2 void block_rows_avx2(const float* x, int64_t x_stride, const W* block, int6
   }
 }
 
+// Even and odd elements of 16 bfloat16s at p, as float32: a pair's even element is its low half shifted
+// up, its odd element its high half masked, one ALU operation each (decode_attention's PAIRS order).
+AVX2 inline void load_pairs(const c10::BFloat16* p, __m256& even, __m256& odd) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// One row over a whole bfloat16 block (a decode step of one stream), the weights widened in pairs: each 16
+// columns' sums held as their even and odd columns, and put back in order once, at the end. Widened 8 at a
+// time (a zero-extending load and a shift), a k took a third more instructions, and fewer of its loads
+// were in flight (Zen 3, the benchmark model's 33 matrices against a read of the same bytes, alternating
+// processes, medians of nine: 0.73-0.84 -> 0.81-0.85). Every output sums the same products in the same
+// order, so the bits are block_rows_avx2's.
+template <typename T>
+AVX2 void block_row_bf16_pairs_avx2(const float* x, const c10::BFloat16* block, int64_t k_begin, int64_t k_end,
+                                    const BlockPass<T>& pass) {
+  constexpr int kGroups = kBlock / 16;
+  __m256 even[kGroups], odd[kGroups];
+  for (int c = 0; c < kGroups; ++c) {
+    if (pass.bias) {
+      load_pairs(pass.bias + c * 16, even[c], odd[c]);
+    } else {
+      even[c] = _mm256_setzero_ps();
+      odd[c] = _mm256_setzero_ps();
+    }
+  }
+  for (int64_t k = k_begin; k < k_end; ++k) {
+    const c10::BFloat16* w = block + k * kBlock;
+    if (pass.prefetch) {
+      const char* ahead = reinterpret_cast<const char*>(block + (k + kPrefetchRows) * kBlock);
+      _mm_prefetch(ahead, _MM_HINT_T1);
+      _mm_prefetch(ahead + 64, _MM_HINT_T1);
+    }
+    const __m256 xv = _mm256_set1_ps(x[k]);
+    for (int c = 0; c < kGroups; ++c) {
+      __m256 e, o;
+      load_pairs(w + c * 16, e, o);
+      even[c] = _mm256_fmadd_ps(xv, e, even[c]);
+      odd[c] = _mm256_fmadd_ps(xv, o, odd[c]);
+    }
+  }
+  for (int c = 0; c < kGroups; ++c) {
+    // Per 128-bit lane, unpacking interleaves evens and odds: columns 0-3 and 8-11 of the 16, then 4-7 and
+    // 12-15; the lanes' halves put together give the columns in order.
+    const __m256 low = _mm256_unpacklo_ps(even[c], odd[c]), high = _mm256_unpackhi_ps(even[c], odd[c]);
+    const __m256 halves[2] = {_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31)};
+    for (int h = 0; h < 2; ++h) {
+      const int64_t column = c * 16 + h * 8;
+      if (column + 8 <= pass.out_cols) {
+        clex_cpu::store8(pass.out + column, halves[h]);
+      } else if (column < pass.out_cols) {  // the last block of a matrix padded to whole blocks
+        clex_cpu::store_first(pass.out + column, clex_cpu::round8<T>(halves[h]), pass.out_cols - column);
+      }
+    }
+  }
+}
+
 // rows_pass's AVX2 body: one row over the whole block, or up to three rows per half of it. W, the weights'
 // type, is T's, or float32 for a bfloat16 slice widened once (widen_slice).
 template <typename W, typename T>
 AVX2 void rows_pass_avx2(int64_t rows, const float* x, int64_t x_stride, const W* block, int64_t k_begin,
                          int64_t k_end, const BlockPass<T>& pass) {
+  if constexpr (std::is_same_v<W, c10::BFloat16>) {
+    if (rows == 1 && !pass.from && !pass.to) return block_row_bf16_pairs_avx2(x, block, k_begin, k_end, pass);
+  }
   if (rows == 1) return block_rows_avx2<1, kBlock>(x, x_stride, block, k_begin, k_end, pass, 0);
   for (int64_t m = 0; m < rows; m += 3) {
     BlockPass<T> part = pass;
@@ -249,8 +310,10 @@ void blocked_linear_impl(const at::Tensor& x, const at::Tensor& w, const at::Ten
           // 2 MB pages (huge_pages.py) the hardware prefetchers stream it faster than these prefetches
           // did (the 33 matrices of the benchmark model in float32, alternating in one process, medians
           // of six to eight rounds: 1 row 4.67 -> 3.95 ms, 4 rows 6.65 -> 5.89, 6 rows 7.66 -> 6.77).
-          // Sliced passes still need them (16 rows without: 9.08 -> 11.44 ms).
-          const bool prefetch = shared || (!avx512 && m == begin);
+          // Sliced passes still need them (16 rows without: 9.08 -> 11.44 ms). AVX2's single row does not
+          // (Zen 3, the same 33 matrices against a read of their bytes, alternating processes, medians of
+          // nine: float32 0.82-0.90 of the read with prefetches, 0.95 without; bfloat16 the same or better).
+          const bool prefetch = shared || (!avx512 && m == begin && M > 1);
           const BlockPass<T> pass{bp ? bp + b * kBlock : nullptr, k > 0 ? sums : nullptr,
                                   k_end < K ? sums : nullptr, yp + m * N + b * kBlock, N,
                                   std::min(kBlock, N - b * kBlock), prefetch,
